@@ -1,0 +1,5 @@
+import sys
+
+from fastcifar.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""The command line: parse arguments, call one function, turn user errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from fastcifar.errors import FastCifarError
+
+DEFAULT_STORE = "data/cifar10"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastcifar", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prepare", help="convert a CIFAR source into a memory-mapped store")
+    pr.add_argument("--source", help="cifar-10-python.tar.gz, cifar-10-batches-py/, or an image-folder tree/archive "
+                                     "(default: $FASTCIFAR_SOURCE, else download the official archive)")
+    pr.add_argument("--out", default=DEFAULT_STORE, help=f"store directory (default {DEFAULT_STORE})")
+    pr.add_argument("--force", action="store_true", help="replace an existing store built from another source")
+    pr.add_argument("--cache", default=os.path.join("~", ".cache", "fastcifar"), help="download directory")
+    pr.add_argument("--verify", metavar="DIR", help="re-check the hashes of an existing store and exit")
+
+    tr = sub.add_parser("train", help="train a recipe")
+    tr.add_argument("recipe", help="a TOML recipe, e.g. recipes/quickstart.toml")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a recipe value (type-checked); repeatable")
+    tr.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="shorthand for --set train.device=...")
+
+    ev = sub.add_parser("eval", help="test accuracy and per-class table of a checkpoint")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--data", help="store directory (default: the one in the checkpoint's recipe)")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    return p
+
+
+def _prepare(args, console) -> None:
+    from fastcifar.data import prepare_store, resolve_source, verify_store
+
+    if args.verify:
+        meta = verify_store(Path(args.verify))
+        console.print(f"{args.verify}: ok ({meta['counts']['train']} train, {meta['counts']['test']} test images, "
+                      f"{len(meta['classes'])} classes, hashes match)")
+        return
+    source = resolve_source(args.source, Path(os.path.expanduser(args.cache)))
+    meta = prepare_store(source, Path(args.out), force=args.force, log=console.print)
+    console.print(f"{args.out}: {meta['counts']['train']} train + {meta['counts']['test']} test images, "
+                  f"classes {', '.join(meta['classes'])}")
+
+
+def _train(args, console) -> None:
+    from fastcifar.recipe import load_recipe
+    from fastcifar.run import run_training
+
+    overrides = list(args.overrides) + ([f'train.device="{args.device}"'] if args.device else [])
+    recipe = load_recipe(args.recipe, overrides)
+    run_dir = Path(args.out or Path("runs") / recipe.name)
+    summary = run_training(recipe, run_dir, console, resume=args.resume)
+    if "test_acc_mean" in summary:
+        console.print(f"{run_dir}: test accuracy {summary['test_acc_mean']:.2%}")
+    console.print(f"{run_dir}: validation accuracy {summary['val_acc_mean']:.2%}"
+                  + (f" ± {summary['val_acc_std']:.2%}" if len(summary["folds"]) > 1 else ""))
+
+
+def _eval(args, console) -> None:
+    from fastcifar.evaluate import eval_checkpoint
+
+    eval_checkpoint(args.checkpoint, args.data, args.device, console)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from rich.console import Console
+
+    console = Console()
+    try:
+        {"prepare": _prepare, "train": _train, "eval": _eval}[args.command](args, console)
+    except FastCifarError as e:
+        print(f"fastcifar: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        hint = " (continue with --resume)" if args.command == "train" else ""
+        print(f"fastcifar: interrupted{hint}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Where the data comes from: an explicit path, $FASTCIFAR_SOURCE, or a checked download of the official archive."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from fastcifar.atomic import fsync_dir
+from fastcifar.data.archive import one_line
+from fastcifar.errors import DataError
+
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
+CACHE_NAME = "cifar-10-python.tar.gz"
+_CHUNK = 1 << 20
+
+
+def resolve_source(source: str | os.PathLike | None, cache_dir: str | Path) -> Path:
+    """The path to prepare from: `source`, else $FASTCIFAR_SOURCE, else the (cached) official download."""
+    if source is not None:
+        return _existing(Path(source).expanduser(), "source")
+    env = os.environ.get("FASTCIFAR_SOURCE")
+    if env:
+        return _existing(Path(env).expanduser(), "FASTCIFAR_SOURCE")
+    url = os.environ.get("FASTCIFAR_URL") or OFFICIAL_URL
+    md5 = (os.environ.get("FASTCIFAR_MD5") or OFFICIAL_MD5).lower()
+    dest = Path(cache_dir) / CACHE_NAME
+    # A cached copy is reused only if it still matches: a half-written or tampered file is fetched again.
+    if dest.is_file() and file_digest(dest, "md5") == md5:
+        return dest
+    _download(url, dest, md5)
+    return dest
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{path}: {what} does not exist (pass --source PATH to a CIFAR-10 archive or folder)")
+    return path
+
+
+def _download(url: str, dest: Path, md5: str) -> None:
+    """Fetch `url` to a temp file beside `dest`, check md5, then rename; nothing is left behind on failure."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{dest.parent}: cannot create the download cache ({one_line(e)})") from None
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.md5()
+        try:
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as resp:
+                while chunk := resp.read(_CHUNK):
+                    h.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors; bad URLs are ValueErrors
+            raise DataError(
+                f"no CIFAR-10 source: downloading {url} failed ({one_line(e)}); pass --source PATH, "
+                "or set FASTCIFAR_SOURCE=PATH, or allow the download (network access to the URL, or FASTCIFAR_URL)"
+            ) from None
+        got = h.hexdigest()
+        if got != md5:
+            raise DataError(f"{dest}: md5 mismatch (got {got}, expected {md5}; downloaded from {url})")
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def file_digest(path: Path, algo: str = "sha256") -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def source_sha256(path: Path) -> str:
+    """Identity of a source: the file's sha256, or for a directory a hash over sorted (relpath, size, content)."""
+    try:
+        if not path.is_dir():
+            return file_digest(path)
+        h = hashlib.sha256()
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        for p in files:
+            rel = p.relative_to(path).as_posix().encode()
+            h.update(len(rel).to_bytes(8, "little") + rel + p.stat().st_size.to_bytes(8, "little"))
+            with open(p, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+        return h.hexdigest()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read source ({one_line(e)})") from None

@@ -1,0 +1,38 @@
+"""Device and precision choices, made explicitly by the caller (nothing is set at import time)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fastcifar.errors import RecipeError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto picks cuda > mps > cpu; a forced device that is missing is an error, not a silent fallback."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device: 'cuda' requested but torch sees no CUDA device")
+    if name == "mps" and not has_mps:
+        raise RecipeError("train.device: 'mps' requested but torch sees no MPS device")
+    return torch.device(name)
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32: bf16 where the device has it, else fp16 (CUDA pre-Ampere, MPS)."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

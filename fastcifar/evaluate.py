@@ -1,0 +1,78 @@
+"""Evaluation: one pass of logits over a set gives loss, accuracy, per-class accuracy and the confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fastcifar.device import autocast
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
+             num_classes: int) -> dict[str, Any]:
+    """Metrics accumulate on the device; the host reads them once at the end (no per-batch sync)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
+    for x, y in loader:
+        with autocast(device, dtype):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+    model.train(was_training)
+    cm = confusion.view(num_classes, num_classes).cpu()  # rows: true class, columns: predicted
+    n = int(cm.sum())
+    per_class = (cm.diag().double() / cm.sum(1).clamp(min=1).double()).tolist()
+    return {"loss": float(loss_sum) / max(n, 1), "acc": float(cm.diag().sum()) / max(n, 1), "n": n,
+            "per_class_acc": per_class, "confusion": cm.tolist()}
+
+
+def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str, console) -> dict[str, Any]:
+    """`fastcifar eval`: test accuracy and a per-class table for a saved checkpoint."""
+    from rich.table import Table
+
+    from fastcifar.augment import build_eval_transform
+    from fastcifar.checkpoint import load_checkpoint
+    from fastcifar.data import open_store
+    from fastcifar.device import amp_dtype, resolve_device
+    from fastcifar.errors import CheckpointError
+    from fastcifar.loader import DeviceLoader
+    from fastcifar.recipe import recipe_from_dict
+    from fastcifar.train import build_model
+
+    ckpt = load_checkpoint(path)
+    try:
+        recipe = recipe_from_dict(ckpt["recipe"])
+        classes = list(ckpt["classes"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: checkpoint lacks its recipe or class names ({e})") from None
+    store = open_store(Path(data_dir or recipe.data.store))
+    if list(store.classes) != classes:
+        raise CheckpointError(f"{path}: trained on classes {classes}, but {store.path} holds {list(store.classes)}")
+    device = resolve_device(device_name)
+    model = build_model(recipe, len(classes), store.test_images.shape[1], device, pretrained=False)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{path}: weights do not fit {recipe.model.name} "
+                              f"({str(e).splitlines()[0]})") from None
+    transform = build_eval_transform(recipe.augment, recipe.data.mean, recipe.data.std)
+    loader = DeviceLoader(store.test_images, store.test_labels, recipe.eval.batch_size, transform, device,
+                          shuffle=False)
+    metrics = evaluate(model, loader, device, amp_dtype(device, recipe.train.amp), len(classes))
+    if recipe.split.pool == "train+test":
+        console.print("[yellow]note: this model's folds were drawn from train+test, so the test set overlaps "
+                      "its training data[/yellow]")
+    table = Table(title=f"{Path(path).name}: test accuracy {metrics['acc']:.2%} on {metrics['n']} images")
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    table.add_column("images", justify="right")
+    for name, acc, row in zip(classes, metrics["per_class_acc"], metrics["confusion"]):
+        table.add_row(name, f"{acc:.2%}", str(sum(row)))
+    console.print(table)
+    return metrics

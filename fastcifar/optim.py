@@ -1,0 +1,48 @@
+"""Optimizers and per-step learning-rate schedules from the recipe."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastcifar.recipe import OptimCfg, ScheduleCfg
+
+
+def build_optimizer(cfg: OptimCfg, params, device: torch.device) -> torch.optim.Optimizer:
+    # foreach kernels batch the per-parameter updates (one launch per op instead of one per tensor).
+    foreach = device.type in ("cuda", "cpu")
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay, foreach=foreach)
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=foreach)
+
+
+def lr_factor(cfg: ScheduleCfg, step: int, steps_per_epoch: int, total_steps: int, base_lr: float) -> float:
+    """Multiplier of the base lr at `step` for the constant / cosine / step schedules (with linear warm-up)."""
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.name == "constant":
+        return 1.0
+    if cfg.name == "step":
+        return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_epochs)
+    floor = cfg.min_lr / base_lr
+    t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def build_scheduler(cfg: ScheduleCfg, optim_cfg: OptimCfg, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """A scheduler stepped once per optimizer step (not per epoch), so short runs still anneal smoothly."""
+    total = steps_per_epoch * epochs
+    if cfg.name == "onecycle":
+        # Cycling momentum needs a momentum to cycle: plain SGD without momentum keeps it at 0.
+        cycle = optim_cfg.name != "sgd" or optim_cfg.momentum > 0
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.max_lr or optim_cfg.lr, total_steps=total, pct_start=cfg.pct_start,
+            anneal_strategy=cfg.anneal, div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
+            cycle_momentum=cycle)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch, total, optim_cfg.lr))

@@ -1,0 +1,361 @@
+"""Recipes: TOML files loaded into a tree of frozen, typed dataclasses.
+
+Every key is checked against the dataclass fields (unknown keys are errors), every value against the field's
+type, and every section's invariants in `validate()`. All errors are RecipeError with the dotted key path first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastcifar.errors import RecipeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise RecipeError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    store: str = "data/cifar10"  # a directory written by `fastcifar prepare`
+    train_subset: int = 0  # >0: keep this many training images per class (smoke tests); 0 = all
+    mean: tuple[float, float, float] = CIFAR_MEAN
+    std: tuple[float, float, float] = CIFAR_STD
+
+    def validate(self) -> None:
+        _check(self.store != "", "data.store", "must name a prepared store directory")
+        _check(self.train_subset >= 0, "data.train_subset", f"must be >= 0, got {self.train_subset}")
+        _check(all(s > 0 for s in self.std), "data.std", f"every value must be > 0, got {list(self.std)}")
+
+
+@dataclass(frozen=True)
+class SplitCfg:
+    kind: Literal["official", "holdout", "kfold"] = "official"
+    pool: Literal["train", "train+test"] = "train"  # what kfold / holdout split; train+test merges the 60k
+    val_fraction: float = 0.1  # holdout only: 0.1 of 50k = the 45k/5k split of seed 002
+    k: int = 5
+    fold: int = -1  # kfold: which fold is validation; -1 runs all folds in sequence
+    seed: int = 0  # the split is a function of this seed only, so every run sees the same folds
+
+    def validate(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, "split.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        _check(self.k >= 2, "split.k", f"must be >= 2, got {self.k}")
+        _check(-1 <= self.fold < self.k, "split.fold",
+               f"must be in [-1, {self.k - 1}] (-1 = all folds, k = {self.k}), got {self.fold}")
+        _check(self.kind != "official" or self.pool == "train", "split.pool",
+               "must be 'train' when split.kind = 'official' (the official split has a fixed test set)")
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    name: str = "cnn_bn"
+    width: int = 0  # 0 = the model's default width
+    dropout: float = 0.0
+    pretrained: str = ""  # a local state-dict file; weights are never downloaded
+
+    def validate(self) -> None:
+        from fastcifar.models import model_names  # late: keeps recipe loading light
+
+        _check(self.name in model_names(), "model.name",
+               f"unknown model '{self.name}' (choose from {', '.join(model_names())})")
+        _check(self.width >= 0, "model.width", f"must be >= 0, got {self.width}")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class AugmentCfg:
+    flip: bool = True
+    crop_padding: int = 4  # padded random crop; 0 = off
+    crop_padding_mode: Literal["reflect", "constant"] = "reflect"
+    resize: int = 0  # >0: bilinear resize to this many pixels after cropping (224 for ImageNet-stem models)
+    randaugment: bool = False
+    randaugment_num_ops: int = 2
+    randaugment_magnitude: int = 9
+    erasing_p: float = 0.0  # RandomErasing probability; 0 = off
+    erasing_scale: tuple[float, float] = (0.02, 0.33)
+    erasing_ratio: tuple[float, float] = (0.3, 3.3)
+    erasing_value: Literal["random", "zero"] = "random"
+    cutout: int = 0  # square cutout side in pixels; 0 = off
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+    def validate(self) -> None:
+        _check(0 <= self.crop_padding <= 16, "augment.crop_padding", f"must be in [0, 16], got {self.crop_padding}")
+        _check(self.resize == 0 or 8 <= self.resize <= 512, "augment.resize",
+               f"must be 0 (off) or in [8, 512], got {self.resize}")
+        _check(self.randaugment_num_ops >= 0, "augment.randaugment_num_ops", "must be >= 0")
+        _check(0 <= self.randaugment_magnitude <= 30, "augment.randaugment_magnitude", "must be in [0, 30]")
+        _check(0.0 <= self.erasing_p <= 1.0, "augment.erasing_p", f"must be in [0, 1], got {self.erasing_p}")
+        lo, hi = self.erasing_scale
+        _check(0.0 < lo <= hi < 1.0, "augment.erasing_scale", f"must satisfy 0 < lo <= hi < 1, got {[lo, hi]}")
+        lo, hi = self.erasing_ratio
+        _check(0.0 < lo <= hi, "augment.erasing_ratio", f"must satisfy 0 < lo <= hi, got {[lo, hi]}")
+        _check(self.cutout >= 0, "augment.cutout", f"must be >= 0, got {self.cutout}")
+        _check(self.mixup_alpha >= 0, "augment.mixup_alpha", f"must be >= 0, got {self.mixup_alpha}")
+        _check(self.cutmix_alpha >= 0, "augment.cutmix_alpha", f"must be >= 0, got {self.cutmix_alpha}")
+
+    def not_implemented(self) -> list[str]:
+        """Keys that parse but whose batched implementation arrives with the device data-path issue."""
+        pending = {"augment.randaugment": self.randaugment, "augment.mixup_alpha": self.mixup_alpha > 0,
+                   "augment.cutmix_alpha": self.cutmix_alpha > 0}
+        return [k for k, on in pending.items() if on]
+
+
+@dataclass(frozen=True)
+class OptimCfg:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), "optim.betas", f"must be in [0, 1), got {list(self.betas)}")
+        _check(not self.nesterov or (self.name == "sgd" and self.momentum > 0), "optim.nesterov",
+               "needs optim.name = 'sgd' and optim.momentum > 0")
+
+
+@dataclass(frozen=True)
+class ScheduleCfg:
+    name: Literal["constant", "onecycle", "cosine", "step"] = "onecycle"
+    warmup_epochs: float = 0.0  # linear warm-up before constant / cosine / step (OneCycle has its own)
+    max_lr: float = 0.0  # onecycle peak; 0 = optim.lr
+    pct_start: float = 0.25
+    anneal: Literal["cos", "linear"] = "cos"
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    min_lr: float = 0.0  # cosine floor
+    step_epochs: int = 30  # step: multiply by gamma every step_epochs
+    gamma: float = 0.1
+
+    def validate(self) -> None:
+        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(self.name != "onecycle" or self.warmup_epochs == 0, "schedule.warmup_epochs",
+               "must be 0 with onecycle (use schedule.pct_start)")
+        _check(self.max_lr >= 0, "schedule.max_lr", f"must be >= 0, got {self.max_lr}")
+        _check(0.0 < self.pct_start < 1.0, "schedule.pct_start", f"must be in (0, 1), got {self.pct_start}")
+        _check(self.div_factor > 0 and self.final_div_factor > 0, "schedule.div_factor", "factors must be > 0")
+        _check(self.min_lr >= 0, "schedule.min_lr", f"must be >= 0, got {self.min_lr}")
+        _check(self.step_epochs >= 1, "schedule.step_epochs", f"must be >= 1, got {self.step_epochs}")
+        _check(0.0 < self.gamma <= 1.0, "schedule.gamma", f"must be in (0, 1], got {self.gamma}")
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    epochs: int = 10
+    batch_size: int = 256
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    amp: bool = False  # bf16 autocast where supported (fp16 + GradScaler on CUDA without bf16)
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    early_stopping_patience: int = 0  # epochs without improvement of eval.metric; 0 = off
+    checkpoint_every: int = 1  # epochs between `last` checkpoints
+    threads: int = 0  # CPU intra-op threads; 0 = torch's default
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing",
+               f"must be in [0, 1), got {self.label_smoothing}")
+        _check(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        _check(self.threads >= 0, "train.threads", f"must be >= 0, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    batch_size: int = 1024
+    metric: Literal["val_acc", "val_loss"] = "val_acc"  # picks the best checkpoint and drives early stopping
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "unnamed"
+    data: DataCfg = field(default_factory=DataCfg)
+    split: SplitCfg = field(default_factory=SplitCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    augment: AugmentCfg = field(default_factory=AugmentCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` (parsed TOML) against annotation `tp`; return it in the field's Python type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _check(value in choices, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except RecipeError:
+                pass
+        raise RecipeError(f"{key}: expected {tp}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        _check(isinstance(value, (list, tuple)) and len(value) == len(args), key,
+               f"expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok, key, f"expected a number, got {value!r}")
+        _check(math.isfinite(value), key, f"must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a table [{key}], got {value!r}")
+        return _build(tp, value, key)
+    raise RecipeError(f"{key}: unsupported field type {tp}")  # a programming error, but keep it one line
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in table.items():
+        key = f"{prefix}.{k}" if prefix else k
+        _check(k in names, key, f"unknown key (known keys: {', '.join(sorted(names))})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def recipe_from_dict(table: dict[str, Any]) -> Recipe:
+    recipe = _build(Recipe, table, "")
+    recipe.validate()
+    return recipe
+
+
+def _parse_override_value(text: str) -> Any:
+    """`--set optim.lr=0.1` -> 0.1; values are TOML literals, bare words fall back to strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to a raw recipe table (a deep copy); types are checked when built."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in table.items()}
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        path = path.strip()
+        if not sep or not path:
+            raise RecipeError(f"--set {item!r}: expected section.key=value")
+        parts = path.split(".")
+        if len(parts) == 1:
+            out[parts[0]] = _parse_override_value(text.strip())
+            continue
+        if len(parts) != 2:
+            raise RecipeError(f"{path}: expected section.key (two levels), got {len(parts)} levels")
+        section = out.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise RecipeError(f"{parts[0]}: is not a section")
+        section[parts[1]] = _parse_override_value(text.strip())
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    try:
+        return recipe_from_dict(apply_overrides(table, overrides or []))
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The resolved recipe, every key explicit, so a run directory says exactly what ran."""
+    lines = []
+    sections = []
+    for k, v in recipe.to_dict().items():
+        if isinstance(v, dict):
+            sections.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for name, table in sections:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def recipe_diff(a: Recipe, b: Recipe) -> list[str]:
+    """Dotted keys whose values differ between two recipes."""
+    out = []
+    da, db = a.to_dict(), b.to_dict()
+    for k in da:
+        if isinstance(da[k], dict):
+            out.extend(f"{k}.{kk}" for kk in da[k] if da[k][kk] != db[k][kk])
+        elif da[k] != db[k]:
+            out.append(k)
+    return out

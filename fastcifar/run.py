@@ -1,0 +1,153 @@
+"""A training run: the run directory, its saved recipe and environment, the folds, and the summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastcifar.atomic import write_json, write_text
+from fastcifar.augment import build_train_transform
+from fastcifar.errors import FastCifarError, RecipeError
+from fastcifar.recipe import Recipe, load_recipe, recipe_diff, recipe_to_toml
+from fastcifar.splits import make_folds
+
+# Keys that may differ when a run is resumed: where it runs does not change what it computes.
+RESUMABLE_DIFFS = {"train.device", "train.threads"}
+SUMMARY_KEYS = ["val_acc", "val_loss", "test_acc", "test_loss", "best_epoch", "train_time_s"]
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import torchvision
+
+    env = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+           "torchvision": torchvision.__version__, "numpy": np.__version__, "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "device": str(device), "git_commit": git_commit()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _check_resume(run_dir: Path, recipe: Recipe, resume: bool) -> bool:
+    """True if run_dir already holds this run; refuse to mix two different recipes in one directory."""
+    saved = run_dir / "recipe.toml"
+    if not saved.exists():
+        return False
+    if not resume:
+        raise FastCifarError(f"{run_dir}: already holds a run; pass --resume to continue it, or --out NEW_DIR")
+    diff = [k for k in recipe_diff(load_recipe(saved), recipe) if k not in RESUMABLE_DIFFS]
+    if diff:
+        raise RecipeError(f"{diff[0]}: differs from the run's saved {saved}; resume with that recipe "
+                          f"(fastcifar train {saved} --out {run_dir} --resume)")
+    return True
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and (sample) standard deviation across folds of every numeric summary key."""
+    out: dict[str, Any] = {"folds": results}
+    for key in SUMMARY_KEYS:
+        vals = [float(r[key]) for r in results if key in r]
+        if vals:
+            out[f"{key}_mean"] = statistics.fmean(vals)
+            out[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return out
+
+
+def _folds_table(summary: dict[str, Any], console) -> str:
+    """Print the fold table (rich) and return it as CSV with mean and std rows."""
+    from rich.table import Table
+
+    keys = [k for k in SUMMARY_KEYS if f"{k}_mean" in summary]
+    table = Table(title="folds")
+    for name in ["fold", *keys]:
+        table.add_column(name, justify="right")
+    lines = [",".join(["fold", *keys])]
+    fmt = {"best_epoch": "{:.0f}", "train_time_s": "{:.1f}"}
+    for r in summary["folds"]:
+        cells = [fmt.get(k, "{:.4f}").format(r[k]) for k in keys]
+        table.add_row(str(r["fold"]), *cells)
+        lines.append(",".join([str(r["fold"]), *cells]))
+    for stat in ("mean", "std"):
+        cells = [fmt.get(k, "{:.4f}").format(summary[f"{k}_{stat}"]) for k in keys]
+        table.add_row(stat, *cells)
+        lines.append(",".join([stat, *cells]))
+    console.print(table)
+    return "\n".join(lines) + "\n"
+
+
+def _rate_column():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:,.0f} img/s" if task.speed else "-- img/s")
+
+    return RateColumn()
+
+
+def run_training(recipe: Recipe, run_dir: Path, console, *, resume: bool = False, hooks=None) -> dict[str, Any]:
+    """Train every selected fold of `recipe` into run_dir; finished folds are kept, never re-run on resume."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fastcifar.data import open_store
+    from fastcifar.device import resolve_device
+    from fastcifar.train import FoldTrainer, Hooks
+
+    # Everything that can be refused is checked before the run directory is touched.
+    build_train_transform(recipe.augment, recipe.data.mean, recipe.data.std)
+    device = resolve_device(recipe.train.device)
+    store = open_store(Path(recipe.data.store))
+    resuming = _check_resume(run_dir, recipe, resume)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
+    write_json(run_dir / "env.json", environment(device))
+
+    labels = np.concatenate([store.train_labels, store.test_labels])
+    folds = make_folds(len(store.train_labels), labels, recipe.split)
+    if recipe.split.kind == "kfold" and recipe.split.fold >= 0:
+        folds = [folds[recipe.split.fold]]
+    results = []
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        _rate_column(), TimeElapsedColumn(), console=console, transient=True,
+                        disable=not console.is_terminal)
+    with progress:
+        for fold in folds:
+            fold_dir = run_dir / f"fold{fold.index}" if recipe.split.kind == "kfold" else run_dir
+            done = fold_dir / "result.json"
+            if resuming and done.exists():
+                results.append(json.loads(done.read_text()))
+                console.print(f"fold {fold.index}: finished earlier, kept ({done})")
+                continue
+            trainer = FoldTrainer(recipe, store, fold, fold_dir, device, console)
+            if resuming:
+                trainer.try_resume()
+            trainer.fit(hooks or Hooks(), progress)
+            results.append(trainer.finish())
+    summary = summarize(results)
+    summary["recipe"] = recipe.name
+    if len(results) > 1:
+        write_text(run_dir / "folds.csv", _folds_table(summary, console))
+    write_json(run_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,185 @@
+"""Synthetic CIFAR-shaped data for tests: official-format batches, image folders, archives, prepared stores.
+
+Images carry class-dependent colour and stripe patterns (plus noise), so a small model can learn them quickly.
+Every builder returns the arrays prepare_store is expected to produce, in store order.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import pickle
+import struct
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+BATCH_NAMES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+
+
+def class_images(labels: np.ndarray, num_classes: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """uint8 (N, size, size, 3): hue by class, stripe direction/period by class, random shift and noise."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = np.empty((len(labels), size, size, 3), np.uint8)
+    for i, c in enumerate(labels):
+        base = np.array(colorsys.hsv_to_rgb(c / num_classes, 0.8, 0.9)) * 255
+        half = 2 + int(c) % 3
+        coord = xx if c % 2 else yy
+        stripes = ((coord + rng.integers(0, 2 * half)) // half) % 2
+        img = base * (0.55 + 0.45 * stripes[..., None]) + rng.normal(0, 6, (size, size, 3))
+        out[i] = np.clip(img, 0, 255).astype(np.uint8)
+    return out
+
+
+# --- official python batches -------------------------------------------------------------------------------------
+
+
+class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
+    """Writes pickles the way python2 cPickle did for the official batches: strings as BINSTRING (loaded back as
+    bytes with encoding="bytes") and numpy.core.multiarray._reconstruct, not numpy 2's numpy._core spelling."""
+
+    dispatch = dict(pickle._Pickler.dispatch)  # type: ignore[attr-defined]
+
+    def _save_py2_str(self, obj: bytes | str) -> None:
+        raw = obj.encode("latin-1") if isinstance(obj, str) else obj
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+    dispatch[str] = _save_py2_str
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        if getattr(obj, "__name__", None) == "_reconstruct":
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def dumps_batch(obj: Any, protocol: int | str = "py2") -> bytes:
+    """Pickle like the official files ("py2") or with a modern protocol (e.g. 5)."""
+    if protocol == "py2":
+        buf = io.BytesIO()
+        _Py2Pickler(buf, protocol=2).dump(obj)
+        return buf.getvalue()
+    return pickle.dumps(obj, protocol=int(protocol))
+
+
+def write_cifar_batches(
+    directory: str | Path,
+    n_per_class: int = 2,
+    classes: tuple[str, ...] = CIFAR_CLASSES,
+    *,
+    protocol: int | str = "py2",
+    seed: int = 0,
+    overrides: dict[str, bytes] | None = None,
+) -> dict[str, Any]:
+    """Write a cifar-10-batches-py folder: each of the 6 batches holds n_per_class images of every class
+    (train = 5 * n_per_class per class). `overrides` replaces a file's bytes (e.g. a malicious data_batch_1)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    k = len(classes)
+    xs, ys = [], []
+    for name in BATCH_NAMES:
+        labels = rng.permutation(np.repeat(np.arange(k), n_per_class))
+        images = class_images(labels, k, rng)
+        planar = images.transpose(0, 3, 1, 2).reshape(len(labels), 3072)  # NHWC -> channel-planar rows
+        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in labels], b"data": planar,
+                 b"filenames": [f"{name}_{i}.png".encode() for i in range(len(labels))]}
+        (d / name).write_bytes(dumps_batch(batch, protocol))
+        xs.append(images)
+        ys.append(labels.astype(np.int64))
+    meta = {b"label_names": [c.encode() for c in classes], b"num_cases_per_batch": k * n_per_class, b"num_vis": 3072}
+    (d / "batches.meta").write_bytes(dumps_batch(meta, protocol))
+    for name, data in (overrides or {}).items():
+        (d / name).write_bytes(data)
+    return {"classes": list(classes), "train_images": np.concatenate(xs[:5]), "train_labels": np.concatenate(ys[:5]),
+            "test_images": xs[5], "test_labels": ys[5]}
+
+
+def make_cifar_python_tar(
+    path: str | Path, n_per_class: int = 2, classes: tuple[str, ...] = CIFAR_CLASSES, **kw: Any
+) -> dict[str, Any]:
+    """An official-style cifar-10-python.tar.gz (any suffix from make_archive) holding cifar-10-batches-py/."""
+    with tempfile.TemporaryDirectory() as tmp:
+        expected = write_cifar_batches(Path(tmp) / "cifar-10-batches-py", n_per_class, classes, **kw)
+        make_archive(Path(tmp), path)
+    return expected
+
+
+# --- image folders -----------------------------------------------------------------------------------------------
+
+
+def make_image_folder(
+    directory: str | Path,
+    n_train_per_class: int,
+    n_test_per_class: int,
+    fmt: str = "png",
+    *,
+    classes: tuple[str, ...] = CIFAR_CLASSES,
+    size: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write train/<class>/NNNN.<ext> and test/<class>/NNNN.<ext>; returns the expected store arrays."""
+    from PIL import Image
+
+    d = Path(directory)
+    classes = tuple(sorted(classes))
+    rng = np.random.default_rng(seed)
+    ext = {"png": "png", "jpeg": "jpg", "jpg": "jpg"}[fmt]
+    expected: dict[str, Any] = {"classes": list(classes)}
+    for split, n in (("train", n_train_per_class), ("test", n_test_per_class)):
+        labels = np.repeat(np.arange(len(classes), dtype=np.int64), n)
+        images = class_images(labels, len(classes), rng, size)
+        for c in classes:
+            (d / split / c).mkdir(parents=True, exist_ok=True)
+        for i, (img, y) in enumerate(zip(images, labels)):
+            path = d / split / classes[y] / f"{i % n:04d}.{ext}"
+            if ext == "png":
+                Image.fromarray(img).save(path, format="PNG")
+            else:
+                Image.fromarray(img).save(path, format="JPEG", quality=95, subsampling=0)  # 4:4:4 keeps colours close
+        expected[f"{split}_images"], expected[f"{split}_labels"] = images, labels
+    return expected
+
+
+def make_archive(src_dir: str | Path, path: str | Path, *, top: str | None = None) -> Path:
+    """Pack src_dir's contents into .tar / .tar.gz / .tgz / .zip (by suffix), optionally under one `top` folder."""
+    src, path = Path(src_dir), Path(path)
+    entries = sorted(src.rglob("*"))
+    arc = [(p, "/".join(filter(None, [top, p.relative_to(src).as_posix()]))) for p in entries]
+    if path.name.endswith(".zip"):
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p, name in arc:
+                zf.write(p, name)
+    else:
+        mode = "w:gz" if path.name.endswith((".tar.gz", ".tgz")) else "w"
+        with tarfile.open(path, mode) as tf:
+            for p, name in arc:
+                tf.add(p, name, recursive=False)
+    return path
+
+
+# --- prepared stores ---------------------------------------------------------------------------------------------
+
+
+def make_store(
+    directory: str | Path, n_train_per_class: int, n_test_per_class: int, num_classes: int = 10, seed: int = 0
+) -> Path:
+    """Build a prepared store at `directory` through the public prepare API (from a temporary PNG image folder)."""
+    from fastcifar.data import prepare_store
+
+    names = CIFAR_CLASSES if num_classes == 10 else tuple(f"class{i:02d}" for i in range(num_classes))
+    with tempfile.TemporaryDirectory() as tmp:
+        make_image_folder(tmp, n_train_per_class, n_test_per_class, "png", classes=names, seed=seed)
+        prepare_store(Path(tmp), Path(directory), force=True, log=lambda *_: None)
+    return Path(directory)

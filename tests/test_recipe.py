@@ -1,0 +1,103 @@
+from pathlib import Path
+
+import pytest
+
+from fastcifar.errors import RecipeError
+from fastcifar.recipe import Recipe, apply_overrides, load_recipe, recipe_diff, recipe_from_dict, recipe_to_toml
+
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_validates_and_round_trips(path, tmp_path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    saved = tmp_path / "recipe.toml"
+    saved.write_text(recipe_to_toml(recipe))
+    assert load_recipe(saved) == recipe
+
+
+def test_required_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"quickstart.toml", "seed000_resnet34.toml", "resnet34_onecycle.toml"} <= names
+
+
+def test_seed000_is_faithful():
+    r = load_recipe(Path(__file__).parent.parent / "recipes" / "seed000_resnet34.toml")
+    assert (r.model.name, r.augment.resize, r.train.batch_size, r.train.epochs) == ("tv_resnet34", 224, 64, 2000)
+    assert (r.split.kind, r.split.pool, r.split.k) == ("kfold", "train+test", 5)
+    assert (r.optim.name, r.optim.lr, r.optim.weight_decay) == ("adamw", 1e-4, 2e-3)
+    assert (r.schedule.name, r.schedule.max_lr, r.schedule.pct_start) == ("onecycle", 5e-4, 0.1)
+    assert r.augment.randaugment and (r.augment.randaugment_num_ops, r.augment.randaugment_magnitude) == (2, 9)
+    assert (r.augment.erasing_p, r.augment.erasing_scale, r.augment.erasing_ratio) == (0.25, (0.02, 0.33), (0.3, 3.3))
+    assert r.train.label_smoothing == 0.1 and r.train.early_stopping_patience == 200 and r.train.grad_clip > 0
+
+
+def _err(table) -> str:
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(table)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("table, starts", [
+    ({"optim": {"lrr": 0.1}}, "optim.lrr: unknown key"),
+    ({"optimizer": {}}, "optimizer: unknown key"),
+    ({"optim": {"lr": -0.1}}, "optim.lr: must be > 0"),
+    ({"optim": {"lr": "fast"}}, "optim.lr: expected a number"),
+    ({"optim": {"lr": float("nan")}}, "optim.lr: must be finite"),
+    ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer"),
+    ({"train": {"amp": 1}}, "train.amp: expected true or false"),
+    ({"split": {"kind": "kfold", "k": 5, "fold": 5}}, "split.fold: must be in [-1, 4]"),
+    ({"optim": {"name": "lion"}}, "optim.name: must be one of 'sgd', 'adam', 'adamw'"),
+    ({"model": {"name": "vgg99"}}, "model.name: unknown model 'vgg99'"),
+    ({"augment": {"erasing_scale": [0.5]}}, "augment.erasing_scale: expected a list of 2 numbers"),
+    ({"augment": {"erasing_scale": [0.5, 0.1]}}, "augment.erasing_scale: must satisfy"),
+    ({"data": "x"}, "data: expected a table"),
+])
+def test_bad_values_name_the_dotted_key(table, starts):
+    assert _err(table).startswith(starts)
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text("[train]\nepochz = 3\n")
+    with pytest.raises(RecipeError, match=r"r\.toml: train\.epochz: unknown key \(known keys: "):
+        load_recipe(p)
+
+
+def test_missing_and_invalid_toml(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.toml")
+    p = tmp_path / "bad.toml"
+    p.write_text("[train\nepochs=")
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        load_recipe(p)
+
+
+def test_overrides_are_type_checked(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text("[optim]\nlr = 0.1\n")
+    r = load_recipe(p, ["optim.lr=0.5", "model.name=resnet18", "train.amp=true", "augment.erasing_scale=[0.1,0.2]"])
+    assert (r.optim.lr, r.model.name, r.train.amp, r.augment.erasing_scale) == (0.5, "resnet18", True, (0.1, 0.2))
+    with pytest.raises(RecipeError, match=r"train\.epochs: expected an integer, got 'ten'"):
+        load_recipe(p, ["train.epochs=ten"])
+    with pytest.raises(RecipeError, match=r"train\.nope: unknown key"):
+        load_recipe(p, ["train.nope=1"])
+    with pytest.raises(RecipeError, match="expected section.key=value"):
+        load_recipe(p, ["train.epochs"])
+    assert load_recipe(p).optim.lr == 0.1  # overrides never mutate the loaded table
+
+
+def test_apply_overrides_copies_and_diff():
+    base = {"optim": {"lr": 0.1}}
+    out = apply_overrides(base, ["optim.lr=0.2"])
+    assert base == {"optim": {"lr": 0.1}} and out == {"optim": {"lr": 0.2}}
+    assert recipe_diff(recipe_from_dict(base), recipe_from_dict(out)) == ["optim.lr"]
+
+
+def test_recipes_are_frozen():
+    r = recipe_from_dict({})
+    with pytest.raises(Exception):
+        r.optim.lr = 1.0  # type: ignore[misc]

@@ -6,11 +6,14 @@ A reader (or a crash) therefore sees either the old file or the new one, never h
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
+
+from fastcifar.errors import DiskFullError
 
 
 @contextlib.contextmanager
@@ -25,9 +28,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"{path}: disk full while writing ({e.strerror}); the previous "
+                                f"{path.name} is intact, free some space and resume") from None
         raise
     fsync_dir(path.parent)
 

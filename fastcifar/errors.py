@@ -17,3 +17,7 @@ class RecipeError(FastCifarError):
 
 class CheckpointError(FastCifarError):
     """A checkpoint is missing, truncated, of another model, or refused by weights-only loading."""
+
+
+class DiskFullError(FastCifarError):
+    """A write ran out of space; the file it would have replaced is left as it was."""

@@ -1,6 +1,9 @@
 """The device-tensor loader: the split's uint8 images live on the training device as one tensor; each epoch
 draws a permutation from a seeded generator on that device and gathers batches by index. No worker processes
 and no per-image Python, so the same code is the fast path on CPU, CUDA and MPS.
+
+The loader's position inside an epoch (its permutation and the next batch) is part of its state, so a run
+stopped mid-epoch resumes on exactly the batch it would have trained next.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class DeviceLoader:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self._order: torch.Tensor | None = None  # this epoch's permutation while an epoch is in progress
+        self._pos = 0  # index of the next batch of the epoch in progress
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -48,19 +53,30 @@ class DeviceLoader:
     def num_images(self) -> int:
         return len(self) * self.batch_size if self.shuffle else len(self.labels)
 
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch already handed out (0 between epochs)."""
+        return self._pos
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator, device=self.device)
-        else:
-            order = torch.arange(n, device=self.device)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+        if self._order is None:
+            n = len(self.labels)
+            self._order = (torch.randperm(n, generator=self.generator, device=self.device) if self.shuffle
+                           else torch.arange(n, device=self.device))
+        while self._pos < len(self):
+            idx = self._order[self._pos * self.batch_size:(self._pos + 1) * self.batch_size]
             x = self.images[idx].permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels-last
-            yield self.transform(x, self.generator), self.labels[idx]
+            batch = self.transform(x, self.generator), self.labels[idx]
+            self._pos += 1
+            yield batch
+        self._order, self._pos = None, 0
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        order = self._order.cpu() if self._order is not None else None
+        return {"generator": self.generator.get_state(), "order": order, "pos": self._pos}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        order = state.get("order")
+        self._order = order.to(self.device) if order is not None else None
+        self._pos = int(state.get("pos", 0))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
@@ -26,6 +27,11 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _show(name: str) -> str:
+    """A key as typed if it is a plain name, else quoted (keeps a newline in a key from breaking the line)."""
+    return name if re.fullmatch(r"[\w.+\-\[\]]+", name) else repr(name)
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -174,6 +180,10 @@ class TrainCfg:
     early_stopping_patience: int = 0  # epochs without improvement of eval.metric; 0 = off
     checkpoint_every: int = 1  # epochs between `last` checkpoints
     threads: int = 0  # CPU intra-op threads; 0 = torch's default
+    deterministic: bool = False  # deterministic kernels: same device + seed -> identical weights
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip that step
+    max_skipped_steps: int = 100  # skip mode gives up after this many skipped steps in one fold
+    oom_retry: bool = False  # on out-of-memory, retry the batch as 2, 4, ... micro-batches (same effective batch)
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -184,6 +194,7 @@ class TrainCfg:
         _check(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _check(self.threads >= 0, "train.threads", f"must be >= 0, got {self.threads}")
+        _check(self.max_skipped_steps >= 1, "train.max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")
 
 
 @dataclass(frozen=True)
@@ -264,7 +275,7 @@ def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in table.items():
-        key = f"{prefix}.{k}" if prefix else k
+        key = f"{prefix}.{_show(k)}" if prefix else _show(k)
         _check(k in names, key, f"unknown key (known keys: {', '.join(sorted(names))})")
         kwargs[k] = _coerce(v, hints[k], key)
     return cls(**kwargs)
@@ -297,10 +308,10 @@ def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, An
             out[parts[0]] = _parse_override_value(text.strip())
             continue
         if len(parts) != 2:
-            raise RecipeError(f"{path}: expected section.key (two levels), got {len(parts)} levels")
+            raise RecipeError(f"{_show(path)}: expected section.key (two levels), got {len(parts)} levels")
         section = out.setdefault(parts[0], {})
         if not isinstance(section, dict):
-            raise RecipeError(f"{parts[0]}: is not a section")
+            raise RecipeError(f"{_show(parts[0])}: is not a section")
         section[parts[1]] = _parse_override_value(text.strip())
     return out
 

@@ -17,6 +17,7 @@ import torch
 from fastcifar.atomic import write_json, write_text
 from fastcifar.augment import build_train_transform
 from fastcifar.errors import FastCifarError, RecipeError
+from fastcifar.lifecycle import GracefulStop, RunLock
 from fastcifar.recipe import Recipe, load_recipe, recipe_diff, recipe_to_toml
 from fastcifar.splits import make_folds
 
@@ -104,25 +105,26 @@ def _rate_column():
     return RateColumn()
 
 
-def run_training(recipe: Recipe, run_dir: Path, console, *, resume: bool = False, hooks=None) -> dict[str, Any]:
-    """Train every selected fold of `recipe` into run_dir; finished folds are kept, never re-run on resume."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from fastcifar.data import open_store
-    from fastcifar.device import resolve_device
-    from fastcifar.train import FoldTrainer, Hooks
-
-    # Everything that can be refused is checked before the run directory is touched.
-    build_train_transform(recipe.augment, recipe.data.mean, recipe.data.std)
-    device = resolve_device(recipe.train.device)
-    store = open_store(Path(recipe.data.store))
-    resuming = _check_resume(run_dir, recipe, resume)
+def configure_runtime(recipe: Recipe) -> None:
+    """Process-wide switches a recipe asks for; set here, at run start, never at import."""
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
-    write_json(run_dir / "env.json", environment(device))
+    if recipe.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _remove_orphans(run_dir: Path) -> None:
+    """Temp files of writes that a SIGKILL cut short (the targets themselves are intact)."""
+    for tmp in run_dir.rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _train_folds(recipe: Recipe, store, run_dir: Path, device: torch.device, console, resuming: bool, hooks, stop) -> list[dict]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fastcifar.train import FoldTrainer
 
     labels = np.concatenate([store.train_labels, store.test_labels])
     folds = make_folds(len(store.train_labels), labels, recipe.split)
@@ -143,11 +145,34 @@ def run_training(recipe: Recipe, run_dir: Path, console, *, resume: bool = False
             trainer = FoldTrainer(recipe, store, fold, fold_dir, device, console)
             if resuming:
                 trainer.try_resume()
-            trainer.fit(hooks or Hooks(), progress)
+            trainer.fit(hooks, progress, stop)
             results.append(trainer.finish())
-    summary = summarize(results)
-    summary["recipe"] = recipe.name
-    if len(results) > 1:
-        write_text(run_dir / "folds.csv", _folds_table(summary, console))
-    write_json(run_dir / "summary.json", summary)
+    return results
+
+
+def run_training(recipe: Recipe, run_dir: Path, console, *, resume: bool = False, hooks=None) -> dict[str, Any]:
+    """Train every selected fold of `recipe` into run_dir; finished folds are kept, never re-run on resume."""
+    from fastcifar.data import open_store
+    from fastcifar.device import resolve_device
+    from fastcifar.train import Hooks, build_model
+
+    # Everything that can be refused is checked before the run directory is touched.
+    build_train_transform(recipe.augment, recipe.data.mean, recipe.data.std)
+    device = resolve_device(recipe.train.device)
+    store = open_store(Path(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
+    # Building the model once on the CPU refuses a bad width or pretrained file before any output exists.
+    build_model(recipe, len(store.classes), store.train_images.shape[1], torch.device("cpu"))
+    with RunLock(run_dir), GracefulStop() as stop:
+        resuming = _check_resume(run_dir, recipe, resume)
+        _remove_orphans(run_dir)
+        configure_runtime(recipe)
+        if not resuming:
+            write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
+        write_json(run_dir / "env.json", {**environment(device), "store": {
+            "path": str(store.path), "sha256": store.meta["sha256"], "source": store.meta["source"]}})
+        results = _train_folds(recipe, store, run_dir, device, console, resuming, hooks or Hooks(), stop)
+        summary = {**summarize(results), "recipe": recipe.name}
+        if len(results) > 1:
+            write_text(run_dir / "folds.csv", _folds_table(summary, console))
+        write_json(run_dir / "summary.json", summary)
     return summary

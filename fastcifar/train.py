@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,21 +12,23 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fastcifar.atomic import write_json, write_text
 from fastcifar.augment import build_eval_transform, build_train_transform
 from fastcifar.checkpoint import load_checkpoint, save_checkpoint
-from fastcifar.device import amp_dtype, autocast
+from fastcifar.device import amp_dtype
 from fastcifar.errors import CheckpointError
 from fastcifar.evaluate import evaluate
+from fastcifar.lifecycle import Interrupted
 from fastcifar.loader import DeviceLoader, gather_images
 from fastcifar.models import create_model
 from fastcifar.optim import build_optimizer, build_scheduler
 from fastcifar.recipe import Recipe
 from fastcifar.splits import Fold, take_per_class
+from fastcifar.step import EpochTotals, NonFiniteError, NonFiniteStep, StepRunner
 
-CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "img_per_s"]
+CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "img_per_s",
+              "skipped_steps"]
 
 
 @dataclass
@@ -44,6 +47,7 @@ class FitState:
     best_epoch: int = 0
     bad_epochs: int = 0
     stopped_early: bool = False
+    accum_steps: int = 1  # micro-batches per batch (raised by an out-of-memory retry)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -86,43 +90,6 @@ def make_loaders(recipe: Recipe, store, fold: Fold, device: torch.device) -> Fol
     return FoldData(loader(train_idx, train_tf, True, bs), val, test)
 
 
-def _clip_and_step(model, optimizer, scaler, grad_clip: float) -> None:
-    if scaler is not None:
-        if grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
-        scaler.step(optimizer)
-        scaler.update()
-        return
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
-    optimizer.step()
-
-
-def train_epoch(model, optimizer, scheduler, scaler, loader: DeviceLoader, recipe: Recipe, device, dtype,
-                on_step: Callable[[int], None], progress_advance: Callable[[int], None]) -> dict[str, float]:
-    """One pass over the training set; loss and accuracy accumulate on the device, read once at the end."""
-    model.train()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen, lr = 0, optimizer.param_groups[0]["lr"]
-    for step, (x, y) in enumerate(loader):
-        with autocast(device, dtype):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.train.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        lr = optimizer.param_groups[0]["lr"]
-        _clip_and_step(model, optimizer, scaler, recipe.train.grad_clip)
-        scheduler.step()
-        loss_sum += loss.detach().double() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
-        progress_advance(len(y))
-        on_step(step)
-    return {"loss": float(loss_sum) / max(seen, 1), "acc": int(correct) / max(seen, 1), "lr": lr, "n": seen}
-
-
 def _metrics_csv(history: list[dict[str, float]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
@@ -147,27 +114,36 @@ class FoldTrainer:
         self.dtype = amp_dtype(device, recipe.train.amp)
         fp16_cuda = self.dtype == torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
+        self.runner = StepRunner(self.model, self.optimizer, self.scheduler, self.scaler, recipe, device,
+                                 self.dtype, console)
         self.state = FitState()
+        self.partial: EpochTotals | None = None  # the interrupted epoch's totals, after a mid-epoch resume
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
         return {"recipe": self.recipe.to_dict(), "classes": self.classes, "fold": self.fold.index}
 
-    def save_last(self) -> None:
-        save_checkpoint(self.dir / "checkpoints" / "last.pt", {
+    @property
+    def last_path(self) -> Path:
+        return self.dir / "checkpoints" / "last.pt"
+
+    def save_last(self, partial: EpochTotals | None = None) -> None:
+        self.state.accum_steps = self.runner.accum
+        save_checkpoint(self.last_path, {
             **self._meta(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "loader": self.data.train.state_dict(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            "state": self.state.as_dict()})
+            "state": self.state.as_dict(), "partial": partial.state_dict() if partial is not None else None,
+            "skipped_total": self.runner.skipped_total})
 
     def save_best(self, row: dict[str, float]) -> None:
         save_checkpoint(self.dir / "checkpoints" / "best.pt",
                         {**self._meta(), "model": self.model.state_dict(), "epoch": row["epoch"], "metrics": row})
 
     def try_resume(self) -> bool:
-        path = self.dir / "checkpoints" / "last.pt"
+        path = self.last_path
         if not path.exists():
             return False
         ckpt = load_checkpoint(path)
@@ -182,9 +158,14 @@ class FoldTrainer:
             if self.device.type == "cuda" and ckpt["cuda_rng"] is not None:
                 torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
             self.state = FitState(**ckpt["state"])
+            self.runner.accum, self.runner.skipped_total = self.state.accum_steps, int(ckpt["skipped_total"])
+            if ckpt["partial"] is not None:
+                self.partial = EpochTotals.from_state(ckpt["partial"], self.device)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0]})") from None
-        self.console.print(f"resumed {path} after epoch {self.state.epoch}")
+        where = f"epoch {self.state.epoch + 1} step {self.data.train.position}" if self.partial else \
+            f"the end of epoch {self.state.epoch}"
+        self.console.print(f"resumed {path} at {where}")
         return True
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -205,30 +186,70 @@ class FoldTrainer:
             self.save_last()
         return st.stopped_early
 
-    def fit(self, hooks: Hooks, progress) -> None:
+    def _train_epoch(self, epoch: int, hooks: Hooks, progress, stop) -> EpochTotals:
+        """Train until the epoch ends, or until a signal asks to stop (then checkpoint mid-epoch and raise)."""
+        totals = self.partial or EpochTotals.zeros(self.device, self.optimizer.param_groups[0]["lr"])
+        self.partial = None
+        loader = self.data.train
+        self.model.train()
+        task = progress.add_task(f"epoch {epoch + 1}/{self.recipe.train.epochs}", total=loader.num_images,
+                                 completed=loader.position * loader.batch_size)
+        t0 = time.perf_counter()
+        try:
+            for x, y in loader:
+                step = loader.position - 1
+                self.runner.step(x, y, totals, step)
+                progress.advance(task, len(y))
+                if hooks.on_step:
+                    hooks.on_step(epoch, step)
+                if stop is not None and stop.requested:
+                    self.runner.check_pending()  # never checkpoint a step that went non-finite
+                    totals.seconds += time.perf_counter() - t0
+                    self.save_last(partial=totals)
+                    raise self._interrupted(stop.signum, epoch, loader.position)
+            self.runner.check_pending()
+        except NonFiniteStep as e:
+            raise self._non_finite(e, epoch) from None
+        finally:
+            progress.remove_task(task)
+        totals.seconds += time.perf_counter() - t0
+        return totals
+
+    def _interrupted(self, signum: int, epoch: int, steps: int) -> Interrupted:
+        run_dir = self.dir if self.recipe.split.kind != "kfold" else self.dir.parent
+        return Interrupted(f"stopped by {signal.Signals(signum).name} in fold {self.fold.index} epoch {epoch + 1} "
+                           f"after step {steps}/{len(self.data.train)}; checkpoint saved to {self.last_path}; "
+                           f"resume with: fastcifar train {run_dir / 'recipe.toml'} --out {run_dir} --resume",
+                           signum)
+
+    def _non_finite(self, e: NonFiniteStep, epoch: int) -> NonFiniteError:
+        kept = (f"the last good checkpoint {self.last_path} (end of epoch {self.state.epoch}) is kept"
+                if self.last_path.exists() else "no checkpoint was written before it")
+        return NonFiniteError(f"{e.what} went non-finite in fold {self.fold.index} epoch {epoch + 1} step {e.step}; "
+                              f"stopped, {kept}; lower optim.lr, set train.grad_clip, or set "
+                              f'train.on_nonfinite = "skip"')
+
+    def fit(self, hooks: Hooks, progress, stop=None) -> None:
         tr = self.recipe.train
         while self.state.epoch < tr.epochs and not self.state.stopped_early:
             epoch = self.state.epoch
-            task = progress.add_task(f"epoch {epoch + 1}/{tr.epochs}", total=self.data.train.num_images)
+            totals = self._train_epoch(epoch, hooks, progress, stop)
             t0 = time.perf_counter()
-            on_step = (lambda s: hooks.on_step(epoch, s)) if hooks.on_step else (lambda s: None)
-            stats = train_epoch(self.model, self.optimizer, self.scheduler, self.scaler, self.data.train,
-                                self.recipe, self.device, self.dtype, on_step,
-                                lambda n: progress.advance(task, n))
-            train_time = time.perf_counter() - t0
             val = evaluate(self.model, self.data.val, self.device, self.dtype, len(self.classes))
-            progress.remove_task(task)
-            row = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_acc": stats["acc"],
-                   "val_loss": val["loss"], "val_acc": val["acc"], "lr": stats["lr"],
-                   "epoch_time_s": time.perf_counter() - t0, "img_per_s": stats["n"] / train_time}
-            stop = self._end_epoch(row)
+            seen = max(totals.seen, 1)
+            row = {"epoch": epoch + 1, "train_loss": float(totals.loss_sum) / seen,
+                   "train_acc": int(totals.correct) / seen, "val_loss": val["loss"], "val_acc": val["acc"],
+                   "lr": totals.lr, "epoch_time_s": totals.seconds + time.perf_counter() - t0,
+                   "img_per_s": totals.seen / max(totals.seconds, 1e-9), "skipped_steps": totals.skipped}
+            stop_early = self._end_epoch(row)
             self.console.print(
                 f"fold {self.fold.index} epoch {row['epoch']:>3}/{tr.epochs}  train loss {row['train_loss']:.4f} "
                 f"acc {row['train_acc']:.2%}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  "
-                f"lr {row['lr']:.3g}  {row['epoch_time_s']:.1f}s  {row['img_per_s']:,.0f} img/s")
+                f"lr {row['lr']:.3g}  {row['epoch_time_s']:.1f}s  {row['img_per_s']:,.0f} img/s"
+                + (f"  skipped {totals.skipped} steps" if totals.skipped else ""))
             if hooks.on_epoch_end:
                 hooks.on_epoch_end(epoch + 1)
-            if stop:
+            if stop_early:
                 self.console.print(f"early stopping: no improvement of {self.recipe.eval.metric} for "
                                    f"{tr.early_stopping_patience} epochs (best epoch {self.state.best_epoch})")
 

@@ -11,31 +11,10 @@ from rich.console import Console
 from fastcifar.checkpoint import load_checkpoint
 from fastcifar.cli import main
 from fastcifar.errors import FastCifarError, RecipeError
-from fastcifar.recipe import recipe_from_dict
 from fastcifar.run import run_training
 from fastcifar.train import Hooks
-from synth import make_store
 
 QUIET = Console(quiet=True)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return make_store(tmp_path_factory.mktemp("data") / "store", 24, 8)
-
-
-def tiny(store: Path, **sections) -> "Recipe":  # noqa: F821
-    table = {
-        "name": "tiny",
-        "data": {"store": str(store)},
-        "model": {"name": "cnn_bn", "width": 8},
-        "optim": {"name": "sgd", "lr": 0.05, "nesterov": True},
-        "train": {"epochs": 3, "batch_size": 32, "seed": 1},
-        "eval": {"batch_size": 64},
-    }
-    for k, v in sections.items():
-        table[k] = {**table.get(k, {}), **v}
-    return recipe_from_dict(table)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -43,13 +22,13 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_tiny_run_learns_and_writes_csv_and_checkpoints(store, tmp_path):
+def test_tiny_run_learns_and_writes_csv_and_checkpoints(tiny, store, tmp_path):
     run = tmp_path / "run"
-    summary = run_training(tiny(store, train={"epochs": 4}), run, QUIET)
+    summary = run_training(tiny(train={"epochs": 4}), run, QUIET)
     rows = _rows(run / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s",
-                            "img_per_s"}
+                            "img_per_s", "skipped_steps"}
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     assert summary["test_acc_mean"] > 0.3  # 10 classes: chance is 0.1
     assert (run / "recipe.toml").exists() and (run / "env.json").exists() and (run / "result.json").exists()
@@ -72,8 +51,8 @@ def _interrupt_at(epoch: int, step: int | None) -> Hooks:
 
 
 @pytest.mark.parametrize("epoch, step", [(0, 1), (1, None), (2, 3)], ids=["first-epoch", "epoch-end", "mid-epoch"])
-def test_interrupted_and_resumed_run_ends_with_identical_weights(store, tmp_path, epoch, step):
-    recipe = tiny(store, model={"name": "cnn_bn", "width": 8, "dropout": 0.2},
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny, store, tmp_path, epoch, step):
+    recipe = tiny(model={"name": "cnn_bn", "width": 8, "dropout": 0.2},
                   augment={"erasing_p": 0.5, "cutout": 6}, schedule={"name": "cosine", "warmup_epochs": 1.0})
     run_training(recipe, tmp_path / "full", QUIET)
     with pytest.raises(KeyboardInterrupt):
@@ -87,19 +66,19 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(store, tmp_path
     assert strip(_rows(tmp_path / "full" / "metrics.csv")) == strip(_rows(tmp_path / "cut" / "metrics.csv"))
 
 
-def test_existing_run_needs_resume_and_the_same_recipe(store, tmp_path):
-    run_training(tiny(store, train={"epochs": 1}), tmp_path / "r", QUIET)
+def test_existing_run_needs_resume_and_the_same_recipe(tiny, store, tmp_path):
+    run_training(tiny(train={"epochs": 1}), tmp_path / "r", QUIET)
     with pytest.raises(FastCifarError, match="already holds a run; pass --resume"):
-        run_training(tiny(store, train={"epochs": 1}), tmp_path / "r", QUIET)
+        run_training(tiny(train={"epochs": 1}), tmp_path / "r", QUIET)
     with pytest.raises(RecipeError, match=r"^optim\.lr: differs from the run's saved"):
-        run_training(tiny(store, train={"epochs": 1}, optim={"lr": 0.01}), tmp_path / "r", QUIET, resume=True)
+        run_training(tiny(train={"epochs": 1}, optim={"lr": 0.01}), tmp_path / "r", QUIET, resume=True)
     # A finished run resumed is a no-op that reports the same result.
-    again = run_training(tiny(store, train={"epochs": 1}), tmp_path / "r", QUIET, resume=True)
+    again = run_training(tiny(train={"epochs": 1}), tmp_path / "r", QUIET, resume=True)
     assert again["folds"][0]["epochs_run"] == 1
 
 
-def test_kfold_all_folds_table_and_finished_folds_kept(store, tmp_path):
-    recipe = tiny(store, split={"kind": "kfold", "k": 3, "pool": "train+test"}, train={"epochs": 1})
+def test_kfold_all_folds_table_and_finished_folds_kept(tiny, store, tmp_path):
+    recipe = tiny(split={"kind": "kfold", "k": 3, "pool": "train+test"}, train={"epochs": 1})
     run = tmp_path / "kf"
     def stop_in_fold1(epoch, step):
         if (run / "fold1").exists():
@@ -117,18 +96,18 @@ def test_kfold_all_folds_table_and_finished_folds_kept(store, tmp_path):
     assert summary["val_acc_std"] >= 0 and 0 <= summary["val_acc_mean"] <= 1
 
 
-def test_single_fold_and_holdout_sizes(store, tmp_path):
-    s = run_training(tiny(store, split={"kind": "kfold", "k": 4, "fold": 2}, train={"epochs": 1}), tmp_path / "a",
+def test_single_fold_and_holdout_sizes(tiny, store, tmp_path):
+    s = run_training(tiny(split={"kind": "kfold", "k": 4, "fold": 2}, train={"epochs": 1}), tmp_path / "a",
                      QUIET)
     assert [f["fold"] for f in s["folds"]] == [2] and (tmp_path / "a" / "fold2" / "result.json").exists()
-    s = run_training(tiny(store, split={"kind": "holdout", "val_fraction": 0.25}, train={"epochs": 1}),
+    s = run_training(tiny(split={"kind": "holdout", "val_fraction": 0.25}, train={"epochs": 1}),
                      tmp_path / "b", QUIET)
     assert "test_acc" in s["folds"][0]
 
 
-def test_early_stopping_fires_on_a_flat_metric(store, tmp_path):
+def test_early_stopping_fires_on_a_flat_metric(tiny, store, tmp_path):
     # lr ~ 0 on a model without BatchNorm: val accuracy never improves after epoch 1.
-    recipe = tiny(store, model={"name": "softmax", "width": 0}, optim={"name": "sgd", "lr": 1e-12},
+    recipe = tiny(model={"name": "softmax", "width": 0}, optim={"name": "sgd", "lr": 1e-12},
                   schedule={"name": "constant"}, train={"epochs": 10, "early_stopping_patience": 2})
     s = run_training(recipe, tmp_path / "es", QUIET)
     assert s["folds"][0]["stopped_early"] and s["folds"][0]["epochs_run"] == 3
@@ -139,15 +118,15 @@ def test_early_stopping_fires_on_a_flat_metric(store, tmp_path):
     ({"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}, {"name": "onecycle", "max_lr": 3e-3}),
     ({"name": "sgd", "lr": 0.05, "momentum": 0.0}, {"name": "onecycle"}),
 ])
-def test_optimizers_and_schedules_train(store, tmp_path, optim, schedule):
-    s = run_training(tiny(store, optim={**optim, "nesterov": False}, schedule=schedule, train={"epochs": 2, "grad_clip": 1.0,
+def test_optimizers_and_schedules_train(tiny, store, tmp_path, optim, schedule):
+    s = run_training(tiny(optim={**optim, "nesterov": False}, schedule=schedule, train={"epochs": 2, "grad_clip": 1.0,
                                                                          "label_smoothing": 0.1, "amp": True}),
                      tmp_path / "o", QUIET)
     assert s["folds"][0]["val_loss"] < 10
 
 
-def test_cli_eval_prints_accuracy_and_per_class_table(store, tmp_path, capsys):
-    run_training(tiny(store, train={"epochs": 2}), tmp_path / "ev", QUIET)
+def test_cli_eval_prints_accuracy_and_per_class_table(tiny, store, tmp_path, capsys):
+    run_training(tiny(train={"epochs": 2}), tmp_path / "ev", QUIET)
     assert main(["eval", str(tmp_path / "ev" / "checkpoints" / "best.pt"), "--data", str(store)]) == 0
     out = capsys.readouterr().out
     result = json.loads((tmp_path / "ev" / "result.json").read_text())
@@ -173,3 +152,7 @@ def test_cli_errors_are_one_line(store, tmp_path, capsys):
                  str(out)]) == 2
     assert "no prepared store" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was written
+    assert main(["train", "recipes/quickstart.toml", "--set", f'data.store="{store}"', "--set", "model.name=softmax",
+                 "--set", "model.width=64", "--out", str(out)]) == 2
+    assert "model.width: softmax has a fixed width" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,115 @@
+"""What keeps a run safe from its surroundings: a lock on the run directory and graceful SIGINT / SIGTERM.
+
+- RunLock: `RUN_DIR/.lock` holds the owner's pid; a second run on the same directory is refused, a lock whose pid
+  is dead (the owner was SIGKILLed) is taken over.
+- GracefulStop: the first SIGINT / SIGTERM only sets a flag, so the trainer finishes its current step and writes a
+  resumable checkpoint; a second signal gets the default behaviour (stop now: the atomic writes keep the last
+  checkpoint loadable either way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+from fastcifar.errors import FastCifarError
+
+
+class RunInUse(FastCifarError):
+    pass
+
+
+class Interrupted(FastCifarError):
+    """Raised after the checkpoint is written; exit code 128 + signal number, as a shell reports it."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class RunLock:
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # create, or take over a stale lock and retry
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and owner != os.getpid() and _pid_alive(owner):
+                    raise RunInUse(f"{self.path.parent}: in use by pid {owner} (lock file {self.path}); "
+                                   f"wait for that run or stop it") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)  # stale: its owner is dead
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            self.held = True
+            return
+        raise RunInUse(f"{self.path}: could not take the run lock (another process keeps re-creating it)")
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip() or "0") or None
+        except (OSError, ValueError):
+            return None  # unreadable or half-written: treat as stale
+
+    def release(self) -> None:
+        if self.held and self._owner() == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        self.held = False
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class GracefulStop:
+    """Context manager: while active, SIGINT/SIGTERM set `signum` instead of interrupting the step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        for s, handler in self._previous.items():  # a second signal stops at once
+            signal.signal(s, handler)
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():  # signals can only be set from there
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()

@@ -1,0 +1,173 @@
+"""One optimizer step, and what can go wrong in it: non-finite numbers and running out of memory.
+
+Metrics stay on the device. The non-finite check in "stop" mode is lazy: the first bad step index is kept in a
+device tensor and read every `poll` steps (every step on CPU/MPS, where a read costs nothing; every 32 on CUDA,
+so the step loop does not wait on the GPU). "skip" mode has to decide before the optimizer steps, so it reads
+the flag every step: that is its price.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fastcifar.device import autocast
+from fastcifar.errors import FastCifarError
+from fastcifar.recipe import Recipe
+
+OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
+
+
+class NonFiniteError(FastCifarError):
+    exit_code = 3
+
+
+class OutOfMemory(FastCifarError):
+    exit_code = 4
+
+
+class NonFiniteStep(Exception):
+    """Internal: raised by the step runner, turned into a NonFiniteError by the trainer (which knows the run)."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"non-finite {what} at step {step}")
+        self.step, self.what = step, what
+
+
+@dataclass
+class EpochTotals:
+    """Accumulators of the epoch in progress; saved in a mid-epoch checkpoint so resuming keeps them exact."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+    skipped: int = 0
+    lr: float = 0.0
+    seconds: float = 0.0
+
+    @classmethod
+    def zeros(cls, device: torch.device, lr: float) -> "EpochTotals":
+        return cls(torch.zeros((), device=device, dtype=torch.float64),
+                   torch.zeros((), device=device, dtype=torch.int64), lr=lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen,
+                "skipped": self.skipped, "lr": self.lr, "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> "EpochTotals":
+        return cls(state["loss_sum"].to(device), state["correct"].to(device), int(state["seen"]),
+                   int(state["skipped"]), float(state["lr"]), float(state["seconds"]))
+
+
+class StepRunner:
+    def __init__(self, model, optimizer, scheduler, scaler, recipe: Recipe, device: torch.device, dtype, console):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.cfg, self.device, self.dtype, self.console = recipe.train, device, dtype, console
+        self.accum = 1  # micro-batches per batch; grows only through oom_retry
+        self.skipped_total = 0
+        self.poll = 32 if device.type == "cuda" else 1
+        self._bad_step = torch.full((), -1, device=device, dtype=torch.int64)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, totals: EpochTotals, step: int) -> None:
+        while True:
+            try:
+                return self._step(x, y, totals, step)
+            except OOM_ERRORS:
+                self._on_oom(len(y))
+
+    def _forward_backward(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        loss_total = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        for xc, yc in zip(x.chunk(self.accum), y.chunk(self.accum)):
+            with autocast(self.device, self.dtype):
+                logits = self.model(xc)
+            loss = F.cross_entropy(logits.float(), yc, label_smoothing=self.cfg.label_smoothing)
+            loss = loss * (len(yc) / len(y))  # micro-batch losses add up to the batch mean
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_total += loss.detach()
+            correct += (logits.detach().argmax(1) == yc).sum()
+        return loss_total, correct
+
+    def _step(self, x, y, totals: EpochTotals, step: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, correct = self._forward_backward(x, y)
+        totals.lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm = self._unscale_and_clip()
+        if self.cfg.on_nonfinite == "skip" and not self._finite(loss, grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            totals.skipped += 1
+            self.skipped_total += 1
+            if self.skipped_total > self.cfg.max_skipped_steps:
+                raise NonFiniteStep(step, f"loss or gradient ({self.skipped_total} steps skipped, more than "
+                                          f"train.max_skipped_steps = {self.cfg.max_skipped_steps})")
+        else:
+            self._optimizer_step()
+            totals.loss_sum += loss.double() * len(y)
+            totals.correct += correct
+            totals.seen += len(y)
+            if self.cfg.on_nonfinite == "stop":
+                self._note_stop_mode(loss, grad_norm, step)
+        self.scheduler.step()
+
+    def _unscale_and_clip(self) -> torch.Tensor | None:
+        params = self.model.parameters()
+        if self.scaler is not None:
+            if not self.cfg.grad_clip:
+                return None  # fp16 overflow in the gradients is the scaler's business, not an error
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
+        if self.cfg.on_nonfinite == "skip":  # the norm (clip at inf: a no-op) tells if every gradient is finite
+            return torch.nn.utils.clip_grad_norm_(params, float("inf"), foreach=True)
+        return None
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        ok = torch.isfinite(loss)
+        if grad_norm is not None and self.scaler is None:
+            ok = ok & torch.isfinite(grad_norm)
+        return bool(ok)
+
+    def _note_stop_mode(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, step: int) -> None:
+        bad = ~torch.isfinite(loss)
+        if grad_norm is not None and self.scaler is None:
+            bad = bad | ~torch.isfinite(grad_norm)
+        self._bad_step = torch.where(bad & (self._bad_step < 0), step, self._bad_step)
+        if (step + 1) % self.poll == 0:
+            self.check_pending()
+
+    def check_pending(self) -> None:
+        """Raise if a non-finite step was recorded since the last read (call at every epoch end too)."""
+        bad = int(self._bad_step)
+        if bad >= 0:
+            self._bad_step.fill_(-1)
+            raise NonFiniteStep(bad, "loss or gradient")
+
+    def _on_oom(self, batch: int) -> None:
+        micro = -(-batch // self.accum)
+        peak = ""
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            peak = (f"; peak {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB of "
+                    f"{total / 2**30:.1f} GiB")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not self.cfg.oom_retry or micro < 2:
+            raise OutOfMemory(f"out of memory at train.batch_size = {batch} (micro-batch {micro}{peak}); try "
+                              f"train.batch_size = {max(1, micro // 2)}, or set train.oom_retry = true to retry "
+                              f"with gradient accumulation") from None
+        self.accum *= 2
+        self.console.print(f"out of memory at micro-batch {micro}{peak}: retrying the batch of {batch} as "
+                           f"{self.accum} micro-batches of {-(-batch // self.accum)} (same effective batch)")

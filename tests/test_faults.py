@@ -1,0 +1,204 @@
+"""Fault tolerance: signals, non-finite numbers, full disks, out-of-memory, run locks, tampered stores."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+import fastcifar.atomic
+from fastcifar.checkpoint import load_checkpoint
+from fastcifar.errors import DataError, DiskFullError
+from fastcifar.lifecycle import Interrupted, RunInUse, RunLock
+from fastcifar.run import run_training
+from fastcifar.step import NonFiniteError, OutOfMemory
+from fastcifar.train import Hooks
+
+QUIET = Console(quiet=True)
+
+
+def _weights(run, name="last.pt"):
+    return load_checkpoint(run / "checkpoints" / name)["model"]
+
+
+def _same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _csv_without_times(path):
+    rows = path.read_text().splitlines()
+    return [r.rsplit(",", 3)[0] + "," + r.rsplit(",", 1)[1] for r in rows]  # drop epoch_time_s, img_per_s
+
+
+def test_sigterm_mid_epoch_checkpoints_and_resume_is_exact(tiny, tmp_path):
+    recipe = tiny(model={"name": "cnn_bn", "width": 8, "dropout": 0.2}, augment={"erasing_p": 0.5})
+    run_training(recipe, tmp_path / "full", QUIET)
+
+    def signal_self(epoch, step):
+        if (epoch, step) == (1, 2):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag; the step finishes first
+
+    with pytest.raises(Interrupted) as e:
+        run_training(recipe, tmp_path / "cut", QUIET, hooks=Hooks(on_step=signal_self))
+    msg = str(e.value)
+    assert e.value.exit_code == 128 + signal.SIGTERM and "\n" not in msg
+    assert "stopped by SIGTERM in fold 0 epoch 2 after step 3/7" in msg and "--resume" in msg
+    ckpt = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert ckpt["partial"]["seen"] == 3 * 32 and ckpt["loader"]["pos"] == 3
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored after the run
+    run_training(recipe, tmp_path / "cut", QUIET, resume=True)
+    assert _same_weights(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
+    assert _csv_without_times(tmp_path / "full" / "metrics.csv") == \
+        _csv_without_times(tmp_path / "cut" / "metrics.csv")
+
+
+def _poison_cross_entropy(monkeypatch, bad_calls: set[int]):
+    """Make the training loss NaN on the given training-step calls (evaluation calls are left alone)."""
+    real = F.cross_entropy
+    calls = {"n": 0}
+
+    def fake(logits, target, *args, **kwargs):
+        loss = real(logits, target, *args, **kwargs)
+        if kwargs.get("reduction", "mean") == "mean":
+            calls["n"] += 1
+            if calls["n"] in bad_calls:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(F, "cross_entropy", fake)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    _poison_cross_entropy(monkeypatch, {7 + 3})  # 7 steps per epoch: epoch 2, step index 2
+    with pytest.raises(NonFiniteError) as e:
+        run_training(tiny(), tmp_path / "nan", QUIET)
+    msg = str(e.value)
+    assert e.value.exit_code == 3 and "\n" not in msg
+    assert "non-finite in fold 0 epoch 2 step 2" in msg and "end of epoch 1) is kept" in msg
+    ckpt = load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")
+    assert ckpt["state"]["epoch"] == 1 and ckpt["partial"] is None
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert len((tmp_path / "nan" / "metrics.csv").read_text().splitlines()) == 2  # header + epoch 1
+
+
+def test_nonfinite_weights_from_divergence_stop(tiny, tmp_path):
+    # A real divergence: lr 1e12 on softmax regression overflows the logits within a few steps.
+    recipe = tiny(model={"name": "softmax", "width": 0}, optim={"name": "sgd", "lr": 1e12, "nesterov": False},
+                  schedule={"name": "constant"})
+    with pytest.raises(NonFiniteError, match="epoch 1 step .*no checkpoint was written before it"):
+        run_training(recipe, tmp_path / "div", QUIET)
+
+
+def test_skip_mode_counts_skipped_steps_and_gives_up_past_the_limit(tiny, tmp_path, monkeypatch):
+    _poison_cross_entropy(monkeypatch, {4, 12})
+    s = run_training(tiny(train={"on_nonfinite": "skip"}), tmp_path / "skip", QUIET)
+    rows = (tmp_path / "skip" / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[-1]) for r in rows] == [1, 1, 0]
+    assert np.isfinite(s["val_loss_mean"])
+    _poison_cross_entropy(monkeypatch, {2, 3})
+    with pytest.raises(NonFiniteError, match=r"2 steps skipped, more than train\.max_skipped_steps = 1"):
+        run_training(tiny(train={"on_nonfinite": "skip", "max_skipped_steps": 1}), tmp_path / "skip2", QUIET)
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+    real_fsync = os.fsync
+    state = {"armed": False}
+
+    def full_fsync(fd):
+        if state["armed"] and os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith(".last.pt."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(fastcifar.atomic.os, "fsync", full_fsync)
+
+    def arm(epoch):
+        state["armed"] = epoch == 1  # the disk fills up after the first checkpoint
+
+    with pytest.raises(DiskFullError) as e:
+        run_training(tiny(), tmp_path / "full", QUIET, hooks=Hooks(on_epoch_end=arm))
+    assert "last.pt: disk full while writing (No space left on device); the previous last.pt is intact" \
+        in str(e.value)
+    assert load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["state"]["epoch"] == 1
+    assert not list((tmp_path / "full").rglob("*.tmp"))
+    monkeypatch.setattr(fastcifar.atomic.os, "fsync", real_fsync)
+    run_training(tiny(), tmp_path / "full", QUIET, resume=True)  # space freed: the run resumes and finishes
+    assert load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["state"]["epoch"] == 3
+
+
+class _SmallMemory(torch.nn.Module):
+    """Pretends the device runs out of memory above 16 images per forward pass."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if self.training and len(x) > 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(x)
+
+
+def _small_memory(monkeypatch):
+    import fastcifar.train as train_mod
+
+    real = train_mod.build_model
+    monkeypatch.setattr(train_mod, "build_model", lambda *a, **k: _SmallMemory(real(*a, **k)))
+
+
+def test_out_of_memory_message_and_automatic_retry(tiny, tmp_path, monkeypatch):
+    _small_memory(monkeypatch)
+    with pytest.raises(OutOfMemory) as e:
+        run_training(tiny(), tmp_path / "oom", QUIET)
+    assert str(e.value).startswith("out of memory at train.batch_size = 32 (micro-batch 32); try "
+                                   "train.batch_size = 16, or set train.oom_retry = true")
+    s = run_training(tiny(train={"oom_retry": True}), tmp_path / "retry", QUIET)
+    assert load_checkpoint(tmp_path / "retry" / "checkpoints" / "last.pt")["state"]["accum_steps"] == 2
+    assert s["folds"][0]["epochs_run"] == 3
+
+
+def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tiny, tmp_path):
+    run = tmp_path / "locked"
+    run.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(f"{sleeper.pid}\n")
+        with pytest.raises(RunInUse, match=f"in use by pid {sleeper.pid}"):
+            run_training(tiny(train={"epochs": 1}), run, QUIET)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # The owner is dead now: its lock is stale and is taken over.
+    run_training(tiny(train={"epochs": 1}), run, QUIET)
+    assert not (run / ".lock").exists()
+    with RunLock(run):
+        assert (run / ".lock").read_text().strip() == str(os.getpid())
+
+
+def test_tampered_store_is_refused_before_training(tiny, store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    arr = copy / "train_images.npy"
+    data = bytearray(arr.read_bytes())
+    data[-1] ^= 0xFF
+    arr.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="train_images.npy"):
+        run_training(tiny(data={"store": str(copy)}), tmp_path / "run", QUIET)
+    assert not (tmp_path / "run").exists()
+
+
+def test_deterministic_runs_give_identical_weights(tiny, tmp_path):
+    recipe = tiny(train={"deterministic": True, "epochs": 2})
+    run_training(recipe, tmp_path / "a", QUIET)
+    run_training(recipe, tmp_path / "b", QUIET)
+    torch.use_deterministic_algorithms(False)
+    assert _same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    env = (tmp_path / "a" / "env.json").read_text()
+    assert '"git_commit"' in env and '"sha256"' in env and '"torch"' in env

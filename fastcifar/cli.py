@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except FastCifarError as e:
         print(f"fastcifar: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # permissions, missing directories, read-only disks: name the file, skip the traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"fastcifar: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         hint = " (continue with --resume)" if args.command == "train" else ""
         print(f"fastcifar: interrupted{hint}", file=sys.stderr)

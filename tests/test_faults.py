@@ -202,3 +202,39 @@ def test_deterministic_runs_give_identical_weights(tiny, tmp_path):
     assert _same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
     env = (tmp_path / "a" / "env.json").read_text()
     assert '"git_commit"' in env and '"sha256"' in env and '"torch"' in env
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MiB tmpfs: a disk that can actually fill up (needs root, as on the CI machine)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root; the fsync-ENOSPC test above covers the same code path")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_really_full_disk(tiny, small_disk):
+    filler = small_disk / "filler"
+
+    def fill_disk(epoch):
+        if epoch == 1:
+            with open(filler, "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+
+    run = small_disk / "run"
+    with pytest.raises(DiskFullError, match="disk full while writing .*is intact, free some space and resume"):
+        run_training(tiny(), run, QUIET, hooks=Hooks(on_epoch_end=fill_disk))
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["epoch"] == 1
+    filler.unlink()
+    run_training(tiny(), run, QUIET, resume=True)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["epoch"] == 3

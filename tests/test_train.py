@@ -13,6 +13,7 @@ from fastcifar.cli import main
 from fastcifar.errors import FastCifarError, RecipeError
 from fastcifar.run import run_training
 from fastcifar.train import Hooks
+from synth import make_store
 
 QUIET = Console(quiet=True)
 
@@ -156,3 +157,21 @@ def test_cli_errors_are_one_line(store, tmp_path, capsys):
                  "--set", "model.width=64", "--out", str(out)]) == 2
     assert "model.width: softmax has a fixed width" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_refuses_truncated_and_mismatched_checkpoints(tiny, store, tmp_path, capsys):
+    run_training(tiny(train={"epochs": 1}), tmp_path / "r", QUIET)
+    best = tmp_path / "r" / "checkpoints" / "best.pt"
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    assert main(["eval", str(cut), "--data", str(store)]) == 2
+    assert "cut.pt: truncated or corrupt checkpoint" in capsys.readouterr().err
+    other = make_store(tmp_path / "seven", 3, 2, num_classes=7)
+    assert main(["eval", str(best), "--data", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "best.pt: trained on classes ['airplane'" in err and "holds ['class00'" in err and "\n" not in err
+    ckpt = torch.load(best, weights_only=True)
+    ckpt["recipe"]["model"]["name"] = "resnet9"  # weights of one model presented as another
+    torch.save(ckpt, tmp_path / "swapped.pt")
+    assert main(["eval", str(tmp_path / "swapped.pt"), "--data", str(store)]) == 2
+    assert "swapped.pt: weights do not fit resnet9" in capsys.readouterr().err

@@ -1,0 +1,111 @@
+"""`fastcifar predict`: top-k classes of image files under a saved checkpoint, preprocessed as in evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastcifar.errors import CheckpointError, DataError, FastCifarError
+
+DEFAULT_IMAGE_SIZE = 32  # checkpoints written before "image_size" was stored all came from 32 px stores
+BATCH = 256  # images per forward pass: bounds memory when many files (or augment.resize = 224) are given
+
+
+def load_model(checkpoint: str | Path, device: torch.device):
+    """Rebuild the checkpoint's model as eval_checkpoint does; returns (model, recipe, classes, image_size)."""
+    from fastcifar.checkpoint import load_checkpoint
+    from fastcifar.recipe import recipe_from_dict
+    from fastcifar.train import build_model
+
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path)
+    try:
+        recipe = recipe_from_dict(ckpt["recipe"])
+        classes = [str(c) for c in ckpt["classes"]]
+        image_size = int(ckpt.get("image_size") or DEFAULT_IMAGE_SIZE)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: checkpoint lacks its recipe or class names ({e})") from None
+    except FastCifarError as e:  # a recipe this fastcifar refuses (e.g. an unknown model) is a bad checkpoint
+        raise CheckpointError(f"{path}: checkpoint recipe refused ({e})") from None
+    if not classes:
+        raise CheckpointError(f"{path}: checkpoint lists no class names")
+    try:
+        model = build_model(recipe, len(classes), image_size, device, pretrained=False)
+        model.load_state_dict(ckpt["model"])
+    except FastCifarError as e:
+        raise CheckpointError(f"{path}: cannot rebuild {recipe.model.name} ({e})") from None
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: weights do not fit {recipe.model.name} ({first})") from None
+    model.eval()
+    return model, recipe, classes, image_size
+
+
+def read_image(path: str | Path, image_size: int) -> torch.Tensor:
+    """uint8 (3, S, S): RGB, bicubic-resized with antialiasing (PIL filters scale with the shrink factor)."""
+    from PIL import Image
+
+    BICUBIC = getattr(Image, "Resampling", Image).BICUBIC  # Pillow < 9.1 has no Resampling enum
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (image_size, image_size):
+                im = im.resize((image_size, image_size), BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such image file") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not a readable image ({first})") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def preprocess(batch: torch.Tensor, recipe) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> the float batch the model saw in evaluation (build_eval_transform's steps)."""
+    from fastcifar.augment import normalize, resize
+
+    x = normalize(batch, recipe.data.mean, recipe.data.std)
+    return resize(x, recipe.augment.resize) if recipe.augment.resize else x
+
+
+def predict(checkpoint: Path, images: list[Path], top_k: int = 3, device_name: str = "auto") -> list[dict[str, Any]]:
+    """Per image {"image": str, "top": [(class, probability), ...]} with the k most probable classes."""
+    from fastcifar.device import resolve_device
+
+    if top_k < 1:
+        raise FastCifarError(f"--top-k: must be >= 1, got {top_k}")
+    if not images:
+        raise DataError("no image files given")
+    device = resolve_device(device_name)
+    model, recipe, classes, image_size = load_model(checkpoint, device)
+    # Every file is read before the model runs, so a bad one fails the command before any output.
+    pixels = torch.stack([read_image(p, image_size) for p in images])
+    k = min(top_k, len(classes))
+    probs = []
+    # fp32, no autocast: a handful of images costs nothing, and the probabilities are then reproducible.
+    with torch.no_grad():
+        for start in range(0, len(pixels), BATCH):
+            x = preprocess(pixels[start:start + BATCH].to(device), recipe)
+            probs.append(torch.softmax(model(x).float(), dim=1).cpu())
+    top_p, top_i = torch.cat(probs).topk(k, dim=1)
+    return [{"image": str(path), "top": [(classes[i], float(p)) for p, i in zip(ps.tolist(), idx.tolist())]}
+            for path, ps, idx in zip(images, top_p, top_i)]
+
+
+def print_predictions(results: list[dict[str, Any]], console) -> None:
+    """One row per image: its top-k classes with probabilities, most probable first."""
+    from rich.table import Table
+
+    k = max((len(r["top"]) for r in results), default=0)
+    table = Table(title="predictions")
+    table.add_column("image", overflow="fold")
+    for rank in range(1, k + 1):
+        table.add_column(f"#{rank}", justify="right")
+    for r in results:
+        cells = [f"{name} {p:.2%}" for name, p in r["top"]]
+        table.add_row(r["image"], *cells, *[""] * (k - len(cells)))
+    console.print(table)

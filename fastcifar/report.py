@@ -1,0 +1,407 @@
+"""`fastcifar report`: a run directory's report.md, or several runs compared side by side.
+
+Reads only what a run directory holds (JSON, CSV, TOML, PNG names) and never imports torch, so a report can be
+built anywhere. Keys newer than the oldest run format are optional: a missing value is shown as "–".
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from fastcifar.atomic import write_text
+from fastcifar.errors import FastCifarError
+
+DASH = "–"
+FIGURES = ["curves.png", "confusion.png", "samples.png", "predictions.png", "mistakes.png", "gradcam.png"]
+# (key, label, path inside result["metrics"], format): "pct" for accuracies, "num" (4 decimals) otherwise.
+HEADLINE = [
+    ("accuracy", "accuracy", ("accuracy",), "pct"),
+    ("top5", "top-5 accuracy", ("top5_accuracy",), "pct"),
+    ("precision", "precision (macro)", ("precision", "macro"), "num"),
+    ("recall", "recall (macro)", ("recall", "macro"), "num"),
+    ("f1", "F1 (macro)", ("f1", "macro"), "num"),
+    ("specificity", "specificity (mean)", ("specificity", "mean"), "num"),
+    ("kappa", "Cohen's kappa", ("cohen_kappa",), "num"),
+    ("balanced_accuracy", "balanced accuracy", ("balanced_accuracy",), "pct"),
+    ("auroc", "AUROC (macro)", ("auroc_macro",), "num"),
+    ("log_loss", "log-loss", ("log_loss",), "num"),
+    ("ece", "ECE", ("ece",), "num"),
+]
+FORMAT = {key: kind for key, _, _, kind in HEADLINE}
+LABEL = {key: label for key, label, _, _ in HEADLINE}
+FOLD_TABLE = ["accuracy", "precision", "recall", "specificity", "f1", "kappa", "balanced_accuracy", "auroc"]
+ENV_KEYS = ["python", "platform", "torch", "torchvision", "numpy", "cpu_count", "torch_threads", "device", "gpu",
+            "cuda", "git_commit"]
+
+
+class ReportError(FastCifarError):
+    """A run directory that is missing or empty, or a file in it that cannot be parsed."""
+
+
+@dataclass
+class Fold:
+    index: int
+    dir: Path
+    result: dict[str, Any]
+    rows: list[dict[str, float | None]]  # metrics.csv, one dict per epoch
+
+
+@dataclass
+class Run:
+    dir: Path
+    name: str  # the recipe's name
+    env: dict[str, Any]
+    summary: dict[str, Any]
+    recipe_text: str | None
+    folds: list[Fold]
+    kfold: bool
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _num(v: Any) -> float | None:
+    """A finite number, else None: JSON from older or damaged runs may hold null, strings or NaN."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def _dig(d: Any, *path: Any) -> Any:
+    """d[path[0]][path[1]]..., or None where any step is missing or of the wrong type."""
+    for key in path:
+        if isinstance(d, dict) and isinstance(key, str):
+            d = d.get(key)
+        elif isinstance(d, list) and isinstance(key, int) and 0 <= key < len(d):
+            d = d[key]
+        else:
+            return None
+    return d
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
+        raise ReportError(f"{path}: corrupt JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict):
+        raise ReportError(f"{path}: corrupt JSON (expected an object, got {type(obj).__name__})")
+    return obj
+
+
+def _read_csv(path: Path) -> list[dict[str, float | None]]:
+    if not path.is_file():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (csv.Error, ValueError) as e:
+        raise ReportError(f"{path}: corrupt CSV ({e})") from None
+
+    def number(text: Any) -> float | None:
+        try:
+            return _num(float(text))
+        except (TypeError, ValueError):
+            return None
+
+    return [{k: number(v) for k, v in row.items() if k is not None} for row in rows]
+
+
+def _fold_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """k-fold runs keep each fold in foldN/; other splits keep their single fold in the run directory."""
+    found = []
+    for d in run_dir.glob("fold*"):
+        m = re.fullmatch(r"fold(\d+)", d.name)
+        if m and d.is_dir() and ((d / "result.json").is_file() or (d / "metrics.csv").is_file()):
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def load_run(run_dir: Path) -> Run:
+    run_dir = Path(run_dir)
+    not_run = ReportError(f"{run_dir}: not a run directory (no metrics.csv or result.json)")
+    if not run_dir.is_dir():
+        raise not_run
+    summary = _read_json(run_dir / "summary.json") or {}
+    from_summary = {r.get("fold"): r for r in summary.get("folds", []) if isinstance(r, dict)}
+    dirs = _fold_dirs(run_dir)
+    kfold = bool(dirs)
+    if not dirs and ((run_dir / "result.json").is_file() or (run_dir / "metrics.csv").is_file()):
+        dirs = [(0, run_dir)]
+    folds = []
+    for index, d in dirs:
+        result = _read_json(d / "result.json") or from_summary.get(index, {})
+        folds.append(Fold(int(_num(result.get("fold")) or index), d, result, _read_csv(d / "metrics.csv")))
+    if not folds:  # a summary without its fold files still tells the headline numbers
+        folds = [Fold(i, run_dir, r, []) for i, r in enumerate(from_summary.values())]
+        kfold = len(folds) > 1
+    if not folds:
+        raise not_run
+    recipe_path = run_dir / "recipe.toml"
+    recipe_text = recipe_path.read_text(encoding="utf-8", errors="replace") if recipe_path.is_file() else None
+    name = summary.get("recipe")
+    if not isinstance(name, str) and recipe_text:
+        m = re.search(r'^name\s*=\s*"([^"]*)"', recipe_text, re.M)
+        name = m.group(1) if m else None
+    return Run(run_dir, name if isinstance(name, str) else run_dir.resolve().name,
+               _read_json(run_dir / "env.json") or {}, summary, recipe_text, folds, kfold)
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+
+
+def split_of(result: dict[str, Any]) -> str:
+    split = _dig(result, "metrics", "split")
+    return split if isinstance(split, str) else ("test" if "test_acc" in result else "val")
+
+
+def headline(result: dict[str, Any]) -> dict[str, float | None]:
+    """The final metrics of one fold; older runs (no "metrics") fall back to test, else validation, acc/loss."""
+    out = {key: _num(_dig(result, "metrics", *path)) for key, _, path, _ in HEADLINE}
+    prefix = "test" if "test_acc" in result else "val"
+    if out["accuracy"] is None:
+        out["accuracy"] = _num(result.get(f"{prefix}_acc"))
+    if out["log_loss"] is None:
+        out["log_loss"] = _num(result.get(f"{prefix}_loss"))
+    return out
+
+
+def fold_timing(fold: Fold) -> dict[str, float | None]:
+    r, rows = fold.result, fold.rows
+    times = [t for t in (row.get("epoch_time_s") for row in rows) if t is not None]
+    rates = [t for t in (row.get("img_per_s") for row in rows) if t is not None]
+    train_time = _num(r.get("train_time_s"))
+    return {"epochs_run": _num(r.get("epochs_run")) if "epochs_run" in r else (float(len(rows)) if rows else None),
+            "best_epoch": _num(r.get("best_epoch")),
+            "train_time_s": train_time if train_time is not None else (sum(times) if times else None),
+            "img_per_s": statistics.fmean(rates) if rates else None,
+            "inference_ms": _num(r.get("inference_ms_per_image")), "params": _num(r.get("params")),
+            "peak_memory_mb": _num(r.get("peak_memory_mb"))}
+
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (statistics.stdev) of the values present; std needs two."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+def fmt(v: float | None, kind: str = "num") -> str:
+    if v is None:
+        return DASH
+    return {"pct": f"{v:.2%}", "num": f"{v:.4f}", "int": f"{v:,.0f}", "s": f"{v:,.1f}",
+            "ms": f"{v:.3f}", "mb": f"{v:,.1f}", "ratio": f"{v:.2f}×"}[kind]
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: list[str], rows: list[list[str]], numeric: bool = True) -> list[str]:
+    """A markdown table; the first column left-aligned (names), the rest right-aligned if numeric."""
+    align = " ---: " if numeric else " --- "
+    out = ["| " + " | ".join(_cell(h) for h in header) + " |",
+           "|" + "|".join([" --- "] + [align] * (len(header) - 1)) + "|"]
+    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def _rel(run: Run, path: Path) -> str:
+    return path.relative_to(run.dir).as_posix()
+
+
+def _figures(fold: Fold) -> list[Path]:
+    """Existing figures: the known ones in a fixed order, then any other PNG the fold left."""
+    d = fold.dir / "figures"
+    known = [d / n for n in FIGURES if (d / n).is_file()]
+    extra = sorted(p for p in d.glob("*.png") if p.name not in FIGURES) if d.is_dir() else []
+    return known + extra
+
+
+def _env_section(run: Run) -> list[str]:
+    if not run.env:
+        return ["## Environment", "", "env.json is missing.", ""]
+    env = run.env
+    rows = [[k, str(env[k]) if env.get(k) is not None else DASH] for k in ENV_KEYS if k in env or k == "gpu"]
+    store = env.get("store") if isinstance(env.get("store"), dict) else {}
+    rows += [[f"store {k}", str(store.get(k) if store.get(k) is not None else DASH)] for k in ("path", "sha256",
+                                                                                                "source")]
+    return ["## Environment", ""] + md_table(["key", "value"], rows, numeric=False)
+
+
+def _recipe_section(run: Run) -> list[str]:
+    if run.recipe_text is None:
+        return ["## Recipe", "", "recipe.toml is missing.", ""]
+    return ["## Recipe", "", "```toml", run.recipe_text.rstrip("\n"), "```", ""]
+
+
+def _timing_section(run: Run) -> list[str]:
+    rows = []
+    for fold in run.folds:
+        t = fold_timing(fold)
+        rows.append([str(fold.index), fmt(t["epochs_run"], "int"), fmt(t["best_epoch"], "int"),
+                     fmt(t["train_time_s"], "s"), fmt(t["img_per_s"], "int"), fmt(t["inference_ms"], "ms"),
+                     fmt(t["params"], "int"), fmt(t["peak_memory_mb"], "mb")])
+    header = ["fold", "epochs run", "best epoch", "train time (s)", "mean img/s", "inference ms/image",
+              "parameters", "peak memory (MB)"]
+    return (["## Timing and throughput", ""] + md_table(header, rows)
+            + [f"Total wall (train time over all folds): {fmt(total_train_time(run), 's')} s", ""])
+
+
+def _metrics_section(run: Run) -> list[str]:
+    per_fold = [headline(f.result) for f in run.folds]
+    split = split_of(run.folds[0].result)
+    n = _num(_dig(run.folds[0].result, "metrics", "n"))
+    title = f"## Final metrics ({split} set" + (f", {n:,.0f} images" if n is not None and len(per_fold) == 1
+                                                 else "") + ")"
+    if len(per_fold) == 1:
+        rows = [[label, fmt(per_fold[0][key], kind)] for key, label, _, kind in HEADLINE]
+        return [title, ""] + md_table(["metric", "value"], rows)
+    rows = []
+    for key, label, _, kind in HEADLINE:
+        mean, std = mean_std([m[key] for m in per_fold])
+        rows.append([label, fmt(mean, kind), fmt(std, kind)])
+    return [title, ""] + md_table(["metric", f"mean over {len(per_fold)} folds", "std"], rows)
+
+
+def per_class(result: dict[str, Any]) -> dict[str, list[float | None]]:
+    """Per-class accuracy, precision, recall, F1, specificity of one fold (lists aligned with its classes)."""
+    classes = result.get("classes") if isinstance(result.get("classes"), list) else []
+    prefix = "test" if "test_acc" in result else "val"
+    out: dict[str, list[float | None]] = {}
+    for key, path in [("accuracy", ("per_class_accuracy",)), ("precision", ("precision", "per_class")),
+                      ("recall", ("recall", "per_class")), ("f1", ("f1", "per_class")),
+                      ("specificity", ("specificity", "per_class"))]:
+        out[key] = [_num(_dig(result, "metrics", *path, i)) for i in range(len(classes))]
+    if all(v is None for v in out["accuracy"]):  # older runs: the per-class accuracy of the evaluated split
+        out["accuracy"] = [_num(_dig(result, f"{prefix}_per_class_acc", i)) for i in range(len(classes))]
+    return out
+
+
+def _per_class_section(run: Run) -> list[str]:
+    classes = next((f.result["classes"] for f in run.folds if isinstance(f.result.get("classes"), list)), None)
+    if not classes:
+        return []
+    tables = [per_class(f.result) for f in run.folds]
+    keys = [("accuracy", "pct"), ("precision", "num"), ("recall", "num"), ("f1", "num"), ("specificity", "num")]
+    rows = []
+    for i, name in enumerate(classes):
+        cells = [fmt(mean_std([_dig(t, key, i) for t in tables])[0], kind) for key, kind in keys]
+        rows.append([str(name), *cells])
+    what = f" (mean over {len(tables)} folds)" if len(tables) > 1 else ""
+    return [f"## Per-class metrics{what}", ""] + md_table(
+        ["class", "accuracy", "precision", "recall", "F1", "specificity"], rows)
+
+
+def _kfold_section(run: Run) -> list[str]:
+    """The fold table with mean and std rows, and each fold's confusion matrix."""
+    header = ["fold", "best epoch"] + [LABEL[k].replace(" (macro)", "").replace(" (mean)", "") for k in FOLD_TABLE]
+    per_fold = [(f, headline(f.result)) for f in run.folds]
+    rows = [[str(f.index), fmt(_num(f.result.get("best_epoch")), "int")] + [fmt(m[k], FORMAT[k]) for k in FOLD_TABLE]
+            for f, m in per_fold]
+    for stat, pick in (("mean", 0), ("std", 1)):
+        best = mean_std([_num(f.result.get("best_epoch")) for f, _ in per_fold])[pick]
+        rows.append([f"**{stat}**", fmt(best, "num" if stat == "std" else "s")]
+                    + [fmt(mean_std([m[k] for _, m in per_fold])[pick], FORMAT[k]) for k in FOLD_TABLE])
+    links = [f"[fold {f.index}]({_rel(run, f.dir / 'figures' / 'confusion.png')})"
+             for f in run.folds if (f.dir / "figures" / "confusion.png").is_file()]
+    out = [f"## Folds ({len(run.folds)}, {split_of(run.folds[0].result)} metrics)", ""] + md_table(header, rows)
+    return out + ([f"Confusion matrices: {' · '.join(links)}", ""] if links else [])
+
+
+def _figures_section(run: Run) -> list[str]:
+    out = []
+    for fold in run.folds:
+        figs = _figures(fold)
+        if figs and len(run.folds) > 1:
+            out += [f"### Fold {fold.index}", ""]
+        out += [f"![{p.stem}]({_rel(run, p)})" for p in figs] + ([""] if figs else [])
+    return (["## Figures", ""] + out) if out else []
+
+
+def render_report(run: Run) -> str:
+    lines = [f"# {run.name}", "", f"Run directory: `{run.dir}`", ""]
+    for section in (_env_section, _recipe_section, _timing_section, _metrics_section, _per_class_section):
+        lines += section(run)
+    if len(run.folds) > 1:
+        lines += _kfold_section(run)
+    lines += _figures_section(run)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def write_report(run_dir: Path) -> Path:
+    """Build RUN/report.md (atomically) from what the run directory holds; returns its path."""
+    run = load_run(Path(run_dir))
+    path = run.dir / "report.md"
+    write_text(path, render_report(run))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- comparing
+
+
+def _column_name(run: Run) -> str:
+    where = run.env.get("gpu") or run.env.get("device")
+    name = run.dir.resolve().name
+    return f"{name} ({where})" if where else name
+
+
+def total_train_time(run: Run) -> float | None:
+    """Sum of the folds' train times; unknown if any fold's is (a partial sum would flatter that run)."""
+    times = [fold_timing(f)["train_time_s"] for f in run.folds]
+    return None if None in times else sum(times)  # type: ignore[arg-type]
+
+
+def _compare_rows(runs: list[Run]) -> list[list[str]]:
+    """Rows of the comparison table: headline metrics (mean ± std over folds), timing, environment."""
+    def over_folds(run: Run, get: Callable[[Fold], float | None]) -> tuple[float | None, float | None]:
+        return mean_std([get(f) for f in run.folds])
+
+    def metric_cell(run: Run, key: str) -> str:
+        mean, std = over_folds(run, lambda f: headline(f.result)[key])
+        return fmt(mean, FORMAT[key]) + (f" ± {fmt(std, FORMAT[key])}" if std is not None else "")
+
+    rows = [["folds"] + [str(len(r.folds)) for r in runs],
+            ["metrics split"] + [split_of(r.folds[0].result) for r in runs]]
+    rows += [[LABEL[key]] + [metric_cell(r, key) for r in runs] for key, *_ in HEADLINE]
+    train = [total_train_time(r) for r in runs]
+    rate = [over_folds(r, lambda f: fold_timing(f)["img_per_s"])[0] for r in runs]
+    rows.append(["train time, all folds (s)"] + [fmt(t, "s") for t in train])
+    rows.append(["train time vs first"] + [fmt(t / train[0] if t and train[0] else None, "ratio") for t in train])
+    rows.append(["mean img/s"] + [fmt(v, "int") for v in rate])
+    rows.append(["img/s vs first"] + [fmt(v / rate[0] if v and rate[0] else None, "ratio") for v in rate])
+    for key, label, kind in [("epochs_run", "epochs run (mean)", "s"), ("inference_ms", "inference ms/image", "ms"),
+                             ("peak_memory_mb", "peak memory (MB)", "mb"), ("params", "parameters", "int")]:
+        rows.append([label] + [fmt(over_folds(r, lambda f: fold_timing(f)[key])[0], kind) for r in runs])
+    for key in ["device", "gpu", "torch", "cpu_count", "torch_threads", "platform", "git_commit"]:
+        rows.append([key] + [str(r.env[key]) if r.env.get(key) is not None else DASH for r in runs])
+    return rows
+
+
+def combine_reports(run_dirs: list[Path], out: Path = Path("report.md")) -> Path:
+    """One run: (re)build its report.md (`out` unused). Several: write `out` comparing them side by side."""
+    if not run_dirs:
+        raise ReportError("no run directories given")
+    if len(run_dirs) == 1:
+        return write_report(Path(run_dirs[0]))
+    runs = [load_run(Path(d)) for d in run_dirs]  # every directory is checked before anything is written
+    lines = ["# Run comparison", "", "Ratios are relative to the first run; metrics are means over folds "
+             "(± sample std where a run has several folds).", ""]
+    lines += [f"- **{_column_name(r)}**: recipe `{r.name}`, `{r.dir}`" for r in runs] + [""]
+    lines += md_table(["", *[_column_name(r) for r in runs]], _compare_rows(runs))
+    out = Path(out)
+    write_text(out, "\n".join(lines).rstrip("\n") + "\n")
+    return out

@@ -13,7 +13,8 @@ DEFAULT_STORE = "data/cifar10"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastcifar", description=__doc__)
+    p = argparse.ArgumentParser(prog="fastcifar", description="A high-throughput PyTorch trainer for CIFAR-10 "
+                                "and CIFAR-shaped data: prepare a store, train a recipe, evaluate, report.")
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="convert a CIFAR source into a memory-mapped store")
@@ -32,10 +33,29 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="shorthand for --set train.device=...")
 
+    sw = sub.add_parser("sweep", help="one-factor-at-a-time ablation of a recipe")
+    sw.add_argument("recipe")
+    sw.add_argument("--vary", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                    help="values to try for one key, each against the baseline; repeatable")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="change the baseline itself; repeatable")
+    sw.add_argument("--out", help="sweep directory (default runs/<recipe name>-sweep)")
+
     ev = sub.add_parser("eval", help="test accuracy and per-class table of a checkpoint")
     ev.add_argument("checkpoint")
     ev.add_argument("--data", help="store directory (default: the one in the checkpoint's recipe)")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+
+    rp = sub.add_parser("report", help="write RUN/report.md, or compare several runs side by side")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (runs/<name>)")
+    rp.add_argument("--out", default="report.md", help="comparison file when several runs are given "
+                                                       "(default ./report.md; one run writes RUN/report.md)")
+
+    pd = sub.add_parser("predict", help="top-k classes of image files (PNG/JPEG, any size) under a checkpoint")
+    pd.add_argument("checkpoint", help="e.g. runs/quickstart/checkpoints/best.pt")
+    pd.add_argument("images", nargs="+", metavar="IMAGE")
+    pd.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
+    pd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p
 
 
@@ -67,10 +87,32 @@ def _train(args, console) -> None:
                   + (f" ± {summary['val_acc_std']:.2%}" if len(summary["folds"]) > 1 else ""))
 
 
+def _sweep(args, console) -> None:
+    from fastcifar.recipe import load_recipe
+    from fastcifar.sweep import run_sweep
+
+    out = Path(args.out or Path("runs") / f"{load_recipe(args.recipe, args.overrides).name}-sweep")
+    run_sweep(args.recipe, args.overrides, args.vary, out, console)
+
+
 def _eval(args, console) -> None:
     from fastcifar.evaluate import eval_checkpoint
 
     eval_checkpoint(args.checkpoint, args.data, args.device, console)
+
+
+def _report(args, console) -> None:
+    from fastcifar.report import combine_reports
+
+    path = combine_reports([Path(d) for d in args.runs], Path(args.out))
+    console.print(f"wrote {path}")
+
+
+def _predict(args, console) -> None:
+    from fastcifar.predict import predict, print_predictions
+
+    results = predict(Path(args.checkpoint), [Path(p) for p in args.images], args.top_k, args.device)
+    print_predictions(results, console)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console()
     try:
-        {"prepare": _prepare, "train": _train, "eval": _eval}[args.command](args, console)
+        {"prepare": _prepare, "train": _train, "sweep": _sweep, "eval": _eval, "report": _report,
+         "predict": _predict}[args.command](args, console)
     except FastCifarError as e:
         print(f"fastcifar: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -13,23 +13,34 @@ from fastcifar.device import autocast
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
-             num_classes: int) -> dict[str, Any]:
-    """Metrics accumulate on the device; the host reads them once at the end (no per-batch sync)."""
+             num_classes: int, keep_logits: bool = False) -> dict[str, Any]:
+    """Metrics accumulate on the device; the host reads them once at the end (no per-batch sync).
+
+    keep_logits=True also returns the (N, C) float32 logits and targets on the CPU, in loader order, for the
+    full metric set (fastcifar.metrics) and the figures.
+    """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
+    kept: list[torch.Tensor] = []
     for x, y in loader:
         with autocast(device, dtype):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+        if keep_logits:
+            kept.append(logits.float())
     model.train(was_training)
     cm = confusion.view(num_classes, num_classes).cpu()  # rows: true class, columns: predicted
     n = int(cm.sum())
     per_class = (cm.diag().double() / cm.sum(1).clamp(min=1).double()).tolist()
-    return {"loss": float(loss_sum) / max(n, 1), "acc": float(cm.diag().sum()) / max(n, 1), "n": n,
-            "per_class_acc": per_class, "confusion": cm.tolist()}
+    out = {"loss": float(loss_sum) / max(n, 1), "acc": float(cm.diag().sum()) / max(n, 1), "n": n,
+           "per_class_acc": per_class, "confusion": cm.tolist()}
+    if keep_logits:
+        out["logits"] = torch.cat(kept).cpu()
+        out["targets"] = loader.labels.cpu()
+    return out
 
 
 def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str, console) -> dict[str, Any]:

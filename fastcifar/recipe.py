@@ -169,6 +169,18 @@ class ScheduleCfg:
 
 
 @dataclass(frozen=True)
+class FinetuneCfg:
+    """Two-stage fine-tuning (seed 002): the head alone first, then everything with optim + schedule."""
+
+    head_epochs: int = 0  # stage 1 length: only the classifier head trains; 0 = a single stage
+    head_lr: float = 1e-3  # stage 1 learning rate (constant)
+
+    def validate(self) -> None:
+        _check(self.head_epochs >= 0, "finetune.head_epochs", f"must be >= 0, got {self.head_epochs}")
+        _check(self.head_lr > 0, "finetune.head_lr", f"must be > 0, got {self.head_lr}")
+
+
+@dataclass(frozen=True)
 class TrainCfg:
     epochs: int = 10
     batch_size: int = 256
@@ -201,6 +213,8 @@ class TrainCfg:
 class EvalCfg:
     batch_size: int = 1024
     metric: Literal["val_acc", "val_loss"] = "val_acc"  # picks the best checkpoint and drives early stopping
+    figures: bool = True  # curves, confusion, samples, predictions, mistakes, Grad-CAM PNGs for every fold
+    gradcam_layer: str = ""  # a dotted module name (e.g. "layer4.1.conv2"); "" = the last conv layer
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -217,12 +231,15 @@ class Recipe:
     schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()
+        _check(self.finetune.head_epochs < self.train.epochs, "finetune.head_epochs",
+               f"must be < train.epochs ({self.train.epochs}) so stage 2 has epochs, got {self.finetune.head_epochs}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

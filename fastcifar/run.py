@@ -19,6 +19,7 @@ from fastcifar.augment import build_train_transform
 from fastcifar.errors import FastCifarError, RecipeError
 from fastcifar.lifecycle import GracefulStop, RunLock
 from fastcifar.recipe import Recipe, load_recipe, recipe_diff, recipe_to_toml
+from fastcifar.report import write_report
 from fastcifar.splits import make_folds
 
 # Keys that may differ when a run is resumed: where it runs does not change what it computes.
@@ -175,4 +176,6 @@ def run_training(recipe: Recipe, run_dir: Path, console, *, resume: bool = False
         if len(results) > 1:
             write_text(run_dir / "folds.csv", _folds_table(summary, console))
         write_json(run_dir / "summary.json", summary)
+        report = write_report(run_dir)
+    console.print(f"report: {report}")
     return summary

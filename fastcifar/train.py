@@ -6,13 +6,14 @@ import csv
 import io
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from fastcifar.artifacts import peak_memory_mb, timed_evaluate, write_figures
 from fastcifar.atomic import write_json, write_text
 from fastcifar.augment import build_eval_transform, build_train_transform
 from fastcifar.checkpoint import load_checkpoint, save_checkpoint
@@ -21,9 +22,10 @@ from fastcifar.errors import CheckpointError
 from fastcifar.evaluate import evaluate
 from fastcifar.lifecycle import Interrupted
 from fastcifar.loader import DeviceLoader, gather_images
+from fastcifar.metrics import compute_metrics
 from fastcifar.models import create_model
 from fastcifar.optim import build_optimizer, build_scheduler
-from fastcifar.recipe import Recipe
+from fastcifar.recipe import Recipe, ScheduleCfg
 from fastcifar.splits import Fold, take_per_class
 from fastcifar.step import EpochTotals, NonFiniteError, NonFiniteStep, StepRunner
 
@@ -60,6 +62,12 @@ def build_model(recipe: Recipe, num_classes: int, image_size: int, device: torch
                          width=m.width, dropout=m.dropout, pretrained=m.pretrained if pretrained else "")
     # channels-last matches the loader's NHWC batches and is the fast conv layout on CUDA and oneDNN.
     return model.to(device, memory_format=torch.channels_last)
+
+
+def classifier_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The head: parameters of the last nn.Linear (fc of the ResNets, classifier.1 of EfficientNet, ...)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return list(linears[-1].parameters()) if linears else []
 
 
 @dataclass
@@ -105,23 +113,41 @@ class FoldTrainer:
     def __init__(self, recipe: Recipe, store, fold: Fold, fold_dir: Path, device: torch.device, console):
         self.recipe, self.fold, self.dir, self.device, self.console = recipe, fold, fold_dir, device, console
         self.classes = list(store.classes)
+        self.image_size = int(store.train_images.shape[1])  # stored size; predict resizes inputs to it
         torch.manual_seed(recipe.train.seed * 1000 + fold.index)  # same init for a fresh and a resumed run
         self.data = make_loaders(recipe, store, fold, device)
         self.model = build_model(recipe, len(self.classes), store.train_images.shape[1], device)
-        self.optimizer = build_optimizer(recipe.optim, self.model.parameters(), device)
-        self.scheduler = build_scheduler(recipe.schedule, recipe.optim, self.optimizer, len(self.data.train),
-                                         recipe.train.epochs)
         self.dtype = amp_dtype(device, recipe.train.amp)
         fp16_cuda = self.dtype == torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
-        self.runner = StepRunner(self.model, self.optimizer, self.scheduler, self.scaler, recipe, device,
-                                 self.dtype, console)
+        self.runner = StepRunner(self.model, None, None, self.scaler, recipe, device, self.dtype, console)
+        self.stage_boundary = recipe.finetune.head_epochs or None
+        self._set_stage(1 if self.stage_boundary else 2)
         self.state = FitState()
         self.partial: EpochTotals | None = None  # the interrupted epoch's totals, after a mid-epoch resume
 
+    def _set_stage(self, stage: int) -> None:
+        """Stage 1 trains only the classifier head at finetune.head_lr; stage 2 trains everything with the
+        recipe's optimizer and schedule over the remaining epochs (the whole run when there is no stage 1)."""
+        r, steps = self.recipe, len(self.data.train)
+        head = set(classifier_parameters(self.model)) if stage == 1 else None
+        for p in self.model.parameters():
+            p.requires_grad_(head is None or p in head)
+        if stage == 1:
+            self.optimizer = build_optimizer(replace(r.optim, lr=r.finetune.head_lr), list(head), self.device)
+            self.scheduler = build_scheduler(ScheduleCfg(name="constant"), r.optim, self.optimizer, steps,
+                                             r.finetune.head_epochs)
+        else:
+            self.optimizer = build_optimizer(r.optim, self.model.parameters(), self.device)
+            self.scheduler = build_scheduler(r.schedule, r.optim, self.optimizer, steps,
+                                             r.train.epochs - r.finetune.head_epochs)
+        self.stage = stage
+        self.runner.optimizer, self.runner.scheduler = self.optimizer, self.scheduler
+
     # -- checkpoints -------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
-        return {"recipe": self.recipe.to_dict(), "classes": self.classes, "fold": self.fold.index}
+        return {"recipe": self.recipe.to_dict(), "classes": self.classes, "fold": self.fold.index,
+                "image_size": self.image_size}
 
     @property
     def last_path(self) -> Path:
@@ -136,6 +162,7 @@ class FoldTrainer:
             "loader": self.data.train.state_dict(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "state": self.state.as_dict(), "partial": partial.state_dict() if partial is not None else None,
+            "stage": self.stage,
             "skipped_total": self.runner.skipped_total})
 
     def save_best(self, row: dict[str, float]) -> None:
@@ -149,6 +176,7 @@ class FoldTrainer:
         ckpt = load_checkpoint(path)
         try:
             self.model.load_state_dict(ckpt["model"])
+            self._set_stage(int(ckpt["stage"]))  # the optimizer state belongs to the stage it was saved in
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             if self.scaler is not None and ckpt["scaler"] is not None:
@@ -233,6 +261,9 @@ class FoldTrainer:
         tr = self.recipe.train
         while self.state.epoch < tr.epochs and not self.state.stopped_early:
             epoch = self.state.epoch
+            if self.stage == 1 and epoch >= self.recipe.finetune.head_epochs:
+                self._set_stage(2)
+                self.console.print(f"fold {self.fold.index}: stage 2 from epoch {epoch + 1}: all layers train")
             totals = self._train_epoch(epoch, hooks, progress, stop)
             t0 = time.perf_counter()
             val = evaluate(self.model, self.data.val, self.device, self.dtype, len(self.classes))
@@ -254,19 +285,32 @@ class FoldTrainer:
                                    f"{tr.early_stopping_patience} epochs (best epoch {self.state.best_epoch})")
 
     def finish(self) -> dict[str, Any]:
-        """Evaluate the best checkpoint on validation and test, and write result.json."""
+        """Evaluate the best checkpoint on validation and test: full metrics, costs, figures -> result.json."""
         best = load_checkpoint(self.dir / "checkpoints" / "best.pt")
         self.model.load_state_dict(best["model"])
-        val = evaluate(self.model, self.data.val, self.device, self.dtype, len(self.classes))
+        n_cls = len(self.classes)
+        val, ms = timed_evaluate(self.model, self.data.val, self.device, self.dtype, n_cls)
         result: dict[str, Any] = {
             "fold": self.fold.index, "best_epoch": best["epoch"], "epochs_run": self.state.epoch,
             "stopped_early": self.state.stopped_early, "val_acc": val["acc"], "val_loss": val["loss"],
             "val_per_class_acc": val["per_class_acc"], "classes": self.classes,
-            "train_time_s": sum(r["epoch_time_s"] for r in self.state.history)}
+            "train_time_s": sum(r["epoch_time_s"] for r in self.state.history),
+            "params": sum(p.numel() for p in self.model.parameters()), "stage_boundary": self.stage_boundary}
+        final, split, final_loader = val, "val", self.data.val
         if self.data.test is not None:
-            test = val if self.data.test is self.data.val else evaluate(
-                self.model, self.data.test, self.device, self.dtype, len(self.classes))
-            result.update(test_acc=test["acc"], test_loss=test["loss"], test_per_class_acc=test["per_class_acc"],
-                          test_confusion=test["confusion"])
+            if self.data.test is not self.data.val:
+                result["val_metrics"] = compute_metrics(val["logits"], val["targets"], n_cls)
+                final, ms = timed_evaluate(self.model, self.data.test, self.device, self.dtype, n_cls)
+            result.update(test_acc=final["acc"], test_loss=final["loss"], test_per_class_acc=final["per_class_acc"],
+                          test_confusion=final["confusion"])
+            split, final_loader = "test", self.data.test
+        result["metrics"] = {"split": split, **compute_metrics(final["logits"], final["targets"], n_cls)}
+        result["inference_ms_per_image"] = ms
+        result["peak_memory_mb"], result["peak_memory_kind"] = peak_memory_mb(self.device)
+        if self.recipe.eval.figures:
+            train = self.data.train
+            result["figures"] = write_figures(
+                self.dir, self.state.history, final, self.classes, final_loader, train.images.cpu().numpy(),
+                train.labels.cpu().numpy(), self.model, self.stage_boundary, self.recipe.eval.gradcam_layer)
         write_json(self.dir / "result.json", result)
         return result

@@ -21,7 +21,7 @@ def tiny_table(store: Path, **sections) -> dict:
         "model": {"name": "cnn_bn", "width": 8},
         "optim": {"name": "sgd", "lr": 0.05, "nesterov": True},
         "train": {"epochs": 3, "batch_size": 32, "seed": 1},
-        "eval": {"batch_size": 64},
+        "eval": {"batch_size": 64, "figures": False},  # figures: ~2 s a run; test_train checks them once
     }
     for k, v in sections.items():
         table[k] = {**table.get(k, {}), **v}

@@ -25,7 +25,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_tiny_run_learns_and_writes_csv_and_checkpoints(tiny, store, tmp_path):
     run = tmp_path / "run"
-    summary = run_training(tiny(train={"epochs": 4}), run, QUIET)
+    summary = run_training(tiny(train={"epochs": 4}, eval={"figures": True}), run, QUIET)
     rows = _rows(run / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s",
@@ -37,6 +37,13 @@ def test_tiny_run_learns_and_writes_csv_and_checkpoints(tiny, store, tmp_path):
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert last["state"]["epoch"] == 4 and 1 <= best["epoch"] <= 4
     assert {"model", "optimizer", "scheduler", "loader", "torch_rng"} <= set(last)
+    result = json.loads((run / "result.json").read_text())
+    assert result["metrics"]["split"] == "test" and result["metrics"]["accuracy"] == pytest.approx(result["test_acc"])
+    assert result["params"] > 0 and result["inference_ms_per_image"] > 0 and result["peak_memory_mb"] > 0
+    for name in ("curves", "confusion", "samples", "predictions", "mistakes", "gradcam"):
+        assert (run / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    report = (run / "report.md").read_text()
+    assert "figures/confusion.png" in report and "Cohen" in report
 
 
 def _interrupt_at(epoch: int, step: int | None) -> Hooks:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fastcifar.atomic import fsync_dir, write_json, write_with
+from fastcifar.atomic import current_umask, fsync_dir, write_json, write_with
 from fastcifar.data.archive import one_line, read_tree
 from fastcifar.data.readers import Dataset, read_dataset
 from fastcifar.data.sources import file_digest, source_sha256
@@ -115,12 +115,9 @@ def _write_store(tmp: Path, data: Dataset, source_meta: dict) -> dict:
 
 
 def _apply_umask(tmp: Path) -> None:
-    """mkdtemp/mkstemp create 0700/0600; give the finished store the permissions a plain mkdir/open would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    for p in tmp.iterdir():
-        os.chmod(p, 0o666 & ~umask)
+    """mkdtemp creates 0700; give the finished store the permissions a plain mkdir would (files written by
+    atomic_open already have a plain open()'s mode)."""
+    os.chmod(tmp, 0o777 & ~current_umask())
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

@@ -1,0 +1,111 @@
+"""`fastcifar sweep`: one-factor-at-a-time ablations (seed 002's study) and their summary table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+from fastcifar.atomic import write_text
+from fastcifar.errors import RecipeError
+from fastcifar.recipe import Recipe, load_recipe
+
+COLUMNS = ["variant", "accuracy", "delta_pp", "peak_memory_mb", "inference_ms_per_image", "params", "wall_time_s"]
+
+
+def split_values(text: str) -> list[str]:
+    """Split `v1,v2,[a,b]` on the commas that are not inside brackets or quotes."""
+    out, depth, quote, cur = [], 0, "", ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+            continue
+        cur += ch
+    out.append(cur.strip())
+    return [v for v in out if v]
+
+
+def plan(recipe_path: str, overrides: list[str], varies: list[str]) -> list[tuple[str, Recipe]]:
+    """The baseline and every variant, each fully validated before anything runs."""
+    base = load_recipe(recipe_path, overrides)
+    variants = [("baseline", base)]
+    for item in varies:
+        key, sep, values = item.partition("=")
+        if not sep or not values.strip():
+            raise RecipeError(f"--vary {item!r}: expected section.key=v1,v2,...")
+        for value in split_values(values):
+            recipe = load_recipe(recipe_path, overrides + [f"{key.strip()}={value}"])
+            if recipe != base:  # the baseline's own value is the baseline
+                variants.append((f"{key.strip()}={value}", recipe))
+    if len(variants) == 1:
+        raise RecipeError("--vary: no variant differs from the baseline")
+    return variants
+
+
+def _dirname(name: str) -> str:
+    return re.sub(r"[^\w.=+-]", "_", name)
+
+
+def _row(name: str, summary: dict[str, Any], baseline_acc: float | None) -> dict[str, Any]:
+    folds = summary["folds"]
+    acc = summary.get("test_acc_mean", summary["val_acc_mean"])
+
+    def mean(key: str) -> float | None:
+        vals = [f[key] for f in folds if f.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {"variant": name, "accuracy": acc,
+            "delta_pp": None if baseline_acc is None else 100 * (acc - baseline_acc),
+            "peak_memory_mb": mean("peak_memory_mb"), "inference_ms_per_image": mean("inference_ms_per_image"),
+            "params": folds[0].get("params"), "wall_time_s": sum(f["train_time_s"] for f in folds)}
+
+
+FORMATS = {"accuracy": "{:.2%}", "delta_pp": "{:+.2f}", "peak_memory_mb": "{:,.0f}", "inference_ms_per_image": "{:.3f}",
+           "params": "{:,}", "wall_time_s": "{:.1f}"}
+
+
+def _fmt(key: str, v: Any) -> str:
+    return "–" if v is None else FORMATS.get(key, "{}").format(v)
+
+
+def run_sweep(recipe_path: str, overrides: list[str], varies: list[str], out_dir: Path, console) -> list[dict]:
+    """Train the baseline and each variant into out_dir/<variant>/ (resumable), then write sweep.csv / .md."""
+    from rich.table import Table
+
+    from fastcifar.run import run_training
+
+    variants = plan(recipe_path, overrides, varies)
+    rows: list[dict[str, Any]] = []
+    for name, recipe in variants:
+        console.print(f"[bold]sweep: {name}[/bold]")
+        summary = run_training(recipe, out_dir / _dirname(name), console, resume=True)
+        rows.append(_row(name, summary, rows[0]["accuracy"] if rows else None))
+    rows[0]["delta_pp"] = 0.0
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out_dir / "sweep.csv", buf.getvalue())
+    header = ["variant", "accuracy", "Δ vs baseline (pp)", "peak memory (MB)", "inference (ms/image)", "params",
+              "wall time (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(k, r[k]) for k in COLUMNS) + " |" for r in rows]
+    write_text(out_dir / "sweep.md", f"# Sweep of {variants[0][1].name}\n\n" + "\n".join(lines) + "\n")
+    table = Table(title=f"sweep: {out_dir}")
+    for h in header:
+        table.add_column(h, justify="left" if h == "variant" else "right")
+    for r in rows:
+        table.add_row(*(_fmt(k, r[k]) for k in COLUMNS))
+    console.print(table)
+    return rows

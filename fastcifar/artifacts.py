@@ -48,12 +48,15 @@ def write_figures(fold_dir: Path, history: list[dict], final: dict[str, Any], cl
     probs = torch.softmax(final["logits"], 1).numpy()
     labels = final["targets"].numpy()
     preds = probs.argmax(1)
+    spread = np.linspace(0, len(labels) - 1, min(32, len(labels))).astype(np.int64)
     images = loader.images.cpu().numpy()  # uint8 (N, H, W, 3), the evaluation set in loader order
     written = [
         fig.plot_curves(history, out / "curves.png", stage_boundary=stage_boundary),
         fig.plot_confusion(final["confusion"], classes, out / "confusion.png"),
         fig.plot_samples(train_images, train_labels, classes, out / "samples.png"),
-        fig.plot_predictions(images, labels, preds, probs, classes, out / "predictions.png"),
+        # Evenly spaced picks: evaluation sets are stored class by class, so the first 32 would be one class.
+        fig.plot_predictions(*(a[spread] for a in (images, labels, preds, probs)), classes,
+                             out / "predictions.png"),
         fig.plot_mistakes(images, labels, probs, classes, out / "mistakes.png"),
     ]
     if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):  # Grad-CAM needs a conv layer

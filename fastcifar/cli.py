@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from rich.console import Console
 
+    if hasattr(sys.stdout, "reconfigure"):  # epoch lines reach a log file as they happen, not at exit
+        sys.stdout.reconfigure(line_buffering=True)
+
     console = Console()
     try:
         {"prepare": _prepare, "train": _train, "sweep": _sweep, "eval": _eval, "report": _report,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from .atomic import write_with
 
@@ -83,6 +84,7 @@ def plot_curves(history: list[dict], path: str | os.PathLike, stage_boundary: in
                               (ax_lr, "learning rate", "lr")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if stage_boundary is not None:

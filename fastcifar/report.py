@@ -237,8 +237,13 @@ def _env_section(run: Run) -> list[str]:
     env = run.env
     rows = [[k, str(env[k]) if env.get(k) is not None else DASH] for k in ENV_KEYS if k in env or k == "gpu"]
     store = env.get("store") if isinstance(env.get("store"), dict) else {}
-    rows += [[f"store {k}", str(store.get(k) if store.get(k) is not None else DASH)] for k in ("path", "sha256",
-                                                                                                "source")]
+    rows.append(["store", str(store.get("path", DASH))])
+    hashes = store.get("sha256") if isinstance(store.get("sha256"), dict) else {}
+    rows += [[f"sha256 {name}", f"`{digest[:16]}…`"] for name, digest in sorted(hashes.items())]
+    source = store.get("source") if isinstance(store.get("source"), dict) else {}
+    if source:
+        rows.append(["source", f"{source.get('kind', DASH)}: {source.get('path', DASH)} "
+                               f"(sha256 `{str(source.get('sha256', ''))[:16]}…`)"])
     return ["## Environment", ""] + md_table(["key", "value"], rows, numeric=False)
 
 

@@ -80,15 +80,23 @@ def plot_curves(history: list[dict], path: str | os.PathLike, stage_boundary: in
     ax_lr.plot(ep, lrs, color="tab:purple", marker=marker, ms=3, label="lr")
     if lrs and min(lrs) > 0 and max(lrs) / min(lrs) > 10:  # a log axis only helps when lr spans decades
         ax_lr.set_yscale("log")
+    else:
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3), useOffset=False)
     for ax, title, ylabel in ((ax_loss, "loss", "cross-entropy"), (ax_acc, "accuracy", "accuracy (%)"),
                               (ax_lr, "learning rate", "lr")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        if len(ep) <= 12:
+            ax.set_xticks(ep)  # short runs: one tick per epoch
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        if ep:
+            ax.set_xlim(min(ep) - 0.5, max(ep) + 0.5)  # a one-epoch run still gets a sensible axis
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if stage_boundary is not None:
-            ax.axvline(stage_boundary, color="0.35", linestyle="--", linewidth=1.2, label="stage 2")
+            # Between the last head-only epoch and the first epoch of stage 2.
+            ax.axvline(stage_boundary + 0.5, color="0.35", linestyle="--", linewidth=1.2, label="stage 2")
         ax.legend(fontsize=8)
     return _save(fig, path)
 

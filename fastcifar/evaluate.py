@@ -43,35 +43,58 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.
     return out
 
 
+DEFAULT_IMAGE_SIZE = 32  # checkpoints written before "image_size" was stored all came from 32 px stores
+
+
+def load_trained_model(checkpoint: str | Path, device: torch.device):
+    """Rebuild a checkpoint's model in eval mode; returns (model, recipe, classes, image_size).
+
+    Shared by `eval` and `predict`: a corrupt, foreign or mismatched checkpoint is one CheckpointError line.
+    """
+    from fastcifar.checkpoint import load_checkpoint
+    from fastcifar.errors import CheckpointError, FastCifarError
+    from fastcifar.recipe import recipe_from_dict
+    from fastcifar.train import build_model
+
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path)
+    try:
+        recipe = recipe_from_dict(ckpt["recipe"])
+        classes = [str(c) for c in ckpt["classes"]]
+        image_size = int(ckpt.get("image_size") or DEFAULT_IMAGE_SIZE)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: checkpoint lacks its recipe or class names ({e})") from None
+    except FastCifarError as e:  # a recipe this fastcifar refuses (e.g. an unknown model) is a bad checkpoint
+        raise CheckpointError(f"{path}: checkpoint recipe refused ({e})") from None
+    if not classes:
+        raise CheckpointError(f"{path}: checkpoint lists no class names")
+    try:
+        model = build_model(recipe, len(classes), image_size, device, pretrained=False)
+        model.load_state_dict(ckpt["model"])
+    except FastCifarError as e:
+        raise CheckpointError(f"{path}: cannot rebuild {recipe.model.name} ({e})") from None
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: weights do not fit {recipe.model.name} ({first})") from None
+    model.eval()
+    return model, recipe, classes, image_size
+
+
 def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str, console) -> dict[str, Any]:
     """`fastcifar eval`: test accuracy and a per-class table for a saved checkpoint."""
     from rich.table import Table
 
     from fastcifar.augment import build_eval_transform
-    from fastcifar.checkpoint import load_checkpoint
     from fastcifar.data import open_store
     from fastcifar.device import amp_dtype, resolve_device
     from fastcifar.errors import CheckpointError
     from fastcifar.loader import DeviceLoader
-    from fastcifar.recipe import recipe_from_dict
-    from fastcifar.train import build_model
 
-    ckpt = load_checkpoint(path)
-    try:
-        recipe = recipe_from_dict(ckpt["recipe"])
-        classes = list(ckpt["classes"])
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: checkpoint lacks its recipe or class names ({e})") from None
+    device = resolve_device(device_name)
+    model, recipe, classes, _ = load_trained_model(path, device)
     store = open_store(Path(data_dir or recipe.data.store))
     if list(store.classes) != classes:
         raise CheckpointError(f"{path}: trained on classes {classes}, but {store.path} holds {list(store.classes)}")
-    device = resolve_device(device_name)
-    model = build_model(recipe, len(classes), store.test_images.shape[1], device, pretrained=False)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{path}: weights do not fit {recipe.model.name} "
-                              f"({str(e).splitlines()[0]})") from None
     transform = build_eval_transform(recipe.augment, recipe.data.mean, recipe.data.std)
     loader = DeviceLoader(store.test_images, store.test_labels, recipe.eval.batch_size, transform, device,
                           shuffle=False)

@@ -8,40 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastcifar.errors import CheckpointError, DataError, FastCifarError
+from fastcifar.errors import DataError, FastCifarError
 
-DEFAULT_IMAGE_SIZE = 32  # checkpoints written before "image_size" was stored all came from 32 px stores
 BATCH = 256  # images per forward pass: bounds memory when many files (or augment.resize = 224) are given
-
-
-def load_model(checkpoint: str | Path, device: torch.device):
-    """Rebuild the checkpoint's model as eval_checkpoint does; returns (model, recipe, classes, image_size)."""
-    from fastcifar.checkpoint import load_checkpoint
-    from fastcifar.recipe import recipe_from_dict
-    from fastcifar.train import build_model
-
-    path = Path(checkpoint)
-    ckpt = load_checkpoint(path)
-    try:
-        recipe = recipe_from_dict(ckpt["recipe"])
-        classes = [str(c) for c in ckpt["classes"]]
-        image_size = int(ckpt.get("image_size") or DEFAULT_IMAGE_SIZE)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: checkpoint lacks its recipe or class names ({e})") from None
-    except FastCifarError as e:  # a recipe this fastcifar refuses (e.g. an unknown model) is a bad checkpoint
-        raise CheckpointError(f"{path}: checkpoint recipe refused ({e})") from None
-    if not classes:
-        raise CheckpointError(f"{path}: checkpoint lists no class names")
-    try:
-        model = build_model(recipe, len(classes), image_size, device, pretrained=False)
-        model.load_state_dict(ckpt["model"])
-    except FastCifarError as e:
-        raise CheckpointError(f"{path}: cannot rebuild {recipe.model.name} ({e})") from None
-    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: weights do not fit {recipe.model.name} ({first})") from None
-    model.eval()
-    return model, recipe, classes, image_size
 
 
 def read_image(path: str | Path, image_size: int) -> torch.Tensor:
@@ -75,13 +44,14 @@ def preprocess(batch: torch.Tensor, recipe) -> torch.Tensor:
 def predict(checkpoint: Path, images: list[Path], top_k: int = 3, device_name: str = "auto") -> list[dict[str, Any]]:
     """Per image {"image": str, "top": [(class, probability), ...]} with the k most probable classes."""
     from fastcifar.device import resolve_device
+    from fastcifar.evaluate import load_trained_model
 
     if top_k < 1:
         raise FastCifarError(f"--top-k: must be >= 1, got {top_k}")
     if not images:
         raise DataError("no image files given")
     device = resolve_device(device_name)
-    model, recipe, classes, image_size = load_model(checkpoint, device)
+    model, recipe, classes, image_size = load_trained_model(checkpoint, device)
     # Every file is read before the model runs, so a bad one fails the command before any output.
     pixels = torch.stack([read_image(p, image_size) for p in images])
     k = min(top_k, len(classes))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fastcifar.atomic import write_with
-from fastcifar.errors import CheckpointError
+from fastcifar.errors import CheckpointError, first_line
 
 FORMAT = "fastcifar-checkpoint"
 VERSION = 1
@@ -31,11 +31,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused by weights-only loading ({first})") from None
+        raise CheckpointError(f"{path}: refused by weights-only loading ({first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - arbitrary bytes make torch.load raise almost anything (fuzz-tested)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first_line(e)})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fastcifar checkpoint (expected a dict with format={FORMAT!r})")
     if obj.get("version") != VERSION:

@@ -1,6 +1,12 @@
 """Errors a user can cause. The CLI prints them as one line and exits non-zero; nothing else is caught."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's text (library errors can span pages), else its type name."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(e).__name__
+
+
 class FastCifarError(Exception):
     """Base class: the message is shown to the user verbatim, so it names the file / key / expected form."""
 

@@ -52,7 +52,7 @@ def load_trained_model(checkpoint: str | Path, device: torch.device):
     Shared by `eval` and `predict`: a corrupt, foreign or mismatched checkpoint is one CheckpointError line.
     """
     from fastcifar.checkpoint import load_checkpoint
-    from fastcifar.errors import CheckpointError, FastCifarError
+    from fastcifar.errors import CheckpointError, FastCifarError, first_line
     from fastcifar.recipe import recipe_from_dict
     from fastcifar.train import build_model
 
@@ -74,8 +74,7 @@ def load_trained_model(checkpoint: str | Path, device: torch.device):
     except FastCifarError as e:
         raise CheckpointError(f"{path}: cannot rebuild {recipe.model.name} ({e})") from None
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: weights do not fit {recipe.model.name} ({first})") from None
+        raise CheckpointError(f"{path}: weights do not fit {recipe.model.name} ({first_line(e)})") from None
     model.eval()
     return model, recipe, classes, image_size
 

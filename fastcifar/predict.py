@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastcifar.errors import DataError, FastCifarError
+from fastcifar.errors import DataError, FastCifarError, first_line
 
 BATCH = 256  # images per forward pass: bounds memory when many files (or augment.resize = 224) are given
 
@@ -28,8 +28,7 @@ def read_image(path: str | Path, image_size: int) -> torch.Tensor:
     except FileNotFoundError:
         raise DataError(f"{path}: no such image file") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path}: not a readable image ({first})") from None
+        raise DataError(f"{path}: not a readable image ({first_line(e)})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastcifar.atomic import write_text
-from fastcifar.errors import FastCifarError
+from fastcifar.errors import FastCifarError, first_line
 
 DASH = "–"
 FIGURES = ["curves.png", "confusion.png", "samples.png", "predictions.png", "mistakes.png", "gradcam.png"]
@@ -92,7 +92,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
-        raise ReportError(f"{path}: corrupt JSON ({str(e).splitlines()[0]})") from None
+        raise ReportError(f"{path}: corrupt JSON ({first_line(e)})") from None
     if not isinstance(obj, dict):
         raise ReportError(f"{path}: corrupt JSON (expected an object, got {type(obj).__name__})")
     return obj

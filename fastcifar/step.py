@@ -98,7 +98,7 @@ class StepRunner:
         loss, correct = self._forward_backward(x, y)
         totals.lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = self._unscale_and_clip()
-        if self.cfg.on_nonfinite == "skip" and not self._finite(loss, grad_norm):
+        if self.cfg.on_nonfinite == "skip" and bool(self._nonfinite(loss, grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             totals.skipped += 1
             self.skipped_total += 1
@@ -133,16 +133,15 @@ class StepRunner:
         else:
             self.optimizer.step()
 
-    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-        ok = torch.isfinite(loss)
-        if grad_norm is not None and self.scaler is None:
-            ok = ok & torch.isfinite(grad_norm)
-        return bool(ok)
-
-    def _note_stop_mode(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, step: int) -> None:
+    def _nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+        """A device bool: the loss, or (without a GradScaler, which handles its own overflow) the grad norm."""
         bad = ~torch.isfinite(loss)
         if grad_norm is not None and self.scaler is None:
             bad = bad | ~torch.isfinite(grad_norm)
+        return bad
+
+    def _note_stop_mode(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, step: int) -> None:
+        bad = self._nonfinite(loss, grad_norm)
         self._bad_step = torch.where(bad & (self._bad_step < 0), step, self._bad_step)
         if (step + 1) % self.poll == 0:
             self.check_pending()

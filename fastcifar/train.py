@@ -18,7 +18,7 @@ from fastcifar.atomic import write_json, write_text
 from fastcifar.augment import build_eval_transform, build_train_transform
 from fastcifar.checkpoint import load_checkpoint, save_checkpoint
 from fastcifar.device import amp_dtype
-from fastcifar.errors import CheckpointError
+from fastcifar.errors import CheckpointError, first_line
 from fastcifar.evaluate import evaluate
 from fastcifar.lifecycle import Interrupted
 from fastcifar.loader import DeviceLoader, gather_images
@@ -116,7 +116,7 @@ class FoldTrainer:
         self.image_size = int(store.train_images.shape[1])  # stored size; predict resizes inputs to it
         torch.manual_seed(recipe.train.seed * 1000 + fold.index)  # same init for a fresh and a resumed run
         self.data = make_loaders(recipe, store, fold, device)
-        self.model = build_model(recipe, len(self.classes), store.train_images.shape[1], device)
+        self.model = build_model(recipe, len(self.classes), self.image_size, device)
         self.dtype = amp_dtype(device, recipe.train.amp)
         fp16_cuda = self.dtype == torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
@@ -190,7 +190,7 @@ class FoldTrainer:
             if ckpt["partial"] is not None:
                 self.partial = EpochTotals.from_state(ckpt["partial"], self.device)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{path}: cannot resume from it ({first_line(e)})") from None
         where = f"epoch {self.state.epoch + 1} step {self.data.train.position}" if self.partial else \
             f"the end of epoch {self.state.epoch}"
         self.console.print(f"resumed {path} at {where}")

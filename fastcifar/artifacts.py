@@ -61,8 +61,7 @@ def write_figures(fold_dir: Path, history: list[dict], final: dict[str, Any], cl
     ]
     if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):  # Grad-CAM needs a conv layer
         idx = _gradcam_picks(labels, preds, len(classes))
-        x = loader.transform(loader.images[torch.as_tensor(idx, device=loader.images.device)].permute(0, 3, 1, 2),
-                             None)
+        x = loader.transform(loader.images, torch.as_tensor(idx, device=loader.images.device), None, 0)
         layer = get_layer(model, gradcam_layer) if gradcam_layer else None
         cams = grad_cam(model, x, target=None, layer=layer)
         if cams.shape[-2:] != images.shape[1:3]:  # resized inputs: bring the map back to the stored image

@@ -8,12 +8,12 @@ stopped mid-epoch resumes on exactly the batch it would have trained next.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 
-Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+from fastcifar.augment.pipeline import Mixer, Transform
 
 
 def gather_images(train_images: np.ndarray, test_images: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -27,22 +27,30 @@ def gather_images(train_images: np.ndarray, test_images: np.ndarray, idx: np.nda
 
 
 class DeviceLoader:
-    """Batches of (augmented float images NCHW channels-last, int64 labels), all on `device`."""
+    """Batches of (augmented float images NCHW channels-last, targets), all on `device`.
+
+    Targets are int64 class indices, or float class probabilities (B, K) when a mixer (MixUp / CutMix) is set.
+    On CUDA the next batch is prepared on a side stream while the caller trains on the current one, so the
+    augmentation overlaps the step instead of adding to it.
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, transform: Transform,
-                 device: torch.device, *, shuffle: bool, seed: int = 0):
+                 device: torch.device, *, shuffle: bool, seed: int = 0, mixer: Mixer | None = None):
         # A read-only memory map (the eval path) is copied once: torch tensors must own writable memory.
         images = np.ascontiguousarray(images) if images.flags.writeable else np.array(images)
         self.images = torch.from_numpy(images).to(device)  # (N, H, W, C) uint8
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
         self.batch_size = min(batch_size, len(self.labels))
-        self.transform = transform
+        self.transform, self.mixer = transform, mixer
         self.shuffle = shuffle
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.epoch = 0  # epochs completed (the alternating flip reads it)
         self._order: torch.Tensor | None = None  # this epoch's permutation while an epoch is in progress
         self._pos = 0  # index of the next batch of the epoch in progress
+        self._gen_state: torch.Tensor | None = None  # generator state before the batch at _pos was drawn
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -58,25 +66,53 @@ class DeviceLoader:
         """Batches of the current epoch already handed out (0 between epochs)."""
         return self._pos
 
+    def _make(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self._order[pos * self.batch_size:(pos + 1) * self.batch_size]
+        x, y = self.transform(self.images, idx, self.generator, self.epoch), self.labels[idx]
+        if self.mixer is not None:
+            x, y = self.mixer(x, y, self.generator)
+        return x, y
+
+    def _prefetch(self, pos: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if pos >= len(self):
+            return None
+        if self._stream is None:
+            return self._make(pos)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # the permutation / prior writes
+        with torch.cuda.stream(self._stream):
+            return self._make(pos)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._order is None:
             n = len(self.labels)
             self._order = (torch.randperm(n, generator=self.generator, device=self.device) if self.shuffle
                            else torch.arange(n, device=self.device))
-        while self._pos < len(self):
-            idx = self._order[self._pos * self.batch_size:(self._pos + 1) * self.batch_size]
-            x = self.images[idx].permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels-last
-            batch = self.transform(x, self.generator), self.labels[idx]
+        nxt = self._prefetch(self._pos)
+        while nxt is not None:
+            x, y = nxt
+            if self._stream is not None:
+                main = torch.cuda.current_stream(self.device)
+                main.wait_stream(self._stream)
+                x.record_stream(main)
+                y.record_stream(main)
             self._pos += 1
-            yield batch
-        self._order, self._pos = None, 0
+            # The following batch is drawn before this one is handed out (on CUDA it runs beside the step); a
+            # checkpoint taken meanwhile must save the state before that draw, so resume redraws the same batch.
+            self._gen_state = self.generator.get_state()
+            nxt = self._prefetch(self._pos)
+            yield x, y
+        self._order, self._pos, self._gen_state = None, 0, None
+        self.epoch += 1
 
     def state_dict(self) -> dict:
         order = self._order.cpu() if self._order is not None else None
-        return {"generator": self.generator.get_state(), "order": order, "pos": self._pos}
+        gen = self._gen_state if self._gen_state is not None else self.generator.get_state()
+        return {"generator": gen, "order": order, "pos": self._pos, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         order = state.get("order")
         self._order = order.to(self.device) if order is not None else None
         self._pos = int(state.get("pos", 0))
+        self.epoch = int(state.get("epoch", 0))
+        self._gen_state = None

@@ -88,27 +88,49 @@ class ModelCfg:
 
 @dataclass(frozen=True)
 class AugmentCfg:
+    """Train-time augmentation, applied in this order: crop / translate / flip / rotation (uint8) ->
+    ColorJitter -> RandAugment or TrivialAugmentWide (uint8) -> normalise + cast -> resize -> erasing / cutout
+    -> MixUp / CutMix (needs labels; turns targets into class probabilities)."""
+
     flip: bool = True
+    flip_mode: Literal["random", "alternate"] = "random"  # alternate: each image flips on every other epoch
     crop_padding: int = 4  # padded random crop; 0 = off
     crop_padding_mode: Literal["reflect", "constant"] = "reflect"
+    translate: int = 0  # random shift of up to this many pixels each way, zero fill; 0 = off
+    rotation: float = 0.0  # random rotation in [-deg, deg], nearest, zero fill; 0 = off
+    color_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
     resize: int = 0  # >0: bilinear resize to this many pixels after cropping (224 for ImageNet-stem models)
     randaugment: bool = False
     randaugment_num_ops: int = 2
     randaugment_magnitude: int = 9
+    randaugment_num_bins: int = 31
+    trivialaugment: bool = False  # TrivialAugmentWide (31 bins); exclusive with randaugment
     erasing_p: float = 0.0  # RandomErasing probability; 0 = off
     erasing_scale: tuple[float, float] = (0.02, 0.33)
     erasing_ratio: tuple[float, float] = (0.3, 3.3)
-    erasing_value: Literal["random", "zero"] = "random"
+    erasing_value: Literal["random", "zero", "constant"] = "random"
+    erasing_constant: tuple[float, float, float] = (0.0, 0.0, 0.0)  # per-channel fill (normalised units)
     cutout: int = 0  # square cutout side in pixels; 0 = off
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    mix_p: float = 1.0  # probability that a batch is mixed at all (when mixup or cutmix is on)
+    mix_switch_p: float = 0.5  # with both on: probability that a mixed batch uses CutMix rather than MixUp
 
     def validate(self) -> None:
         _check(0 <= self.crop_padding <= 16, "augment.crop_padding", f"must be in [0, 16], got {self.crop_padding}")
+        _check(0 <= self.translate <= 16, "augment.translate", f"must be in [0, 16], got {self.translate}")
+        _check(0.0 <= self.rotation <= 180.0, "augment.rotation", f"must be in [0, 180], got {self.rotation}")
+        b, c, s, h = self.color_jitter
+        _check(min(b, c, s) >= 0 and 0.0 <= h <= 0.5, "augment.color_jitter",
+               f"brightness, contrast, saturation must be >= 0 and hue in [0, 0.5], got {[b, c, s, h]}")
         _check(self.resize == 0 or 8 <= self.resize <= 512, "augment.resize",
                f"must be 0 (off) or in [8, 512], got {self.resize}")
         _check(self.randaugment_num_ops >= 0, "augment.randaugment_num_ops", "must be >= 0")
-        _check(0 <= self.randaugment_magnitude <= 30, "augment.randaugment_magnitude", "must be in [0, 30]")
+        _check(self.randaugment_num_bins >= 2, "augment.randaugment_num_bins", "must be >= 2")
+        _check(0 <= self.randaugment_magnitude < self.randaugment_num_bins, "augment.randaugment_magnitude",
+               f"must be in [0, randaugment_num_bins - 1 = {self.randaugment_num_bins - 1}]")
+        _check(not (self.randaugment and self.trivialaugment), "augment.trivialaugment",
+               "cannot be on together with augment.randaugment (pick one)")
         _check(0.0 <= self.erasing_p <= 1.0, "augment.erasing_p", f"must be in [0, 1], got {self.erasing_p}")
         lo, hi = self.erasing_scale
         _check(0.0 < lo <= hi < 1.0, "augment.erasing_scale", f"must satisfy 0 < lo <= hi < 1, got {[lo, hi]}")
@@ -117,12 +139,8 @@ class AugmentCfg:
         _check(self.cutout >= 0, "augment.cutout", f"must be >= 0, got {self.cutout}")
         _check(self.mixup_alpha >= 0, "augment.mixup_alpha", f"must be >= 0, got {self.mixup_alpha}")
         _check(self.cutmix_alpha >= 0, "augment.cutmix_alpha", f"must be >= 0, got {self.cutmix_alpha}")
-
-    def not_implemented(self) -> list[str]:
-        """Keys that parse but whose batched implementation arrives with the device data-path issue."""
-        pending = {"augment.randaugment": self.randaugment, "augment.mixup_alpha": self.mixup_alpha > 0,
-                   "augment.cutmix_alpha": self.cutmix_alpha > 0}
-        return [k for k, on in pending.items() if on]
+        _check(0.0 <= self.mix_p <= 1.0, "augment.mix_p", f"must be in [0, 1], got {self.mix_p}")
+        _check(0.0 <= self.mix_switch_p <= 1.0, "augment.mix_switch_p", f"must be in [0, 1], got {self.mix_switch_p}")
 
 
 @dataclass(frozen=True)
@@ -196,6 +214,16 @@ class TrainCfg:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip that step
     max_skipped_steps: int = 100  # skip mode gives up after this many skipped steps in one fold
     oom_retry: bool = False  # on out-of-memory, retry the batch as 2, 4, ... micro-batches (same effective batch)
+    # -- input pipeline --------------------------------------------------------------------------------------
+    loader: Literal["device", "torchvision", "dali", "ffcv"] = "device"  # device: resident store + batched aug
+    workers: int = 4  # DataLoader worker processes (loader = "torchvision" only)
+    # -- engine ------------------------------------------------------------------------------------------------
+    channels_last: bool = True  # NHWC weights and activations (the fast conv layout on CUDA and oneDNN)
+    compile: bool = False  # torch.compile the model (CUDA; compile time is logged and kept out of img/s)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    cuda_graphs: bool = False  # capture the whole train step as a CUDA graph where the model allows
+    ema_decay: float = 0.0  # weight EMA decay per step (e.g. 0.999); the EMA weights are evaluated; 0 = off
+    sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -207,6 +235,8 @@ class TrainCfg:
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _check(self.threads >= 0, "train.threads", f"must be >= 0, got {self.threads}")
         _check(self.max_skipped_steps >= 1, "train.max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")
+        _check(self.workers >= 0, "train.workers", f"must be >= 0, got {self.workers}")
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)
@@ -215,6 +245,8 @@ class EvalCfg:
     metric: Literal["val_acc", "val_loss"] = "val_acc"  # picks the best checkpoint and drives early stopping
     figures: bool = True  # curves, confusion, samples, predictions, mistakes, Grad-CAM PNGs for every fold
     gradcam_layer: str = ""  # a dotted module name (e.g. "layer4.1.conv2"); "" = the last conv layer
+    tta: Literal["none", "flip", "flip_translate"] = "none"  # test-time augmentation: average the logits of
+    # the image and its mirror ("flip"), plus 1-pixel shifts of both ("flip_translate", the speedruns' TTA)
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")

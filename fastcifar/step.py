@@ -86,11 +86,13 @@ class StepRunner:
         for xc, yc in zip(x.chunk(self.accum), y.chunk(self.accum)):
             with autocast(self.device, self.dtype):
                 logits = self.model(xc)
+            # Class-index targets, or (MixUp / CutMix) class probabilities: cross_entropy takes both.
             loss = F.cross_entropy(logits.float(), yc, label_smoothing=self.cfg.label_smoothing)
             loss = loss * (len(yc) / len(y))  # micro-batch losses add up to the batch mean
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_total += loss.detach()
-            correct += (logits.detach().argmax(1) == yc).sum()
+            hard = yc.argmax(1) if yc.is_floating_point() else yc  # a mixed batch counts its dominant class
+            correct += (logits.detach().argmax(1) == hard).sum()
         return loss_total, correct
 
     def _step(self, x, y, totals: EpochTotals, step: int) -> None:

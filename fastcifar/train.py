@@ -15,7 +15,7 @@ import torch
 
 from fastcifar.artifacts import peak_memory_mb, timed_evaluate, write_figures
 from fastcifar.atomic import write_json, write_text
-from fastcifar.augment import build_eval_transform, build_train_transform
+from fastcifar.augment import build_eval_transform, build_mixer, build_train_transform
 from fastcifar.checkpoint import load_checkpoint, save_checkpoint
 from fastcifar.device import amp_dtype
 from fastcifar.errors import CheckpointError, first_line
@@ -83,19 +83,22 @@ def make_loaders(recipe: Recipe, store, fold: Fold, device: torch.device) -> Fol
     if recipe.data.train_subset:
         train_idx = take_per_class(train_idx, labels, recipe.data.train_subset)
     mean, std = recipe.data.mean, recipe.data.std
-    train_tf = build_train_transform(recipe.augment, mean, std)
-    eval_tf = build_eval_transform(recipe.augment, mean, std)
+    # On CUDA the batch is cast to the autocast dtype in the normalise step: half the bytes for the first conv.
+    dtype = amp_dtype(device, recipe.train.amp) if device.type == "cuda" else None
+    train_tf = build_train_transform(recipe.augment, mean, std, dtype or torch.float32)
+    eval_tf = build_eval_transform(recipe.augment, mean, std, dtype or torch.float32)
+    mixer = build_mixer(recipe.augment, len(store.classes))
 
-    def loader(idx, tf, shuffle, batch):
+    def loader(idx, tf, shuffle, batch, mix=None):
         images = gather_images(store.train_images, store.test_images, idx)
         return DeviceLoader(images, labels[idx], batch, tf, device, shuffle=shuffle,
-                            seed=recipe.train.seed * 1000 + fold.index)
+                            seed=recipe.train.seed * 1000 + fold.index, mixer=mix)
 
     bs, ebs = recipe.train.batch_size, recipe.eval.batch_size
     same = fold.test is not None and np.array_equal(fold.test, fold.val)
     val = loader(fold.val, eval_tf, False, ebs)
     test = val if same else (loader(fold.test, eval_tf, False, ebs) if fold.test is not None else None)
-    return FoldData(loader(train_idx, train_tf, True, bs), val, test)
+    return FoldData(loader(train_idx, train_tf, True, bs, mixer), val, test)
 
 
 def _metrics_csv(history: list[dict[str, float]]) -> str:

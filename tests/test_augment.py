@@ -121,11 +121,27 @@ def test_cutout_zeroes_a_clipped_square():
     assert zeroed.max() == 64 and zeroed.min() >= 16  # full square inside, at least a quarter at a corner
 
 
-def test_build_train_transform_refuses_pending_ops_and_runs_the_rest():
-    from fastcifar.errors import RecipeError
-
-    with pytest.raises(RecipeError, match=r"augment\.randaugment: not implemented yet"):
-        A.build_train_transform(AugmentCfg(randaugment=True), (0.5,) * 3, (0.5,) * 3)
-    tf = A.build_train_transform(AugmentCfg(erasing_p=0.5, cutout=4, resize=40), (0.5,) * 3, (0.5,) * 3)
-    out = tf(_batch(8), torch.Generator().manual_seed(0))
+def test_build_train_transform_runs_every_basic_op():
+    tf = A.build_train_transform(AugmentCfg(erasing_p=0.5, cutout=4, resize=40, translate=2), (0.5,) * 3, (0.5,) * 3)
+    source = _batch(8).permute(0, 2, 3, 1).contiguous()  # the store layout: NHWC
+    out = tf(source, torch.arange(8), torch.Generator().manual_seed(0), 0)
     assert out.shape == (8, 3, 40, 40) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_translate_matches_torchvision_affine_with_fixed_shift():
+    x = _batch(6)
+    gen = torch.Generator().manual_seed(3)
+    dx, dy = A.basic.translate_offsets(6, 3, torch.Generator().manual_seed(3), "cpu")
+    out = A.random_translate(x, 3, gen)
+    for i in range(6):
+        ref = TF.affine(x[i], angle=0.0, translate=[int(dx[i]), int(dy[i])], scale=1.0, shear=[0.0, 0.0])
+        assert torch.equal(out[i], ref)
+
+
+def test_alternating_flip_flips_each_image_on_alternate_epochs():
+    x = _batch(64)
+    idx = torch.arange(1000, 1064)
+    e0, e1, e2 = (A.alternating_flip(x, idx, e) for e in range(3))
+    flipped0 = (e0 != x).flatten(1).any(1)
+    assert torch.equal(e0, e2) and 0.3 < flipped0.float().mean() < 0.7  # a fixed half, stable across epochs
+    assert torch.equal(torch.where(flipped0[:, None, None, None], x, x.flip(-1)), e1)  # the other way on odd

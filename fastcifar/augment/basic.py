@@ -1,4 +1,5 @@
-"""Batched augmentation on tensors, on any device, with per-sample randomness from an explicit generator.
+"""The basic batched ops (crop, flip, normalise, resize, erasing, cutout): tensors on any device, per-sample
+randomness from an explicit generator.
 
 Batch contract: images arrive as uint8 (B, C, H, W) (any strides: the store is NHWC, so the NCHW view of it is
 already channels-last in memory); geometric ops keep uint8; one `normalize` step casts to float, after which the
@@ -8,12 +9,9 @@ value-filling ops (erasing, cutout) and resize run. Semantics follow torchvision
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-from fastcifar.recipe import AugmentCfg
 
 
 def _uniform(n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -111,61 +109,56 @@ def _box_mask(h: int, w: int, top, left, eh, ew, device) -> torch.Tensor:
             & (xs >= left[:, None, None]) & (xs < (left + ew)[:, None, None]))  # (B, H, W)
 
 
-def random_erasing(x: torch.Tensor, p: float, scale, ratio, value: str, gen: torch.Generator) -> torch.Tensor:
-    """v2.RandomErasing(p, scale, ratio, value=0 or 'random') on a normalised float batch."""
+def random_erasing(x: torch.Tensor, p: float, scale, ratio, value, gen: torch.Generator) -> torch.Tensor:
+    """v2.RandomErasing(p, scale, ratio, value) on a normalised float batch; value is "random" (standard normal
+    per pixel), "zero", or a per-channel sequence of constants."""
     b, c, h, w = x.shape
     apply = _uniform(b, gen, x.device) < p
     top, left, eh, ew, found = erasing_boxes(b, h, w, scale, ratio, gen, x.device)
     mask = _box_mask(h, w, top, left, eh, ew, x.device) & (apply & found)[:, None, None]
     if value == "random":
         fill = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32).to(x.dtype)
-    else:
+    elif value == "zero":
         fill = torch.zeros((), device=x.device, dtype=x.dtype)
+    else:
+        fill = torch.tensor(value, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     return torch.where(mask[:, None], fill, x)
 
 
 def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     """Cutout (DeVries & Taylor 2017): a size x size square at a uniform centre, clipped at the border, zeroed."""
     b, _, h, w = x.shape
-    cy = _randint(torch.full((b,), h, device=x.device), gen)
-    cx = _randint(torch.full((b,), w, device=x.device), gen)
-    top, left = (cy - size // 2).clamp(min=0), (cx - size // 2).clamp(min=0)
-    bottom, right = (cy - size // 2 + size).clamp(max=h), (cx - size // 2 + size).clamp(max=w)
-    mask = _box_mask(h, w, top, left, bottom - top, right - left, x.device)
+    mask = _box_mask(h, w, *cutout_boxes(b, h, w, size, gen, x.device), x.device)
     return x.masked_fill(mask[:, None], 0.0)
 
 
-def build_train_transform(cfg: AugmentCfg, mean, std, dtype: torch.dtype = torch.float32
-                          ) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
-    """Compose the recipe's augment section into one function (uint8 batch, generator) -> float batch."""
-    from fastcifar.errors import RecipeError
-
-    missing = cfg.not_implemented()
-    if missing:
-        raise RecipeError(f"{missing[0]}: not implemented yet (arrives with the device data-path issue); "
-                          f"set it off to train now")
-
-    def transform(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if cfg.crop_padding:
-            x = random_crop(x, cfg.crop_padding, gen, cfg.crop_padding_mode)
-        if cfg.flip:
-            x = hflip(x, 0.5, gen)
-        x = normalize(x, mean, std, dtype)
-        if cfg.resize:
-            x = resize(x, cfg.resize)
-        if cfg.erasing_p > 0:
-            x = random_erasing(x, cfg.erasing_p, cfg.erasing_scale, cfg.erasing_ratio, cfg.erasing_value, gen)
-        if cfg.cutout:
-            x = cutout(x, cfg.cutout, gen)
-        return x
-
-    return transform
+def alternating_flip(x: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+    """The speedruns' alternating flip: image i is flipped on even epochs iff its fixed random bit is set, and on
+    odd epochs iff it is not, so every image is seen both ways in any two consecutive epochs (airbench's trick;
+    ~0.1-0.2 points at a fixed epoch budget). The bit is a multiplicative hash of the global index, not a draw,
+    so it survives resume and needs no state."""
+    bit = ((idx.long() * 2654435761) >> 15) & 1  # Knuth's golden-ratio hash; bit 15 is well mixed for 60k ids
+    flip = (bit == (epoch % 2)).view(-1, 1, 1, 1)
+    return torch.where(flip, x.flip(-1), x)
 
 
-def build_eval_transform(cfg: AugmentCfg, mean, std, dtype: torch.dtype = torch.float32
-                         ) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:
-    def transform(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        x = normalize(x, mean, std, dtype)
-        return resize(x, cfg.resize) if cfg.resize else x
+def translate_offsets(b: int, t: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """v2.RandomAffine(degrees=0, translate=(t/W, t/H)) draws: dx, dy = round(uniform(-t, t)) per sample."""
+    d = (torch.rand(2, b, generator=gen, device=device) * 2 - 1) * t
+    return d[0].round().long(), d[1].round().long()  # (dx, dy)
 
-    return transform
+
+def random_translate(x: torch.Tensor, t: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift each sample by up to t pixels each way, zero fill: an integer affine, so one gather, exact."""
+    dx, dy = translate_offsets(x.shape[0], t, gen, x.device)
+    # out[r] = in[r - dy]: a crop of the t-padded image at offset t - dy
+    return crop_with_offsets(x, t, t - dy, t - dx, mode="constant")
+
+
+def cutout_boxes(b: int, h: int, w: int, size: int, gen: torch.Generator, device) -> tuple[torch.Tensor, ...]:
+    """(top, left, height, width) of each sample's cutout square, clipped at the border."""
+    cy = _randint(torch.full((b,), h, device=device), gen)
+    cx = _randint(torch.full((b,), w, device=device), gen)
+    top, left = (cy - size // 2).clamp(min=0), (cx - size // 2).clamp(min=0)
+    bottom, right = (cy - size // 2 + size).clamp(max=h), (cx - size // 2 + size).clamp(max=w)
+    return top, left, bottom - top, right - left

@@ -145,3 +145,25 @@ def test_alternating_flip_flips_each_image_on_alternate_epochs():
     flipped0 = (e0 != x).flatten(1).any(1)
     assert torch.equal(e0, e2) and 0.3 < flipped0.float().mean() < 0.7  # a fixed half, stable across epochs
     assert torch.equal(torch.where(flipped0[:, None, None, None], x, x.flip(-1)), e1)  # the other way on odd
+
+
+@pytest.mark.parametrize("flip_mode", ["random", "alternate"])
+def test_fused_pipeline_equals_the_unfused_ops_with_the_same_draws(flip_mode):
+    # The hot path (crop + flip + erasing + cutout) goes through kernels.crop_flip; on CPU that is its torch
+    # reference. With zero / constant fills it must draw and apply exactly what the op-by-op chain does.
+    from fastcifar.augment.pipeline import fusable
+
+    cfg = AugmentCfg(crop_padding=4, flip_mode=flip_mode, erasing_p=0.7, erasing_value="constant",
+                     erasing_constant=(0.5, -1.0, 2.0), cutout=6)
+    assert fusable(cfg)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    source = _batch(64).permute(0, 2, 3, 1).contiguous()
+    idx = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:24]
+    out = A.build_train_transform(cfg, mean, std)(source, idx, torch.Generator().manual_seed(5), 3)
+    g = torch.Generator().manual_seed(5)
+    x = A.random_crop(source[idx].permute(0, 3, 1, 2), 4, g)
+    x = A.alternating_flip(x, idx, 3) if flip_mode == "alternate" else A.hflip(x, 0.5, g)
+    x = A.normalize(x, mean, std)
+    x = A.random_erasing(x, 0.7, cfg.erasing_scale, cfg.erasing_ratio, cfg.erasing_constant, g)
+    ref = A.cutout(x, 6, g)
+    assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last)

@@ -8,6 +8,7 @@ value-filling ops (erasing, cutout) and resize run. Semantics follow torchvision
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,10 +24,14 @@ def _randint(high: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (torch.rand(high.shape, generator=gen, device=high.device) * high).long().clamp_(max=high - 1)
 
 
+def flip_mask(b: int, p: float, gen: torch.Generator, device) -> torch.Tensor:
+    """RandomHorizontalFlip's per-sample decision: True with probability p."""
+    return _uniform(b, gen, device) < p
+
+
 def hflip(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
     """Flip each sample left-right with probability p (RandomHorizontalFlip)."""
-    flip = _uniform(x.shape[0], gen, x.device) < p
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return torch.where(flip_mask(x.shape[0], p, gen, x.device)[:, None, None, None], x.flip(-1), x)
 
 
 def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -64,10 +69,16 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator, mode: str =
     return crop_with_offsets(x, padding, _randint(span, gen), _randint(span, gen), mode)
 
 
+@functools.lru_cache(maxsize=16)
+def _mean_std(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # cached: building them per batch would be two host-to-device copies per step on CUDA
+    m = torch.tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+    return m, torch.tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+
+
 def normalize(x: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The single uint8 -> float step: scale to [0, 1], subtract mean, divide by std, cast, channels-last."""
-    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    m, s = _mean_std(tuple(map(float, mean)), tuple(map(float, std)), x.device)
     y = (x.float() / 255.0 - m) / s
     return y.to(dtype).contiguous(memory_format=torch.channels_last)
 
@@ -132,14 +143,17 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     return x.masked_fill(mask[:, None], 0.0)
 
 
-def alternating_flip(x: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+def alternating_flip_mask(idx: torch.Tensor, epoch: int) -> torch.Tensor:
     """The speedruns' alternating flip: image i is flipped on even epochs iff its fixed random bit is set, and on
     odd epochs iff it is not, so every image is seen both ways in any two consecutive epochs (airbench's trick;
     ~0.1-0.2 points at a fixed epoch budget). The bit is a multiplicative hash of the global index, not a draw,
     so it survives resume and needs no state."""
     bit = ((idx.long() * 2654435761) >> 15) & 1  # Knuth's golden-ratio hash; bit 15 is well mixed for 60k ids
-    flip = (bit == (epoch % 2)).view(-1, 1, 1, 1)
-    return torch.where(flip, x.flip(-1), x)
+    return bit == (epoch % 2)
+
+
+def alternating_flip(x: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+    return torch.where(alternating_flip_mask(idx, epoch).view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def translate_offsets(b: int, t: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:

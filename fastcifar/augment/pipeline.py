@@ -8,6 +8,7 @@ its seed and a resumed run draws exactly what the uninterrupted one would have.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import torch
@@ -58,8 +59,67 @@ def _erase(cfg: AugmentCfg, x: torch.Tensor, gen: torch.Generator) -> torch.Tens
     return x
 
 
+def fusable(cfg: AugmentCfg) -> bool:
+    """Crop + flip + normalise + erasing/cutout is the hot path the fused kernel covers in one memory pass."""
+    return not (cfg.translate or cfg.rotation or any(cfg.color_jitter) or cfg.randaugment or cfg.trivialaugment
+                or cfg.resize)
+
+
+def _kernel_seed(gen: torch.Generator) -> int:
+    """The fused kernel's noise seed, derived from the generator state (a host-side copy for CUDA generators: no
+    sync), so the noise is a function of the run's seed and position and a resumed run redraws it exactly."""
+    digest = hashlib.blake2b(gen.get_state().numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**62 - 1)
+
+
+def _fused(cfg: AugmentCfg, mean, std, dtype: torch.dtype) -> Transform:
+    """Draw every parameter up front (crop offsets, flips, erasing box, cutout box), then one fused call: the
+    Triton kernel on CUDA, its torch reference (the same ops as the unfused path) elsewhere."""
+    from fastcifar.kernels.crop_flip import fused_crop_flip_erase
+
+    kinds: list[str] = []
+    if cfg.erasing_p > 0:
+        kinds.append(cfg.erasing_value)
+    if cfg.cutout:
+        kinds.append("zero")
+    consts = [cfg.erasing_constant] * (cfg.erasing_p > 0) + [(0.0, 0.0, 0.0)] * bool(cfg.cutout)
+    fills: dict[torch.device, torch.Tensor] = {}
+
+    def transform(source: torch.Tensor, idx: torch.Tensor, gen: torch.Generator, epoch: int = 0) -> torch.Tensor:
+        b, h, w, c = len(idx), *source.shape[1:]
+        dev, pad = source.device, cfg.crop_padding
+        if pad:
+            span = torch.full((b,), 2 * pad + 1, device=dev)
+            oy, ox = B._randint(span, gen), B._randint(span, gen)
+        else:
+            oy = ox = torch.zeros(b, device=dev, dtype=torch.long)
+        if not cfg.flip:
+            flip = torch.zeros(b, device=dev, dtype=torch.bool)
+        else:
+            flip = (B.alternating_flip_mask(idx, epoch) if cfg.flip_mode == "alternate"
+                    else B.flip_mask(b, 0.5, gen, dev))
+        boxes = []
+        if cfg.erasing_p > 0:
+            apply = B._uniform(b, gen, dev) < cfg.erasing_p
+            top, left, eh, ew, found = B.erasing_boxes(b, h, w, cfg.erasing_scale, cfg.erasing_ratio, gen, dev)
+            boxes.append(torch.stack([top, left, eh * (apply & found), ew], 1))  # height 0 = no box
+        if cfg.cutout:
+            boxes.append(torch.stack(B.cutout_boxes(b, h, w, cfg.cutout, gen, dev), 1))
+        box_t = torch.stack(boxes, 1) if boxes else torch.zeros(b, 0, 4, device=dev, dtype=torch.long)
+        if dev not in fills:  # once per device: a per-batch host-to-device copy would stall the CUDA stream
+            fills[dev] = torch.tensor(consts, dtype=torch.float32).view(len(kinds), c).to(dev)
+        fill = fills[dev]
+        seed = _kernel_seed(gen) if source.is_cuda else 0
+        return fused_crop_flip_erase(source, idx, oy, ox, flip, box_t, kinds, fill, mean, std, padding=pad,
+                                     mode=cfg.crop_padding_mode, out_dtype=dtype, gen=gen, seed=seed)
+
+    return transform
+
+
 def build_train_transform(cfg: AugmentCfg, mean, std, dtype: torch.dtype = torch.float32) -> Transform:
     """(uint8 store, batch rows, generator, epoch) -> normalised float batch, NCHW channels-last."""
+    if fusable(cfg):
+        return _fused(cfg, mean, std, dtype)
 
     def transform(source: torch.Tensor, idx: torch.Tensor, gen: torch.Generator, epoch: int = 0) -> torch.Tensor:
         x = source[idx].permute(0, 3, 1, 2)  # NCHW view of NHWC rows = channels-last

@@ -9,10 +9,11 @@ import torch.nn as nn
 from ..errors import RecipeError
 from .resnet import efficientnet_b2, load_pretrained, resnet9, resnet18, resnet34, tv_resnet18, tv_resnet34
 from .small import cnn, cnn_bn, mlp, softmax
+from .speedrun import speedrun_net
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     f.__name__: f for f in (softmax, mlp, cnn, cnn_bn, resnet9, resnet18, resnet34,
-                            tv_resnet18, tv_resnet34, efficientnet_b2)
+                            tv_resnet18, tv_resnet34, efficientnet_b2, speedrun_net)
 }
 
 

@@ -1,0 +1,366 @@
+#!/usr/bin/env python
+"""Peer harness: airbench 0.1.8 (airbench94) next to our recipes/speedrun94.toml, same data, same device.
+
+    python bench/peer_airbench.py --n 5                 # on a GPU: writes bench/results/<date>-<gpu>-speedrun.json
+    python bench/peer_airbench.py --tiny --device cpu   # a few hundred images, 1 epoch, n = 1 (the CPU test)
+
+Data: both sides read OUR prepared store. airbench's CifarLoader reads `<dir>/train.pt` / `test.pt` and only
+downloads CIFAR-10 through torchvision when they are missing, so we write those files from the store (the
+format torchvision's CIFAR10 gives it: uint8 NHWC images, int64 labels, class names). No network is needed.
+
+airbench: imported if installed, else straight from the carried pure-Python wheel in bench/wheels/ (built with
+`pip download airbench==0.1.8 --no-deps -d bench/wheels && pip wheel --no-deps --no-build-isolation
+bench/wheels/airbench-0.1.8.tar.gz -w bench/wheels`; install offline with `pip install --no-deps --no-index
+bench/wheels/airbench-0.1.8-py3-none-any.whl`). It hard-requires CUDA (make_net94 calls .cuda(), its train()
+times with torch.cuda.Event), so on a CPU only our side runs, plus a check that airbench's own loader reads
+the adapted data.
+
+Timing (CUDA events on a GPU, perf_counter on a CPU), each side warmed up once first (a 1-epoch run and a
+TTA eval: compile, cuDNN autotuning and allocator growth stay out), data preparation never timed:
+  train_s  airbench: train94(verbose=False) = net build + whitening init + all steps; ours: the training
+           steps of FoldTrainer.fit (per-epoch validation and checkpoint writes are excluded and reported
+           as fit_overhead_s; our whitening init happens with the data preparation, ~ms).
+  eval_s   the final model's test-set evaluation with TTA (airbench: tta_level 2; ours: eval.tta).
+  ratio    ours / airbench of mean(train_s + eval_s), airbench's published "time" definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import importlib
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import fastcifar  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`: use the repository this file lives in
+    sys.path.insert(0, str(ROOT))
+
+from fastcifar.atomic import write_json, write_with  # noqa: E402
+from fastcifar.errors import FastCifarError  # noqa: E402
+from fastcifar.recipe import Recipe, load_recipe  # noqa: E402
+from fastcifar.splits import take_per_class  # noqa: E402
+
+AIRBENCH_VERSION = "0.1.8"
+AB_HYP = {"epochs": 9.9, "batch_size": 1024, "aug": {"flip": True, "translate": 2}, "tta_level": 2}
+TINY_PER_CLASS = 30  # 300 training images
+# compile: minutes of C++ builds on a CPU for a 1-epoch check; amp: bf16 convs run ~10x slower than fp32 on
+# CPUs without AMX (measured: width-16 speedrun_net, batch 100, 1 thread: 5.0 s vs 0.54 s a step).
+TINY_SETS = ["train.epochs=1", "train.batch_size=100", "eval.batch_size=500", "model.width=16",
+             "train.compile=false", "train.amp=false"]
+
+
+# ---------------------------------------------------------------------------------------------- data adapter
+
+
+def airbench_arrays(store, train_per_class: int = 0) -> dict[str, dict[str, Any]]:
+    """{'train': ..., 'test': ...}, each {'images': uint8 (N, 32, 32, 3), 'labels': int64 (N,), 'classes':
+    [names]}: what airbench's CifarLoader caches from torchvision (dset.data, dset.targets, dset.classes).
+    train_per_class > 0 keeps the first n images of each class, the rows our data.train_subset trains on.
+
+    The training rows go out in a fixed pseudo-random order (seed 0): airbench fits its whitening layer to the
+    first 5000 rows, and our store is sorted by class, so in store order it would whiten airplanes only
+    (torchvision's order is mixed). airbench reshuffles every epoch, so nothing else depends on the order."""
+    h, w = store.train_images.shape[1:3]
+    if (h, w) != (32, 32) or len(store.classes) != 10:
+        # airbench hard-codes 32-px crops in its TTA and a 10-way head.
+        raise FastCifarError(f"{store.path}: airbench needs 32x32 images and 10 classes, got {h}x{w} and "
+                             f"{len(store.classes)}")
+    idx = np.arange(len(store.train_labels))
+    if train_per_class:
+        idx = take_per_class(idx, store.train_labels, train_per_class)
+    idx = idx[np.random.default_rng(0).permutation(len(idx))]
+    out = {}
+    for split, images, labels in (("train", store.train_images[idx], store.train_labels[idx]),
+                                  ("test", store.test_images, store.test_labels)):
+        out[split] = {"images": torch.from_numpy(np.array(images)),  # a writable copy of the memory map
+                      "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)),
+                      "classes": list(store.classes)}
+    return out
+
+
+def write_airbench_data(store, out_dir: Path, train_per_class: int = 0) -> Path:
+    """Write out_dir/train.pt and test.pt for airbench.CifarLoader(out_dir, ...); returns out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, obj in airbench_arrays(store, train_per_class).items():
+        write_with(out_dir / f"{split}.pt", lambda f, o=obj: torch.save(o, f))
+    return out_dir
+
+
+def import_airbench(wheels: Path = ROOT / "bench" / "wheels"):
+    """The installed airbench, else the carried wheel (a pure-Python wheel is importable as a zip); None if
+    neither exists. Importing it sets torch.backends.cudnn.benchmark = True (airbench does so at import)."""
+    try:
+        return importlib.import_module("airbench")
+    except ImportError:
+        pass
+    for whl in sorted(wheels.glob(f"airbench-{AIRBENCH_VERSION}-*.whl")):
+        sys.path.insert(0, str(whl))
+        try:
+            return importlib.import_module("airbench")
+        except ImportError:
+            sys.path.remove(str(whl))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+class Clock:
+    """Marks on the device timeline: CUDA events on a GPU (no host sync per mark), perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        return end - start
+
+
+# ---------------------------------------------------------------------------------------------- our side
+
+
+def _with_epochs(recipe: Recipe, epochs: int) -> Recipe:
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, epochs=epochs))
+
+
+def run_ours(recipe: Recipe, store, device: torch.device, console) -> dict[str, float]:
+    """One timed run of `recipe` through FoldTrainer (official split) and a final test evaluation."""
+    from rich.progress import Progress
+
+    from fastcifar.evaluate import evaluate
+    from fastcifar.splits import make_folds
+    from fastcifar.train import FoldTrainer, Hooks
+
+    labels = np.concatenate([store.train_labels, store.test_labels])
+    fold = make_folds(len(store.train_labels), labels, recipe.split)[0]
+    clock = Clock(device)
+    with tempfile.TemporaryDirectory(prefix="peer-ours-") as tmp:
+        trainer = FoldTrainer(recipe, store, fold, Path(tmp), device, console)  # data prep: not timed
+        last = len(trainer.data.train) - 1
+        marks: list[tuple[str, Any]] = []
+        hooks = Hooks(on_step=lambda e, s: marks.append(("steps_done", clock.mark())) if s == last else None,
+                      on_epoch_end=lambda e: marks.append(("epoch_end", clock.mark())))
+        marks.append(("start", clock.mark()))
+        with Progress(disable=True) as progress:
+            trainer.fit(hooks, progress)
+        t_eval = clock.mark()
+        # The final model (not the best-on-test checkpoint), as airbench reports, evaluated the way the trainer
+        # validates: its eval net (the EMA copy when train.ema_decay is on) with eval.tta.
+        test = evaluate(trainer.engine.eval_net, trainer.data.test, device, trainer.dtype, len(store.classes),
+                        **trainer.eval_kwargs)
+        t_done = clock.mark()
+    train_s = overhead_s = 0.0
+    for (_, a), (kind, b) in zip(marks, marks[1:]):  # start, (steps_done, epoch_end) per epoch
+        if kind == "steps_done":
+            train_s += clock.seconds(a, b)
+        else:
+            overhead_s += clock.seconds(a, b)
+    return {"acc": float(test["acc"]), "train_s": train_s, "fit_overhead_s": overhead_s,
+            "eval_s": clock.seconds(t_eval, t_done), "params": sum(p.numel() for p in trainer.model.parameters()),
+            # the trainer's own warm-up clock: ~one step's time when the warm-up run left nothing to compile
+            "compile_time_s": float(trainer.state.compile_time_s)}
+
+
+# ---------------------------------------------------------------------------------------------- airbench side
+
+
+@contextlib.contextmanager
+def _prebuilt_test_loader(ab_utils, test_loader) -> Iterator[None]:
+    """airbench's train() always builds CifarLoader('cifar10', train=False) relative to the CWD (a download
+    when missing, and a 30 MB load inside its timed region); hand it the loader built beforehand instead."""
+    original = ab_utils.CifarLoader
+
+    def factory(path, train=True, *args, **kwargs):
+        return original(path, train, *args, **kwargs) if train else test_loader
+
+    ab_utils.CifarLoader = factory
+    try:
+        yield
+    finally:
+        ab_utils.CifarLoader = original
+
+
+def airbench_loaders(ab, data_dir: Path, device: torch.device, batch_size: int):
+    gpu: int | str = (device.index or 0) if device.type == "cuda" else "cpu"  # CifarLoader's map_location
+    train = ab.CifarLoader(str(data_dir), train=True, batch_size=batch_size, aug=AB_HYP["aug"], altflip=True,
+                           gpu=gpu)
+    test = ab.CifarLoader(str(data_dir), train=False, batch_size=2000, gpu=gpu)
+    return train, test
+
+
+def run_airbench(ab, data_dir: Path, device: torch.device, epochs: float, batch_size: int) -> dict[str, float]:
+    """One timed airbench94 run (its own train94 and evaluate, untouched but for the test loader)."""
+    ab_utils = importlib.import_module("airbench.utils")
+    train_loader, test_loader = airbench_loaders(ab, data_dir, device, batch_size)  # data prep: not timed
+    clock = Clock(device)
+    with _prebuilt_test_loader(ab_utils, test_loader):
+        t0 = clock.mark()
+        model = ab.train94(train_loader, epochs=epochs, verbose=False)
+        t1 = clock.mark()
+    acc = ab.evaluate(model, test_loader, tta_level=AB_HYP["tta_level"])
+    t2 = clock.mark()
+    return {"acc": float(acc), "train_s": clock.seconds(t0, t1), "eval_s": clock.seconds(t1, t2)}
+
+
+def check_airbench_loader(ab, data_dir: Path, batch_size: int) -> dict[str, Any]:
+    """airbench's own CifarLoader on the CPU over the adapted files: one augmented batch, its shape and dtype."""
+    train, test = airbench_loaders(ab, data_dir, torch.device("cpu"), batch_size)
+    x, y = next(iter(train))
+    return {"train_images": len(train.images), "test_images": len(test.images), "batch": list(x.shape),
+            "dtype": str(x.dtype).replace("torch.", ""), "labels_dtype": str(y.dtype).replace("torch.", "")}
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+
+def stats(runs: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k in keys:
+        vals = [r[k] for r in runs]
+        out[f"{k}_mean"] = statistics.fmean(vals)
+        out[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return out
+
+
+def device_slug(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _with_seed(recipe: Recipe, seed: int) -> Recipe:
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, seed=seed))
+
+
+def _airbench_runner(args, store, device: torch.device, per_class: int,
+                     work: Path) -> tuple[dict[str, Any], Callable[[float], dict[str, float]] | None]:
+    """(facts for the report, a run(epochs) function, or None where airbench cannot run here)."""
+    ab = import_airbench(Path(args.wheels))
+    if ab is None:
+        return {"status": f"not run: airbench not installed and no airbench-{AIRBENCH_VERSION} wheel in "
+                          f"{args.wheels}"}, None
+    data_dir = write_airbench_data(store, work / "cifar10", per_class)
+    n_train = len(take_per_class(np.arange(len(store.train_labels)), store.train_labels, per_class)) \
+        if per_class else len(store.train_labels)
+    batch = min(args.ab_batch_size, n_train)  # as our loader does: airbench drops a ragged last batch
+    info: dict[str, Any] = {"version": AIRBENCH_VERSION, "variant": "airbench94", "epochs": args.ab_epochs,
+                            "batch_size": batch, "train_images": n_train, "tta_level": AB_HYP["tta_level"]}
+    if device.type != "cuda":  # what can be checked here: airbench's own loader reads the adapted data
+        info["loader_check"] = check_airbench_loader(ab, data_dir, batch)
+        return {**info, "status": "not run: airbench 0.1.8 requires CUDA (make_net94 calls .cuda(); train() "
+                                  "times with torch.cuda.Event)"}, None
+    return {**info, "status": "ok"}, lambda epochs: run_airbench(ab, data_dir, device, epochs, batch)
+
+
+def _log(console, label: str, i: int, n: int, run: dict[str, float]) -> None:
+    console.print(f"{label} run {i + 1}/{n}: " + ", ".join(f"{k} {v:.4g}" for k, v in run.items()))
+
+
+def compare(args, recipe: Recipe, store, device: torch.device, console) -> tuple[dict, dict]:
+    """Warm both sides up, then alternate airbench and ours n times (drift in clocks or temperature then
+    hits both alike); our run i uses seed train.seed + i, airbench draws from torch's global generator."""
+    with tempfile.TemporaryDirectory(prefix="peer-airbench-") as work:
+        airbench, ab_run = _airbench_runner(args, store, device, recipe.data.train_subset, Path(work))
+        if ab_run is not None:
+            ab_run(1.0)  # warm-up: cuDNN autotuning (airbench turns cudnn.benchmark on), allocator growth
+        run_ours(_with_epochs(recipe, 1), store, device, console)  # warm-up: the same, plus compile
+        ab_runs, our_runs = [], []
+        for i in range(args.n):
+            if ab_run is not None:
+                ab_runs.append(ab_run(args.ab_epochs))
+                _log(console, "airbench", i, args.n, ab_runs[-1])
+            our_runs.append(run_ours(_with_seed(recipe, recipe.train.seed + i), store, device, console))
+            _log(console, "ours", i, args.n, our_runs[-1])
+    if ab_runs:
+        airbench.update(runs=ab_runs, **stats(ab_runs, ("acc", "train_s", "eval_s")))
+    ours = {"status": "ok", "runs": our_runs, "params": our_runs[0]["params"],
+            **stats(our_runs, ("acc", "train_s", "eval_s", "fit_overhead_s"))}
+    return ours, airbench
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=5, help="timed runs per side (default 5)")
+    p.add_argument("--recipe", default=str(ROOT / "recipes" / "speedrun94.toml"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--store", help="prepared store (default: the recipe's data.store)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--tiny", action="store_true", help=f"{TINY_PER_CLASS} images per class, 1 epoch, n = 1, width 16: a CPU smoke run")
+    p.add_argument("--ab-epochs", type=float, default=AB_HYP["epochs"])
+    p.add_argument("--ab-batch-size", type=int, default=AB_HYP["batch_size"])
+    p.add_argument("--wheels", default=str(ROOT / "bench" / "wheels"))
+    p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    return run_harness(args)
+
+
+def run_harness(args: argparse.Namespace) -> Path:
+    from rich.console import Console
+
+    from fastcifar.data import open_store
+    from fastcifar.device import resolve_device
+    from fastcifar.run import environment
+
+    console = Console(stderr=True)
+    overrides = list(args.overrides)
+    if args.tiny:
+        args.n, args.ab_epochs, args.ab_batch_size = 1, 1.0, 100
+        overrides = [f"data.train_subset={TINY_PER_CLASS}", *TINY_SETS, *overrides]
+    if args.store:
+        overrides.append(f'data.store="{args.store}"')
+    overrides.append(f'train.device="{args.device}"')
+    recipe = load_recipe(args.recipe, overrides)
+    if recipe.split.kind != "official":
+        raise FastCifarError("split.kind: the peer comparison needs 'official' (airbench trains on the 50k)")
+    device = resolve_device(recipe.train.device)
+    store = open_store(Path(recipe.data.store), verify=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # airbench sets it at import; the same for both sides
+    ours, airbench = compare(args, recipe, store, device, console)
+    env = environment(device)
+    result: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_slug(device),
+        "environment": env, "torch": torch.__version__, "commit": env["git_commit"],
+        "tiny": bool(args.tiny), "n": args.n, "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if device.type == "cuda" else None,
+        "store": {"path": str(store.path), "sha256": store.meta["sha256"]},
+        "recipe": {"path": str(args.recipe), "overrides": overrides, "resolved": recipe.to_dict()},
+        "ours": ours, "airbench": airbench}
+    if airbench.get("status") == "ok":
+        total = lambda side: side["train_s_mean"] + side["eval_s_mean"]  # noqa: E731
+        result["ratio_ours_over_airbench"] = total(ours) / total(airbench)
+        result["acc_delta_ours_minus_airbench"] = ours["acc_mean"] - airbench["acc_mean"]
+    stem = f"{result['date'][:10]}-{result['device']}-speedrun" + ("-tiny" if args.tiny else "")
+    out = Path(args.out_dir) / f"{stem}.json"
+    write_json(out, result)
+    console.print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FastCifarError as e:
+        print(f"peer_airbench: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

@@ -26,12 +26,13 @@ def peak_memory_mb(device: torch.device) -> tuple[float | None, str]:
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS"
 
 
-def timed_evaluate(model, loader, device, dtype, num_classes: int) -> tuple[dict[str, Any], float]:
-    """evaluate(keep_logits=True) and its wall time per image (data path included, as a user would see it)."""
+def timed_evaluate(model, loader, device, dtype, num_classes: int, **kwargs) -> tuple[dict[str, Any], float]:
+    """evaluate(keep_logits=True, **kwargs: tta, channels_last) and its wall time per image (data path and
+    TTA views included, as a user would see it)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    out = evaluate(model, loader, device, dtype, num_classes, keep_logits=True)
+    out = evaluate(model, loader, device, dtype, num_classes, keep_logits=True, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out, (time.perf_counter() - t0) * 1000 / max(out["n"], 1)

@@ -9,12 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from fastcifar.device import autocast
+from fastcifar.engine import input_layout, strip_compile_prefix, tta_logits
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
-             num_classes: int, keep_logits: bool = False) -> dict[str, Any]:
+             num_classes: int, keep_logits: bool = False, tta: str = "none",
+             channels_last: bool = True) -> dict[str, Any]:
     """Metrics accumulate on the device; the host reads them once at the end (no per-batch sync).
+
+    tta: "none", "flip" or "flip_translate" (fastcifar.engine.TTA_VIEWS: the weighted mean of the logits of
+    mirrored / shifted copies). channels_last=False feeds the model NCHW-contiguous batches (train.channels_last).
 
     keep_logits=True also returns the (N, C) float32 logits and targets on the CPU, in loader order, for the
     full metric set (fastcifar.metrics) and the figures.
@@ -26,7 +31,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.
     kept: list[torch.Tensor] = []
     for x, y in loader:
         with autocast(device, dtype):
-            logits = model(x)
+            logits = tta_logits(model, input_layout(x, channels_last), tta)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
         if keep_logits:
@@ -70,7 +75,7 @@ def load_trained_model(checkpoint: str | Path, device: torch.device):
         raise CheckpointError(f"{path}: checkpoint lists no class names")
     try:
         model = build_model(recipe, len(classes), image_size, device, pretrained=False)
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(strip_compile_prefix(ckpt["model"]))  # also reads a compiled wrapper's keys
     except FastCifarError as e:
         raise CheckpointError(f"{path}: cannot rebuild {recipe.model.name} ({e})") from None
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
@@ -97,7 +102,8 @@ def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str, co
     transform = build_eval_transform(recipe.augment, recipe.data.mean, recipe.data.std)
     loader = DeviceLoader(store.test_images, store.test_labels, recipe.eval.batch_size, transform, device,
                           shuffle=False)
-    metrics = evaluate(model, loader, device, amp_dtype(device, recipe.train.amp), len(classes))
+    metrics = evaluate(model, loader, device, amp_dtype(device, recipe.train.amp), len(classes),
+                       tta=recipe.eval.tta, channels_last=recipe.train.channels_last)
     if recipe.split.pool == "train+test":
         console.print("[yellow]note: this model's folds were drawn from train+test, so the test set overlaps "
                       "its training data[/yellow]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -9,14 +10,24 @@ import torch
 from fastcifar.recipe import OptimCfg, ScheduleCfg
 
 
+def update_kernel(cls: type[torch.optim.Optimizer], device: torch.device) -> dict[str, bool]:
+    """How the optimizer updates its parameters: fused on CUDA where this torch has it for `cls` (one kernel
+    for all parameters, and GradScaler then skips its per-step host read of found_inf); foreach on the CPU
+    (one launch per op instead of one per tensor); torch's own default elsewhere (MPS)."""
+    if device.type == "cuda" and "fused" in inspect.signature(cls.__init__).parameters:
+        return {"fused": True}
+    if device.type in ("cuda", "cpu"):
+        return {"foreach": True}
+    return {}
+
+
 def build_optimizer(cfg: OptimCfg, params, device: torch.device) -> torch.optim.Optimizer:
-    # foreach kernels batch the per-parameter updates (one launch per op instead of one per tensor).
-    foreach = device.type in ("cuda", "cpu")
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name]
+    kernel = update_kernel(cls, device)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay, foreach=foreach)
-    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=foreach)
+        return cls(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                   **kernel)
+    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **kernel)
 
 
 def lr_factor(cfg: ScheduleCfg, step: int, steps_per_epoch: int, total_steps: int, base_lr: float) -> float:

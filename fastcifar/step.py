@@ -1,9 +1,10 @@
 """One optimizer step, and what can go wrong in it: non-finite numbers and running out of memory.
 
 Metrics stay on the device. The non-finite check in "stop" mode is lazy: the first bad step index is kept in a
-device tensor and read every `poll` steps (every step on CPU/MPS, where a read costs nothing; every 32 on CUDA,
-so the step loop does not wait on the GPU). "skip" mode has to decide before the optimizer steps, so it reads
-the flag every step: that is its price.
+device tensor and read every `poll` steps (every step on the CPU, where a read costs nothing; every 32 on CUDA
+and MPS, whose queues run ahead of the host, so the step loop does not wait on the device). "skip" mode has to
+decide before the optimizer steps, so it reads the flag every step: that is its price. Both reads go through
+fastcifar.engine.read_scalar, the step loop's only host read (tests count them).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fastcifar import engine
 from fastcifar.device import autocast
 from fastcifar.errors import FastCifarError
 from fastcifar.recipe import Recipe
@@ -47,7 +49,9 @@ class EpochTotals:
     seen: int = 0
     skipped: int = 0
     lr: float = 0.0
-    seconds: float = 0.0
+    seconds: float = 0.0  # steady-state step time (warm-up excluded: fastcifar.engine.StepClock)
+    warmup_seen: int = 0  # images of the warm-up (compile / graph capture) steps among `seen`
+    warmup_s: float = 0.0
 
     @classmethod
     def zeros(cls, device: torch.device, lr: float) -> "EpochTotals":
@@ -56,12 +60,14 @@ class EpochTotals:
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen,
-                "skipped": self.skipped, "lr": self.lr, "seconds": self.seconds}
+                "skipped": self.skipped, "lr": self.lr, "seconds": self.seconds,
+                "warmup_seen": self.warmup_seen, "warmup_s": self.warmup_s}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> "EpochTotals":
         return cls(state["loss_sum"].to(device), state["correct"].to(device), int(state["seen"]),
-                   int(state["skipped"]), float(state["lr"]), float(state["seconds"]))
+                   int(state["skipped"]), float(state["lr"]), float(state["seconds"]),
+                   int(state.get("warmup_seen", 0)), float(state.get("warmup_s", 0.0)))
 
 
 class StepRunner:
@@ -70,8 +76,10 @@ class StepRunner:
         self.cfg, self.device, self.dtype, self.console = recipe.train, device, dtype, console
         self.accum = 1  # micro-batches per batch; grows only through oom_retry
         self.skipped_total = 0
-        self.poll = 32 if device.type == "cuda" else 1
+        self.poll = 32 if device.type in ("cuda", "mps") else 1
         self._bad_step = torch.full((), -1, device=device, dtype=torch.int64)
+        self.ema: engine.WeightEMA | None = None  # updated after every optimizer step
+        self.prepare = None  # called with each batch before its forward (CUDA-graph capture / step marker)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, totals: EpochTotals, step: int) -> None:
         while True:
@@ -96,11 +104,14 @@ class StepRunner:
         return loss_total, correct
 
     def _step(self, x, y, totals: EpochTotals, step: int) -> None:
+        x = engine.input_layout(x, self.cfg.channels_last)
+        if self.prepare is not None:
+            self.prepare(x)
         self.optimizer.zero_grad(set_to_none=True)
         loss, correct = self._forward_backward(x, y)
         totals.lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = self._unscale_and_clip()
-        if self.cfg.on_nonfinite == "skip" and bool(self._nonfinite(loss, grad_norm)):
+        if self.cfg.on_nonfinite == "skip" and engine.read_scalar(self._nonfinite(loss, grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             totals.skipped += 1
             self.skipped_total += 1
@@ -109,6 +120,8 @@ class StepRunner:
                                           f"train.max_skipped_steps = {self.cfg.max_skipped_steps})")
         else:
             self._optimizer_step()
+            if self.ema is not None:
+                self.ema.update()
             totals.loss_sum += loss.double() * len(y)
             totals.correct += correct
             totals.seen += len(y)
@@ -150,7 +163,7 @@ class StepRunner:
 
     def check_pending(self) -> None:
         """Raise if a non-finite step was recorded since the last read (call at every epoch end too)."""
-        bad = int(self._bad_step)
+        bad = int(engine.read_scalar(self._bad_step))
         if bad >= 0:
             self._bad_step.fill_(-1)
             raise NonFiniteStep(bad, "loss or gradient")

@@ -47,6 +47,10 @@ class DeviceLoader:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.epoch = 0  # epochs completed (the alternating flip reads it)
+        # (rank, world size) under DDP: every rank draws and augments the same global batch from the same
+        # generator, then keeps its 1/world slice, so W ranks see exactly the images and augmentations of one
+        # process at the global batch, and the generator state (the resume point) is the same on every rank.
+        self.shard: tuple[int, int] | None = None
         self._order: torch.Tensor | None = None  # this epoch's permutation while an epoch is in progress
         self._pos = 0  # index of the next batch of the epoch in progress
         self._gen_state: torch.Tensor | None = None  # generator state before the batch at _pos was drawn
@@ -59,7 +63,9 @@ class DeviceLoader:
 
     @property
     def num_images(self) -> int:
-        return len(self) * self.batch_size if self.shuffle else len(self.labels)
+        """Images this process trains on (or evaluates) per epoch."""
+        world = self.shard[1] if self.shard else 1
+        return len(self) * self.batch_size // world if self.shuffle else len(self.labels)
 
     @property
     def position(self) -> int:
@@ -71,6 +77,10 @@ class DeviceLoader:
         x, y = self.transform(self.images, idx, self.generator, self.epoch), self.labels[idx]
         if self.mixer is not None:
             x, y = self.mixer(x, y, self.generator)
+        if self.shard is not None:
+            rank, world = self.shard
+            per = len(idx) // world  # fastcifar.distributed refuses a batch_size not divisible by world
+            x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
         return x, y
 
     def _prefetch(self, pos: int) -> tuple[torch.Tensor, torch.Tensor] | None:

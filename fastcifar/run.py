@@ -122,7 +122,10 @@ def _remove_orphans(run_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _train_folds(recipe: Recipe, store, run_dir: Path, device: torch.device, console, resuming: bool, hooks, stop) -> list[dict]:
+def _train_folds(recipe: Recipe, store, run_dir: Path, device: torch.device, console, resuming: bool, hooks, stop,
+                 *, make_trainer=None, select=None) -> list[dict]:
+    """make_trainer: FoldTrainer's stand-in (a DDP rank's trainer); select: this process's share of the folds
+    (fold-parallel ranks). Both default to the single-process run (fastcifar.distributed sets them)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fastcifar.train import FoldTrainer
@@ -131,6 +134,8 @@ def _train_folds(recipe: Recipe, store, run_dir: Path, device: torch.device, con
     folds = make_folds(len(store.train_labels), labels, recipe.split)
     if recipe.split.kind == "kfold" and recipe.split.fold >= 0:
         folds = [folds[recipe.split.fold]]
+    if select is not None:
+        folds = select(folds)
     results = []
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         _rate_column(), TimeElapsedColumn(), console=console, transient=True,
@@ -143,7 +148,7 @@ def _train_folds(recipe: Recipe, store, run_dir: Path, device: torch.device, con
                 results.append(json.loads(done.read_text()))
                 console.print(f"fold {fold.index}: finished earlier, kept ({done})")
                 continue
-            trainer = FoldTrainer(recipe, store, fold, fold_dir, device, console)
+            trainer = (make_trainer or FoldTrainer)(recipe, store, fold, fold_dir, device, console)
             if resuming:
                 trainer.try_resume()
             trainer.fit(hooks, progress, stop)
@@ -153,29 +158,49 @@ def _train_folds(recipe: Recipe, store, run_dir: Path, device: torch.device, con
 
 def run_training(recipe: Recipe, run_dir: Path, console, *, resume: bool = False, hooks=None) -> dict[str, Any]:
     """Train every selected fold of `recipe` into run_dir; finished folds are kept, never re-run on resume."""
-    from fastcifar.data import open_store
     from fastcifar.device import resolve_device
-    from fastcifar.train import Hooks, build_model
+    from fastcifar.train import Hooks
 
-    # Everything that can be refused is checked before the run directory is touched.
-    build_train_transform(recipe.augment, recipe.data.mean, recipe.data.std)
     device = resolve_device(recipe.train.device)
+    store = check_inputs(recipe)
+    with RunLock(run_dir), GracefulStop() as stop:
+        resuming = start_run(recipe, run_dir, device, store, resume)
+        configure_runtime(recipe)
+        results = _train_folds(recipe, store, run_dir, device, console, resuming, hooks or Hooks(), stop)
+        summary, report = finish_run(recipe, run_dir, results, console)
+    console.print(f"report: {report}")
+    return summary
+
+
+def check_inputs(recipe: Recipe):
+    """Everything that can be refused, checked before the run directory is touched; returns the opened store."""
+    from fastcifar.data import open_store
+    from fastcifar.train import build_model
+
+    build_train_transform(recipe.augment, recipe.data.mean, recipe.data.std)
     store = open_store(Path(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
     # Building the model once on the CPU refuses a bad width or pretrained file before any output exists.
     build_model(recipe, len(store.classes), store.train_images.shape[1], torch.device("cpu"))
-    with RunLock(run_dir), GracefulStop() as stop:
-        resuming = _check_resume(run_dir, recipe, resume)
-        _remove_orphans(run_dir)
-        configure_runtime(recipe)
-        if not resuming:
-            write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
-        write_json(run_dir / "env.json", {**environment(device), "store": {
-            "path": str(store.path), "sha256": store.meta["sha256"], "source": store.meta["source"]}})
-        results = _train_folds(recipe, store, run_dir, device, console, resuming, hooks or Hooks(), stop)
-        summary = {**summarize(results), "recipe": recipe.name}
-        if len(results) > 1:
-            write_text(run_dir / "folds.csv", _folds_table(summary, console))
-        write_json(run_dir / "summary.json", summary)
-        report = write_report(run_dir)
-    console.print(f"report: {report}")
-    return summary
+    return store
+
+
+def start_run(recipe: Recipe, run_dir: Path, device: torch.device, store, resume: bool,
+              extra_env: dict[str, Any] | None = None) -> bool:
+    """Under the run lock: accept or refuse run_dir, clear orphans, write recipe.toml and env.json; True when
+    resuming. A distributed run calls it on rank 0 only (extra_env: its world size and mode)."""
+    resuming = _check_resume(run_dir, recipe, resume)
+    _remove_orphans(run_dir)
+    if not resuming:
+        write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
+    write_json(run_dir / "env.json", {**environment(device), **(extra_env or {}), "store": {
+        "path": str(store.path), "sha256": store.meta["sha256"], "source": store.meta["source"]}})
+    return resuming
+
+
+def finish_run(recipe: Recipe, run_dir: Path, results: list[dict[str, Any]], console) -> tuple[dict[str, Any], Path]:
+    """summary.json, folds.csv (k-fold) and report.md from the folds' results, in fold order."""
+    summary = {**summarize(results), "recipe": recipe.name}
+    if len(results) > 1:
+        write_text(run_dir / "folds.csv", _folds_table(summary, console))
+    write_json(run_dir / "summary.json", summary)
+    return summary, write_report(run_dir)

@@ -18,6 +18,7 @@ from fastcifar.atomic import write_json, write_text
 from fastcifar.augment import build_eval_transform, build_mixer, build_train_transform
 from fastcifar.checkpoint import load_checkpoint, save_checkpoint
 from fastcifar.device import amp_dtype
+from fastcifar.engine import StepClock, build_engine, images_per_second, sync
 from fastcifar.errors import CheckpointError, first_line
 from fastcifar.evaluate import evaluate
 from fastcifar.lifecycle import Interrupted
@@ -50,6 +51,7 @@ class FitState:
     bad_epochs: int = 0
     stopped_early: bool = False
     accum_steps: int = 1  # micro-batches per batch (raised by an out-of-memory retry)
+    compile_time_s: float = 0.0  # warm-up (compile / CUDA-graph capture) wall time, summed over resumes
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -61,7 +63,8 @@ def build_model(recipe: Recipe, num_classes: int, image_size: int, device: torch
     model = create_model(m.name, num_classes=num_classes, image_size=recipe.augment.resize or image_size,
                          width=m.width, dropout=m.dropout, pretrained=m.pretrained if pretrained else "")
     # channels-last matches the loader's NHWC batches and is the fast conv layout on CUDA and oneDNN.
-    return model.to(device, memory_format=torch.channels_last)
+    return model.to(device, memory_format=torch.channels_last if recipe.train.channels_last else
+                    torch.contiguous_format)
 
 
 def classifier_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -98,6 +101,11 @@ def make_loaders(recipe: Recipe, store, fold: Fold, device: torch.device) -> Fol
     same = fold.test is not None and np.array_equal(fold.test, fold.val)
     val = loader(fold.val, eval_tf, False, ebs)
     test = val if same else (loader(fold.test, eval_tf, False, ebs) if fold.test is not None else None)
+    if recipe.train.loader != "device":  # torchvision / DALI / FFCV train; evaluation stays on the device loader
+        from fastcifar.backends import make_loader
+
+        train = make_loader(recipe, store, train_idx, labels, device, seed=recipe.train.seed * 1000 + fold.index)
+        return FoldData(train, val, test)
     return FoldData(loader(train_idx, train_tf, True, bs, mixer), val, test)
 
 
@@ -120,10 +128,17 @@ class FoldTrainer:
         torch.manual_seed(recipe.train.seed * 1000 + fold.index)  # same init for a fresh and a resumed run
         self.data = make_loaders(recipe, store, fold, device)
         self.model = build_model(recipe, len(self.classes), self.image_size, device)
+        if hasattr(self.model, "init_whitening"):  # speedrun_net: its frozen first conv whitens training patches
+            self.model.init_whitening(self.data.train.images, recipe.data.mean, recipe.data.std)
         self.dtype = amp_dtype(device, recipe.train.amp)
         fp16_cuda = self.dtype == torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
-        self.runner = StepRunner(self.model, None, None, self.scaler, recipe, device, self.dtype, console)
+        # The engine wraps the model for the step (compile / CUDA graphs) and validation (EMA); self.model stays
+        # the plain module, so checkpoints never carry torch.compile's "_orig_mod." prefix.
+        self.engine = build_engine(self.model, recipe, device, self.dtype, console)
+        self.runner = StepRunner(self.engine.net, None, None, self.scaler, recipe, device, self.dtype, console)
+        self.runner.ema, self.runner.prepare = self.engine.ema, self.engine.prepare
+        self._warmup_left = self.engine.plan.warmup_steps  # steps still timed as warm-up (engine.StepClock)
         self.stage_boundary = recipe.finetune.head_epochs or None
         self._set_stage(1 if self.stage_boundary else 2)
         self.state = FitState()
@@ -165,12 +180,19 @@ class FoldTrainer:
             "loader": self.data.train.state_dict(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "state": self.state.as_dict(), "partial": partial.state_dict() if partial is not None else None,
-            "stage": self.stage,
+            "stage": self.stage, "ema": self.engine.ema.state_dict() if self.engine.ema is not None else None,
             "skipped_total": self.runner.skipped_total})
 
     def save_best(self, row: dict[str, float]) -> None:
+        """best.pt holds the weights that were validated: the EMA's when train.ema_decay is on."""
+        ema = self.engine.ema
         save_checkpoint(self.dir / "checkpoints" / "best.pt",
-                        {**self._meta(), "model": self.model.state_dict(), "epoch": row["epoch"], "metrics": row})
+                        {**self._meta(), "model": (ema.module if ema is not None else self.model).state_dict(),
+                         "weights": "ema" if ema is not None else "model", "epoch": row["epoch"], "metrics": row})
+
+    def write_metrics(self) -> None:
+        """metrics.csv, rewritten every epoch (a DDP rank other than 0 overrides this with a no-op)."""
+        write_text(self.dir / "metrics.csv", _metrics_csv(self.state.history))
 
     def try_resume(self) -> bool:
         path = self.last_path
@@ -182,6 +204,8 @@ class FoldTrainer:
             self._set_stage(int(ckpt["stage"]))  # the optimizer state belongs to the stage it was saved in
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.engine.ema is not None:  # ema_decay cannot change on resume (run.RESUMABLE_DIFFS)
+                self.engine.ema.load_state_dict(ckpt["ema"])
             if self.scaler is not None and ckpt["scaler"] is not None:
                 self.scaler.load_state_dict(ckpt["scaler"])
             self.data.train.load_state_dict(ckpt["loader"])
@@ -212,7 +236,7 @@ class FoldTrainer:
         else:
             st.bad_epochs += 1
         st.stopped_early = bool(tr.early_stopping_patience) and st.bad_epochs >= tr.early_stopping_patience
-        write_text(self.dir / "metrics.csv", _metrics_csv(st.history))
+        self.write_metrics()
         if st.epoch % tr.checkpoint_every == 0 or st.stopped_early or st.epoch == tr.epochs:
             self.save_last()
         return st.stopped_early
@@ -225,17 +249,19 @@ class FoldTrainer:
         self.model.train()
         task = progress.add_task(f"epoch {epoch + 1}/{self.recipe.train.epochs}", total=loader.num_images,
                                  completed=loader.position * loader.batch_size)
-        t0 = time.perf_counter()
+        clock = StepClock(self._warmup_left, lambda: sync(self.device))
+        clock.start()
         try:
             for x, y in loader:
-                step = loader.position - 1
+                step, seen = loader.position - 1, totals.seen
                 self.runner.step(x, y, totals, step)
+                clock.step_done(totals.seen - seen)
                 progress.advance(task, len(y))
                 if hooks.on_step:
                     hooks.on_step(epoch, step)
                 if stop is not None and stop.requested:
                     self.runner.check_pending()  # never checkpoint a step that went non-finite
-                    totals.seconds += time.perf_counter() - t0
+                    self._book_time(totals, clock)
                     self.save_last(partial=totals)
                     raise self._interrupted(stop.signum, epoch, loader.position)
             self.runner.check_pending()
@@ -243,8 +269,17 @@ class FoldTrainer:
             raise self._non_finite(e, epoch) from None
         finally:
             progress.remove_task(task)
-        totals.seconds += time.perf_counter() - t0
+        self._book_time(totals, clock)
         return totals
+
+    def _book_time(self, totals: EpochTotals, clock: StepClock) -> None:
+        """Warm-up time (compile / capture) goes to compile_time_s and is kept out of img/s (StepClock's rule)."""
+        clock.stop()
+        totals.seconds += clock.steady_s
+        totals.warmup_s += clock.warmup_s
+        totals.warmup_seen += clock.warmup_images
+        self.state.compile_time_s += clock.warmup_s
+        self._warmup_left = clock.warmup_left
 
     def _interrupted(self, signum: int, epoch: int, steps: int) -> Interrupted:
         run_dir = self.dir if self.recipe.split.kind != "kfold" else self.dir.parent
@@ -269,12 +304,14 @@ class FoldTrainer:
                 self.console.print(f"fold {self.fold.index}: stage 2 from epoch {epoch + 1}: all layers train")
             totals = self._train_epoch(epoch, hooks, progress, stop)
             t0 = time.perf_counter()
-            val = evaluate(self.model, self.data.val, self.device, self.dtype, len(self.classes))
+            val = evaluate(self.engine.eval_net, self.data.val, self.device, self.dtype, len(self.classes),
+                           **self.eval_kwargs)
             seen = max(totals.seen, 1)
             row = {"epoch": epoch + 1, "train_loss": float(totals.loss_sum) / seen,
                    "train_acc": int(totals.correct) / seen, "val_loss": val["loss"], "val_acc": val["acc"],
-                   "lr": totals.lr, "epoch_time_s": totals.seconds + time.perf_counter() - t0,
-                   "img_per_s": totals.seen / max(totals.seconds, 1e-9), "skipped_steps": totals.skipped}
+                   "lr": totals.lr, "epoch_time_s": totals.seconds + totals.warmup_s + time.perf_counter() - t0,
+                   "img_per_s": images_per_second(totals.seen, totals.seconds, totals.warmup_seen, totals.warmup_s),
+                   "skipped_steps": totals.skipped}
             stop_early = self._end_epoch(row)
             self.console.print(
                 f"fold {self.fold.index} epoch {row['epoch']:>3}/{tr.epochs}  train loss {row['train_loss']:.4f} "
@@ -287,12 +324,19 @@ class FoldTrainer:
                 self.console.print(f"early stopping: no improvement of {self.recipe.eval.metric} for "
                                    f"{tr.early_stopping_patience} epochs (best epoch {self.state.best_epoch})")
 
+    @property
+    def eval_kwargs(self) -> dict[str, Any]:
+        return {"tta": self.recipe.eval.tta, "channels_last": self.recipe.train.channels_last}
+
     def finish(self) -> dict[str, Any]:
         """Evaluate the best checkpoint on validation and test: full metrics, costs, figures -> result.json."""
         best = load_checkpoint(self.dir / "checkpoints" / "best.pt")
-        self.model.load_state_dict(best["model"])
-        n_cls = len(self.classes)
-        val, ms = timed_evaluate(self.model, self.data.val, self.device, self.dtype, n_cls)
+        # Into the module validation ran on (the EMA copy when on): its compiled eval graph is reused, so no
+        # compile time lands in inference_ms_per_image.
+        plain = self.engine.ema.module if self.engine.ema is not None else self.model
+        plain.load_state_dict(best["model"])
+        net, n_cls, kw = self.engine.eval_net, len(self.classes), self.eval_kwargs
+        val, ms = timed_evaluate(net, self.data.val, self.device, self.dtype, n_cls, **kw)
         result: dict[str, Any] = {
             "fold": self.fold.index, "best_epoch": best["epoch"], "epochs_run": self.state.epoch,
             "stopped_early": self.state.stopped_early, "val_acc": val["acc"], "val_loss": val["loss"],
@@ -303,17 +347,20 @@ class FoldTrainer:
         if self.data.test is not None:
             if self.data.test is not self.data.val:
                 result["val_metrics"] = compute_metrics(val["logits"], val["targets"], n_cls)
-                final, ms = timed_evaluate(self.model, self.data.test, self.device, self.dtype, n_cls)
+                final, ms = timed_evaluate(net, self.data.test, self.device, self.dtype, n_cls, **kw)
             result.update(test_acc=final["acc"], test_loss=final["loss"], test_per_class_acc=final["per_class_acc"],
                           test_confusion=final["confusion"])
             split, final_loader = "test", self.data.test
         result["metrics"] = {"split": split, **compute_metrics(final["logits"], final["targets"], n_cls)}
         result["inference_ms_per_image"] = ms
         result["peak_memory_mb"], result["peak_memory_kind"] = peak_memory_mb(self.device)
+        result["compile_time_s"] = self.state.compile_time_s  # warm-up steps, kept out of img_per_s
+        result["engine"] = {**self.engine.summary(self.optimizer), "tta": self.recipe.eval.tta,
+                            "channels_last": self.recipe.train.channels_last}
         if self.recipe.eval.figures:
             train = self.data.train
             result["figures"] = write_figures(
                 self.dir, self.state.history, final, self.classes, final_loader, train.images.cpu().numpy(),
-                train.labels.cpu().numpy(), self.model, self.stage_boundary, self.recipe.eval.gradcam_layer)
+                train.labels.cpu().numpy(), plain, self.stage_boundary, self.recipe.eval.gradcam_layer)
         write_json(self.dir / "result.json", result)
         return result

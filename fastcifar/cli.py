@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--force", action="store_true", help="replace an existing store built from another source")
     pr.add_argument("--cache", default=os.path.join("~", ".cache", "fastcifar"), help="download directory")
     pr.add_argument("--verify", metavar="DIR", help="re-check the hashes of an existing store and exit")
+    pr.add_argument("--format", choices=["store", "beton"], default="store",
+                    help="beton: write the prepared store at --source (default data/cifar10) as an FFCV .beton "
+                         "to --out (default <store>.beton), for train.loader = \"ffcv\"")
 
     tr = sub.add_parser("train", help="train a recipe")
     tr.add_argument("recipe", help="a TOML recipe, e.g. recipes/quickstart.toml")
@@ -32,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="run directory (default runs/<recipe name>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="shorthand for --set train.device=...")
+    tr.add_argument("--folds-parallel", action="store_true",
+                    help="under torchrun: rank r trains folds r, r+W, ... on its own device, rank 0 merges the "
+                         "fold table (without it, torchrun runs DDP: every rank trains every fold together)")
 
     sw = sub.add_parser("sweep", help="one-factor-at-a-time ablation of a recipe")
     sw.add_argument("recipe")
@@ -56,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     pd.add_argument("images", nargs="+", metavar="IMAGE")
     pd.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     pd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+
+    from fastcifar.bench.command import add_bench_parser  # `bench` and `bench loader` (fastcifar/bench/)
+
+    add_bench_parser(sub)
     return p
 
 
@@ -67,6 +77,13 @@ def _prepare(args, console) -> None:
         console.print(f"{args.verify}: ok ({meta['counts']['train']} train, {meta['counts']['test']} test images, "
                       f"{len(meta['classes'])} classes, hashes match)")
         return
+    if args.format == "beton":
+        from fastcifar.backends.ffcv import default_beton, write_beton
+
+        store = Path(os.path.expanduser(args.source or DEFAULT_STORE))
+        out = default_beton(store) if args.out == DEFAULT_STORE else Path(os.path.expanduser(args.out))
+        write_beton(store, out, log_fn=console.print)
+        return
     source = resolve_source(args.source, Path(os.path.expanduser(args.cache)))
     meta = prepare_store(source, Path(args.out), force=args.force, log=console.print)
     console.print(f"{args.out}: {meta['counts']['train']} train + {meta['counts']['test']} test images, "
@@ -74,13 +91,22 @@ def _prepare(args, console) -> None:
 
 
 def _train(args, console) -> None:
+    from fastcifar.distributed import run_distributed, torchrun_env
     from fastcifar.recipe import load_recipe
     from fastcifar.run import run_training
 
     overrides = list(args.overrides) + ([f'train.device="{args.device}"'] if args.device else [])
     recipe = load_recipe(args.recipe, overrides)
+    from fastcifar.backends import check_loader
+
+    check_loader(recipe)  # a missing DALI / FFCV extra fails here, before the run directory is touched
     run_dir = Path(args.out or Path("runs") / recipe.name)
-    summary = run_training(recipe, run_dir, console, resume=args.resume)
+    if args.folds_parallel or torchrun_env() is not None:
+        summary = run_distributed(recipe, run_dir, console, resume=args.resume, folds_parallel=args.folds_parallel)
+        if summary is None:  # a rank other than 0: rank 0 reports
+            return
+    else:
+        summary = run_training(recipe, run_dir, console, resume=args.resume)
     if "test_acc_mean" in summary:
         console.print(f"{run_dir}: test accuracy {summary['test_acc_mean']:.2%}")
     console.print(f"{run_dir}: validation accuracy {summary['val_acc_mean']:.2%}"
@@ -115,6 +141,12 @@ def _predict(args, console) -> None:
     print_predictions(results, console)
 
 
+def _bench(args, console) -> None:
+    from fastcifar.bench.command import run_bench
+
+    run_bench(args, console)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from rich.console import Console
@@ -125,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         {"prepare": _prepare, "train": _train, "sweep": _sweep, "eval": _eval, "report": _report,
-         "predict": _predict}[args.command](args, console)
+         "predict": _predict, "bench": _bench}[args.command](args, console)
     except FastCifarError as e:
         print(f"fastcifar: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -1,1 +1,52 @@
 """Input pipelines other than the device loader: the torchvision DataLoader fallback, NVIDIA DALI, FFCV."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch
+
+KINDS = ("torchvision", "dali", "ffcv")
+
+
+def check_loader(recipe) -> None:
+    """Refuse, in one line, a train.loader whose library is missing or that cannot express the recipe's augment
+    section; cheap, so the CLI calls it before the run directory is touched."""
+    kind = recipe.train.loader
+    if kind == "torchvision":
+        from fastcifar.backends.torchvision import build_pil_transform
+
+        build_pil_transform(recipe.augment, recipe.data.mean, recipe.data.std, train=True)
+    elif kind == "dali":
+        from fastcifar.backends.dali import require_dali
+
+        require_dali()
+    elif kind == "ffcv":
+        from fastcifar.backends.ffcv import require_ffcv
+
+        require_ffcv()
+        if recipe.augment.flip and recipe.augment.flip_mode == "alternate":
+            from fastcifar.errors import RecipeError
+
+            raise RecipeError('augment.flip_mode: "alternate" is not available with train.loader = "ffcv" (its '
+                              'batches carry no image index); use flip_mode = "random"')
+
+
+def make_loader(recipe, store, idx: np.ndarray, labels: np.ndarray, device: torch.device, *, seed: int):
+    """The training loader of kind recipe.train.loader over rows `idx` of the store's [train ; test] (labels:
+    all of them), meeting DeviceLoader's contract. Evaluation stays on the device loader."""
+    from fastcifar.loader import gather_images
+
+    kind = recipe.train.loader
+    if kind not in KINDS:
+        raise ValueError(f"unknown loader {kind!r}")  # the recipe's Literal type admits only KINDS + "device"
+    check_loader(recipe)
+    images = gather_images(store.train_images, store.test_images, idx)
+    module = importlib.import_module(f"fastcifar.backends.{kind}")
+    kwargs = dict(train=True, workers=recipe.train.workers, seed=seed, device=device, num_classes=len(store.classes))
+    if kind == "ffcv":
+        kwargs.update(beton=module.check_beton(module.default_beton(store.path), store), indices=idx)
+    make = getattr(module, f"make_{kind}_loader")
+    return make(images, labels[idx], recipe.train.batch_size, recipe.augment, recipe.data.mean, recipe.data.std,
+                **kwargs)

@@ -1,0 +1,143 @@
+"""The `fastcifar bench` subcommand: its arguments, and the one function the CLI calls with them."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STORE = "data/cifar10"
+
+
+def add_bench_parser(sub) -> None:
+    from fastcifar.bench.presets import PRESETS  # light: the recipe dataclasses, no torch
+
+    b = sub.add_parser(
+        "bench", help="throughput, latency, memory, energy and FLOPs of models (or, with `loader`, of the input "
+                      "pipelines), the seeds' way measured beside ours in the same run",
+        description="fastcifar bench [--model ...]: train/infer img/s, latency, memory, energy, FLOPs, MFU per "
+                    "model x precision x batch x compile x channels-last. fastcifar bench loader: img/s of each "
+                    "input pipeline x augmentation preset.")
+    b.add_argument("what", nargs="?", default="model", choices=["model", "loader"])
+    b.add_argument("--data", help=f"store directory (default {DEFAULT_STORE}, or the recipe's data.store)")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    b.add_argument("--model", nargs="+", metavar="NAME", help="models (default: cnn_bn on CPU/MPS, resnet18 on CUDA)")
+    b.add_argument("--recipe", help="take model, batch, augment, amp, compile and optimizer from a recipe")
+    b.add_argument("--batch", nargs="+", type=int, metavar="N", help="batch sizes (loader default 512; model "
+                                                                      "default 64 on CPU/MPS, 512 on CUDA)")
+    b.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"],
+                   help="(default: fp32 on CPU/MPS, bf16 fp32 on CUDA)")
+    b.add_argument("--compile", nargs="+", choices=["on", "off"], help="torch.compile the model (default off)")
+    b.add_argument("--channels-last", nargs="+", choices=["on", "off"], help="NHWC memory format (default on)")
+    b.add_argument("--augment", choices=list(PRESETS), help="augmentation preset for the model bench "
+                                                            "(default: the recipe's, else crop+flip)")
+    b.add_argument("--preset", nargs="+", choices=list(PRESETS), help="loader presets to time (default all)")
+    b.add_argument("--seconds", type=float, help="timed seconds per phase, split over the repeats "
+                                                 "(default 2 on CPU/MPS, 3 on CUDA)")
+    b.add_argument("--repeats", type=int, default=3, help="timed repeats per phase (default 3)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per phase (default 3)")
+    b.add_argument("--workers", type=int, default=4, help="the seeds' DataLoader workers (default 4, as the seeds)")
+    b.add_argument("--serve-batch", type=int, help="serving batch for latency (default 32 on CPU/MPS, 256 on CUDA)")
+    b.add_argument("--budget", type=float, metavar="S", help="global wall-clock budget; cells that would not fit "
+                                                             "are skipped with a note")
+    b.add_argument("--json", metavar="OUT", help="write the result as JSON")
+    b.add_argument("--md", metavar="OUT", help="write the tables as Markdown")
+    b.add_argument("--compare", nargs="+", metavar="JSON", help="OTHER.json: this run beside it, with ratios; "
+                                                                 "THIS.json OTHER.json: two saved results, no run")
+
+
+def _check(args) -> None:
+    from fastcifar.errors import RecipeError
+    from fastcifar.models import model_names
+
+    for name in args.model or []:
+        if name not in model_names():
+            raise RecipeError(f"--model: unknown model {name!r} (choose from {', '.join(model_names())})")
+    minimum = {"--batch": (args.batch or [], 1), "--repeats": ([args.repeats], 1), "--workers": ([args.workers], 0),
+               "--warmup": ([args.warmup], 0),
+               "--serve-batch": ([args.serve_batch] if args.serve_batch is not None else [], 1)}
+    for flag, (values, lo) in minimum.items():
+        for v in values:
+            if v < lo:
+                raise RecipeError(f"{flag}: must be >= {lo}, got {v}")
+    if args.seconds is not None and not args.seconds > 0:
+        raise RecipeError(f"--seconds: must be > 0, got {args.seconds}")
+    if args.what == "loader" and args.batch and len(args.batch) > 1:
+        raise RecipeError(f"--batch: bench loader takes one batch size, got {len(args.batch)}")
+    if args.compare and len(args.compare) > 2:
+        raise RecipeError("--compare: give OTHER.json (compare this run with it) or THIS.json OTHER.json")
+
+
+def _flags(values: list[str] | None, default: list[bool]) -> list[bool]:
+    return [v == "on" for v in values] if values else default
+
+
+def _plan(args, device):
+    from fastcifar.bench.model_bench import Plan
+    from fastcifar.bench.presets import PRESETS
+    from fastcifar.recipe import Recipe, load_recipe
+
+    cuda = device.type == "cuda"
+    recipe = load_recipe(args.recipe) if args.recipe else Recipe(name="bench")
+    augment_name = f"recipe:{recipe.name}" if args.recipe else "crop+flip"
+    if args.augment:
+        recipe, augment_name = replace(recipe, augment=PRESETS[args.augment]), args.augment
+    t = recipe.train
+    from_recipe = args.recipe is not None
+    return Plan(
+        recipe=recipe,
+        models=args.model or ([recipe.model.name] if from_recipe else ["resnet18" if cuda else "cnn_bn"]),
+        batches=args.batch or ([t.batch_size] if from_recipe else [512 if cuda else 64]),
+        precisions=args.precision or ((["bf16"] if t.amp else ["fp32"]) if from_recipe else
+                                      (["bf16", "fp32"] if cuda else ["fp32"])),
+        compiles=_flags(args.compile, [t.compile] if from_recipe else [False]),
+        channels_last=_flags(args.channels_last, [t.channels_last] if from_recipe else [True]),
+        augment_name=augment_name, seconds=args.seconds or (3.0 if cuda else 2.0), repeats=args.repeats,
+        warmup=args.warmup, serve_batch=args.serve_batch or (256 if cuda else 32), workers=args.workers,
+        budget_s=args.budget)
+
+
+def run_bench(args: argparse.Namespace, console) -> dict[str, Any] | None:
+    """Run the bench the arguments ask for, print its tables, write --json / --md, print --compare."""
+    from fastcifar.atomic import write_json, write_text
+    from fastcifar.bench.compare import load_result, print_comparison
+    from fastcifar.bench.table import print_result, to_markdown, widen
+
+    widen(console)
+    _check(args)
+    others = [load_result(p, args.what) for p in args.compare or []]  # a bad file fails before any timing
+    if len(others) == 2:
+        print_comparison(others[0], others[1], console, args.compare[0], args.compare[1])
+        return None
+    from fastcifar.data import open_store
+    from fastcifar.device import resolve_device
+
+    device = resolve_device(args.device)
+    from rich.markup import escape
+
+    log = lambda msg: console.print(f"[dim]{escape(msg)}[/dim]", highlight=False)  # noqa: E731
+    if args.what == "loader":
+        from fastcifar.bench.loader_bench import run_loader_bench
+
+        store = open_store(Path(args.data or DEFAULT_STORE))
+        result = run_loader_bench(store, device, batch=(args.batch or [512])[0],
+                                  seconds=args.seconds or (3.0 if device.type == "cuda" else 2.0),
+                                  repeats=args.repeats, warmup=args.warmup, workers=args.workers,
+                                  presets=args.preset, log=log)
+    else:
+        from fastcifar.bench.model_bench import run_model_bench
+
+        plan = _plan(args, device)
+        store = open_store(Path(args.data or (plan.recipe.data.store if args.recipe else DEFAULT_STORE)))
+        result = run_model_bench(store, device, plan, log=log)
+    print_result(result, console)
+    if args.json:
+        write_json(args.json, result)
+        console.print(f"wrote {args.json}")
+    if args.md:
+        write_text(args.md, to_markdown(result))
+        console.print(f"wrote {args.md}")
+    if others:
+        print_comparison(result, others[0], console, "this run", args.compare[0])
+    return result

@@ -1,0 +1,157 @@
+"""`fastcifar bench loader`: images/s of every input pipeline x augmentation preset on one device, in one run.
+
+Rows: "fastcifar" (the device loader: resident uint8 store, batched augmentation, bf16 output on CUDA), "seeds"
+(PIL + per-image v2 transforms in a DataLoader with workers, batches copied to the device), and "dali" / "ffcv"
+when their backends and libraries are installed (otherwise the row says why). A batch counts as delivered when
+it is on the device, ready for the model.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.util
+import inspect
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fastcifar.bench.env import environment, peak_hbm_gbs
+from fastcifar.bench.presets import PRESETS, missing_ops
+from fastcifar.bench.seeds import seed_loader
+from fastcifar.bench.timing import cycle, measure_rate, quiet_workers
+from fastcifar.errors import first_line
+from fastcifar.recipe import CIFAR_MEAN, CIFAR_STD, AugmentCfg
+
+LOADERS = ("fastcifar", "seeds", "dali", "ffcv")
+_LIBS = {"dali": "nvidia.dali", "ffcv": "ffcv"}
+
+
+def _out_dtype(device: torch.device) -> torch.dtype:
+    # On CUDA training casts in the normalise step to the autocast dtype: half the bytes for the first conv.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _timed(make: Callable[[], Any], device: torch.device, seconds: float, warmup: int, repeats: int,
+           warmup_cap_s: float | None) -> dict[str, Any]:
+    """Build a loader, time it, and free it (DataLoader workers shut down before the next row starts)."""
+    loader = make()
+    batches = cycle(loader)
+    shapes: dict[str, Any] = {}
+
+    def step() -> int:
+        x, y = next(batches)
+        shapes.update(shape=list(x.shape[1:]), dtype=str(x.dtype).replace("torch.", ""))
+        return len(y)
+
+    try:
+        rate = measure_rate(step, device, seconds=seconds, repeats=repeats, warmup=warmup,
+                            warmup_cap_s=warmup_cap_s)
+    finally:
+        batches.close()
+        del batches, loader
+        gc.collect()
+    return {**rate.fields("img_s"), "warmup_s": rate.warmup_s, **shapes}
+
+
+def _bandwidth(row: dict[str, Any], device: torch.device, in_bytes: int) -> dict[str, Any]:
+    """Bytes a fused path must move per image (uint8 in + output out) x img/s, against the HBM peak."""
+    if device.type != "cuda" or "shape" not in row:
+        return {"bytes_per_img": None, "gb_s": None, "hbm_peak_gb_s": None, "hbm_frac": None}
+    out_bytes = int(np.prod(row["shape"])) * torch.empty((), dtype=getattr(torch, row["dtype"])).element_size()
+    per_img = in_bytes + out_bytes
+    gbs = per_img * row["img_s"] / 1e9
+    peak = peak_hbm_gbs(torch.cuda.get_device_name(device))
+    return {"bytes_per_img": per_img, "gb_s": gbs, "hbm_peak_gb_s": peak, "hbm_frac": gbs / peak if peak else None}
+
+
+def _backend_maker(kind: str, images, labels, batch: int, cfg: AugmentCfg, mean, std, device, workers: int):
+    """(maker, None) for an installed DALI / FFCV backend, else (None, the one-line reason)."""
+    module = f"fastcifar.backends.{kind}"
+    try:
+        if importlib.util.find_spec(module) is None:
+            return None, f"n/a ({module} not present)"
+        if importlib.util.find_spec(_LIBS[kind]) is None:
+            return None, f"n/a ({_LIBS[kind]} not installed: pip install 'fastcifar[{kind}]')"
+    except (ImportError, ValueError) as e:
+        return None, f"n/a ({first_line(e)})"
+    fn = getattr(importlib.import_module(module), f"make_{kind}_loader", None)
+    if fn is None:
+        return None, f"n/a ({module} has no make_{kind}_loader)"
+    params = inspect.signature(fn).parameters
+    extra = {k: v for k, v in dict(train=True, workers=workers, seed=0, device=device).items() if k in params}
+    return (lambda: fn(images, labels, batch, cfg, mean, std, **extra)), None
+
+
+def _row(loader: str, preset: str, batch: int, make, reason: str | None, device, settings, in_bytes) -> dict:
+    row: dict[str, Any] = {"loader": loader, "preset": preset, "batch": batch, "img_s": None, "note": reason or ""}
+    if make is None:
+        return row
+    try:
+        row.update(_timed(make, device, settings["seconds"], settings["warmup"], settings["repeats"],
+                          settings["seconds"]))
+    except Exception as e:  # a pipeline that fails is a row that says so; the other rows still run
+        row["note"] = f"error: {first_line(e)}"
+    row.update(_bandwidth(row, device, in_bytes) if row["img_s"] else {})
+    return row
+
+
+def run_loader_bench(store, device: torch.device, *, batch: int = 512, seconds: float = 3.0, repeats: int = 3,
+                     warmup: int = 3, workers: int = 4, presets: list[str] | None = None,
+                     loaders: tuple[str, ...] = LOADERS, log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Every loader x preset; returns the JSON-ready result (environment, settings, rows)."""
+    images, labels = store.train_images, store.train_labels
+    batch = min(batch, len(labels))  # a training loader drops the ragged batch: keep one full batch possible
+    mean, std = CIFAR_MEAN, CIFAR_STD
+    settings = {"batch": batch, "seconds": seconds, "repeats": repeats, "warmup": warmup, "workers": workers,
+                "store": str(store.path), "images": int(len(labels))}
+    in_bytes = int(np.prod(images.shape[1:]))
+    rows, seeds_impl = [], None
+    for name in presets or list(PRESETS):
+        cfg = PRESETS[name]
+        for loader in loaders:
+            t0 = time.perf_counter()
+            if loader == "fastcifar":
+                make, reason = _fastcifar_maker(images, labels, batch, cfg, mean, std, device)
+            elif loader == "seeds":
+                def make(cfg=cfg):
+                    nonlocal seeds_impl
+                    built, seeds_impl = seed_loader(images, labels, batch, cfg, mean, std, workers=workers, seed=0,
+                                                    device=device)
+                    return built
+                reason = None
+            else:
+                make, reason = _backend_maker(loader, images, labels, batch, cfg, mean, std, device, workers)
+            # The seeds' warm-up starts the workers and drains their first prefetch (2 batches per worker queued
+            # ahead), so the timed repeats see the steady state; capped at `seconds` of wall time.
+            s = dict(settings, warmup=max(warmup, 2 * workers + 1) if loader == "seeds" else warmup)
+            with quiet_workers():
+                row = _row(loader, name, batch, make, reason, device, s, in_bytes)
+            rows.append(row)
+            shown = f"{row['img_s']:,.0f} img/s" if row["img_s"] else row["note"]
+            log(f"loader {loader:<9} {name:<30} {shown}  ({time.perf_counter() - t0:.1f} s)")
+    _ratios(rows)
+    settings["seeds_impl"] = seeds_impl
+    return {"kind": "fastcifar-bench", "what": "loader", "version": 1, "environment": environment(device),
+            "settings": settings, "rows": rows}
+
+
+def _fastcifar_maker(images, labels, batch, cfg: AugmentCfg, mean, std, device):
+    reason = missing_ops(cfg)
+    if reason:
+        return None, reason
+    from fastcifar.augment import build_train_transform
+    from fastcifar.loader import DeviceLoader
+
+    tf = build_train_transform(cfg, mean, std, _out_dtype(device))
+    return (lambda: DeviceLoader(images, labels, batch, tf, device, shuffle=True, seed=0)), None
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """ratio = this loader's img/s / the seeds' img/s for the same preset (None where either is missing)."""
+    seeds = {r["preset"]: r["img_s"] for r in rows if r["loader"] == "seeds"}
+    for r in rows:
+        base = seeds.get(r["preset"])
+        r["ratio_vs_seeds"] = r["img_s"] / base if r["img_s"] and base else None

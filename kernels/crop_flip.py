@@ -78,24 +78,15 @@ def crop_flip_erase_reference(source: torch.Tensor, idx: torch.Tensor, oy: torch
     "random" box draws one full-batch torch.randn from `gen`, as basic.random_erasing does.
     """
     _check(source, idx, oy, ox, flip, boxes, fill_kind, fill_value, mean, std, padding, mode)
-    x = source[idx].permute(0, 3, 1, 2)  # NCHW view of NHWC rows
-    if padding:
-        x = B.crop_with_offsets(x, padding, oy, ox, mode)
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    x = B.gather_crop_flip(source, idx, oy, ox, flip, padding, mode)
     x = B.normalize(x, mean, std, out_dtype)
     _, _, h, w = x.shape
     for k, kind in enumerate(fill_kind):
         top, left, eh, ew = boxes[:, k].unbind(1)
-        mask = B._box_mask(h, w, top, left, eh, ew, x.device)[:, None]  # (B, 1, H, W); empty where eh*ew == 0
-        if kind == "random":
-            if gen is None:
-                raise ValueError("a 'random' fill needs a generator (gen) on the reference path")
-            fill = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32).to(out_dtype)
-        elif kind == "zero":
-            fill = torch.zeros((), device=x.device, dtype=out_dtype)
-        else:
-            fill = fill_value[k].to(device=x.device, dtype=torch.float32).to(out_dtype).view(1, -1, 1, 1)
-        x = torch.where(mask, fill, x)
+        mask = B._box_mask(h, w, top, left, eh, ew, x.device)  # (B, H, W); empty where eh*ew == 0
+        if kind == "random" and gen is None:
+            raise ValueError("a 'random' fill needs a generator (gen) on the reference path")
+        x = B.fill_box(x, mask, fill_value[k] if kind == "constant" else kind, gen)
     return x.contiguous(memory_format=torch.channels_last)
 
 

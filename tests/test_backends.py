@@ -105,7 +105,7 @@ def test_torchvision_every_op_composes_and_yields_the_contract(rows):
     images, labels = rows
     names = [type(t).__name__ for t in build_pil_transform(EVERY_OP, MEAN, STD, train=True).transforms]
     assert names == ["RandomCrop", "RandomAffine", "RandomHorizontalFlip", "RandomRotation", "ColorJitter",
-                     "RandAugment", "ToImage", "NormalizeLikeDevice", "Resize", "RandomErasing", "Cutout"]
+                     "RandAugment", "ToImage", "Resize", "NormalizeLikeDevice", "RandomErasing", "Cutout"]
     _assert_contract(make_torchvision_loader(images, labels, 32, EVERY_OP, MEAN, STD, train=True, workers=0,
                                              seed=0, device=CPU), 320, 32, soft=10, size=40)
     other = AugmentCfg(trivialaugment=True, erasing_p=1.0, erasing_value="random", crop_padding_mode="constant",

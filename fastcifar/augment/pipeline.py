@@ -20,18 +20,28 @@ Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator, int], torch.T
 Mixer = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _geometric(cfg: AugmentCfg, x: torch.Tensor, idx: torch.Tensor, gen: torch.Generator, epoch: int):
-    if cfg.crop_padding:
-        x = B.random_crop(x, cfg.crop_padding, gen, cfg.crop_padding_mode)
+def _geometric(cfg: AugmentCfg, source: torch.Tensor, idx: torch.Tensor, gen: torch.Generator, epoch: int):
+    """Gather + crop (+ flip when nothing sits between them) in one index_select, then translate / flip /
+    rotation; draws in the order crop offsets, translate, flip, rotation."""
+    pad = cfg.crop_padding
+    oy, ox = B.crop_offsets(len(idx), pad, gen, source.device) if pad else (None, None)
+    flip_in_gather = cfg.flip and not cfg.translate
+    flip = _flips(cfg, idx, gen, epoch, source.device) if flip_in_gather else None
+    x = B.gather_crop_flip(source, idx, oy, ox, flip, pad, cfg.crop_padding_mode)
     if cfg.translate:
         x = B.random_translate(x, cfg.translate, gen)
-    if cfg.flip:
-        x = B.alternating_flip(x, idx, epoch) if cfg.flip_mode == "alternate" else B.hflip(x, 0.5, gen)
+    if cfg.flip and not flip_in_gather:
+        x = torch.where(_flips(cfg, idx, gen, epoch, x.device).view(-1, 1, 1, 1), x.flip(-1), x)
     if cfg.rotation:
         from fastcifar.augment.geometry import random_rotation
 
         x = random_rotation(x, cfg.rotation, gen)
     return x
+
+
+def _flips(cfg: AugmentCfg, idx: torch.Tensor, gen: torch.Generator, epoch: int, device) -> torch.Tensor:
+    return B.alternating_flip_mask(idx, epoch) if cfg.flip_mode == "alternate" else B.flip_mask(len(idx), 0.5, gen,
+                                                                                                   device)
 
 
 def _photometric(cfg: AugmentCfg, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -88,16 +98,8 @@ def _fused(cfg: AugmentCfg, mean, std, dtype: torch.dtype) -> Transform:
     def transform(source: torch.Tensor, idx: torch.Tensor, gen: torch.Generator, epoch: int = 0) -> torch.Tensor:
         b, h, w, c = len(idx), *source.shape[1:]
         dev, pad = source.device, cfg.crop_padding
-        if pad:
-            span = torch.full((b,), 2 * pad + 1, device=dev)
-            oy, ox = B._randint(span, gen), B._randint(span, gen)
-        else:
-            oy = ox = torch.zeros(b, device=dev, dtype=torch.long)
-        if not cfg.flip:
-            flip = torch.zeros(b, device=dev, dtype=torch.bool)
-        else:
-            flip = (B.alternating_flip_mask(idx, epoch) if cfg.flip_mode == "alternate"
-                    else B.flip_mask(b, 0.5, gen, dev))
+        oy, ox = B.crop_offsets(b, pad, gen, dev) if pad else (torch.zeros(b, device=dev, dtype=torch.long),) * 2
+        flip = _flips(cfg, idx, gen, epoch, dev) if cfg.flip else torch.zeros(b, device=dev, dtype=torch.bool)
         boxes = []
         if cfg.erasing_p > 0:
             apply = B._uniform(b, gen, dev) < cfg.erasing_p
@@ -122,21 +124,26 @@ def build_train_transform(cfg: AugmentCfg, mean, std, dtype: torch.dtype = torch
         return _fused(cfg, mean, std, dtype)
 
     def transform(source: torch.Tensor, idx: torch.Tensor, gen: torch.Generator, epoch: int = 0) -> torch.Tensor:
-        x = source[idx].permute(0, 3, 1, 2)  # NCHW view of NHWC rows = channels-last
-        x = _photometric(cfg, _geometric(cfg, x, idx, gen, epoch), gen)
-        x = B.normalize(x, mean, std, dtype)
-        if cfg.resize:
-            x = B.resize(x, cfg.resize)
-        return _erase(cfg, x, gen)
+        x = _photometric(cfg, _geometric(cfg, source, idx, gen, epoch), gen)
+        return _erase(cfg, _normalize_resize(cfg, x, mean, std, dtype), gen)
 
     return transform
+
+
+def _normalize_resize(cfg: AugmentCfg, x: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
+    """On the CPU resize the uint8 batch, then normalise (torch's vectorised uint8 kernel: 20x the float one at
+    32 -> 224, as the seeds' PIL Resize before ToTensor); elsewhere normalise first and resize in the compute
+    dtype (uint8 interpolation is CPU-only). The two orders differ by the uint8 rounding: < 1/255 per pixel."""
+    if cfg.resize and x.device.type == "cpu":
+        return B.normalize(B.resize(x, cfg.resize), mean, std, dtype)
+    x = B.normalize(x, mean, std, dtype)
+    return B.resize(x, cfg.resize) if cfg.resize else x
 
 
 def build_eval_transform(cfg: AugmentCfg, mean, std, dtype: torch.dtype = torch.float32) -> Transform:
     def transform(source: torch.Tensor, idx: torch.Tensor, gen: torch.Generator | None = None,
                   epoch: int = 0) -> torch.Tensor:
-        x = B.normalize(source[idx].permute(0, 3, 1, 2), mean, std, dtype)
-        return B.resize(x, cfg.resize) if cfg.resize else x
+        return _normalize_resize(cfg, source[idx].permute(0, 3, 1, 2), mean, std, dtype)
 
     return transform
 

@@ -83,10 +83,11 @@ def crop_flip_erase_reference(source: torch.Tensor, idx: torch.Tensor, oy: torch
     _, _, h, w = x.shape
     for k, kind in enumerate(fill_kind):
         top, left, eh, ew = boxes[:, k].unbind(1)
-        mask = B._box_mask(h, w, top, left, eh, ew, x.device)  # (B, H, W); empty where eh*ew == 0
         if kind == "random" and gen is None:
             raise ValueError("a 'random' fill needs a generator (gen) on the reference path")
-        x = B.fill_box(x, mask, fill_value[k] if kind == "constant" else kind, gen)
+        # x is normalize's fresh output, so the fills may write into it
+        x = B.fill_boxes(x, top, left, eh, ew, (eh > 0) & (ew > 0), fill_value[k] if kind == "constant" else kind,
+                         gen, inplace=True)
     return x.contiguous(memory_format=torch.channels_last)
 
 

@@ -159,27 +159,38 @@ def _box_mask(h: int, w: int, top, left, eh, ew, device) -> torch.Tensor:
             & (xs >= left[:, None, None]) & (xs < (left + ew)[:, None, None]))  # (B, H, W)
 
 
-def random_erasing(x: torch.Tensor, p: float, scale, ratio, value, gen: torch.Generator) -> torch.Tensor:
+def random_erasing(x: torch.Tensor, p: float, scale, ratio, value, gen: torch.Generator,
+                   inplace: bool = False) -> torch.Tensor:
     """v2.RandomErasing(p, scale, ratio, value) on a normalised float batch; value is "random" (standard normal
     per pixel), "zero", or a per-channel sequence of constants."""
     b, c, h, w = x.shape
     apply = _uniform(b, gen, x.device) < p
     top, left, eh, ew, found = erasing_boxes(b, h, w, scale, ratio, gen, x.device)
-    mask = _box_mask(h, w, top, left, eh, ew, x.device) & (apply & found)[:, None, None]
-    return fill_box(x, mask, value, gen)
+    return fill_boxes(x, top, left, eh, ew, apply & found, value, gen, inplace)
 
 
-def fill_box(x: torch.Tensor, mask: torch.Tensor, value, gen: torch.Generator | None) -> torch.Tensor:
-    """x where not mask (B, H, W), else the fill: "random" (standard normal per pixel and channel), "zero", or a
-    per-channel sequence of constants."""
+def fill_boxes(x: torch.Tensor, top, left, eh, ew, active: torch.Tensor, value, gen: torch.Generator | None,
+               inplace: bool = False) -> torch.Tensor:
+    """Fill each active sample's box: "random" (standard normal per pixel and channel), "zero", or a per-channel
+    sequence / tensor of constants (in x's units)."""
     kind = value if isinstance(value, str) else "constant"
-    if kind == "random" and x.device.type == "cpu":
-        # Noise only where it lands (the CPU reads the count for free): ~4% of the pixels at p=0.25, against
-        # 7.7 ms for a full-batch randn of 512 images. Accelerators draw the full batch: no host read.
-        where = mask[:, None].expand(x.shape)
-        noise = torch.randn(int(where.sum()), generator=gen, dtype=torch.float32).to(x.dtype)
-        return x.masked_scatter(where, noise)
-    if kind == "random":
+    if x.device.type == "cpu":
+        # The CPU reads the boxes for free and writes only them: at 224 px a masked torch.where over the whole
+        # batch took 650 ms per 512 images, the box slices a few ms (~4% of the pixels at p = 0.25).
+        out = x if inplace else x.clone()
+        rows = active.nonzero().flatten()
+        const = torch.as_tensor(value, dtype=x.dtype).view(-1, 1, 1) if kind == "constant" else None
+        for i, t, lf, bh, bw in zip(*(v.tolist() for v in (rows, top[rows], left[rows], eh[rows], ew[rows]))):
+            region = out[i, :, t:t + bh, lf:lf + bw]
+            if kind == "random":
+                region.copy_(torch.randn(region.shape, generator=gen, dtype=torch.float32))
+            elif kind == "zero":
+                region.zero_()
+            else:
+                region.copy_(const.expand_as(region))
+        return out
+    mask = _box_mask(x.shape[-2], x.shape[-1], top, left, eh, ew, x.device) & active[:, None, None]
+    if kind == "random":  # accelerators: full-batch noise and a select, no host read
         fill = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32).to(x.dtype)
     elif kind == "zero":
         fill = torch.zeros((), device=x.device, dtype=x.dtype)
@@ -188,11 +199,11 @@ def fill_box(x: torch.Tensor, mask: torch.Tensor, value, gen: torch.Generator | 
     return torch.where(mask[:, None], fill, x)
 
 
-def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+def cutout(x: torch.Tensor, size: int, gen: torch.Generator, inplace: bool = False) -> torch.Tensor:
     """Cutout (DeVries & Taylor 2017): a size x size square at a uniform centre, clipped at the border, zeroed."""
     b, _, h, w = x.shape
-    mask = _box_mask(h, w, *cutout_boxes(b, h, w, size, gen, x.device), x.device)
-    return x.masked_fill(mask[:, None], 0.0)
+    active = torch.ones(b, dtype=torch.bool, device=x.device)
+    return fill_boxes(x, *cutout_boxes(b, h, w, size, gen, x.device), active, "zero", gen, inplace)
 
 
 def alternating_flip_mask(idx: torch.Tensor, epoch: int) -> torch.Tensor:

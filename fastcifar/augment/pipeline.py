@@ -61,11 +61,12 @@ def _photometric(cfg: AugmentCfg, x: torch.Tensor, gen: torch.Generator) -> torc
 
 
 def _erase(cfg: AugmentCfg, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Erasing / cutout write into x: it is always the normalise step's (or resize's) fresh output."""
     if cfg.erasing_p > 0:
         value = cfg.erasing_constant if cfg.erasing_value == "constant" else cfg.erasing_value
-        x = B.random_erasing(x, cfg.erasing_p, cfg.erasing_scale, cfg.erasing_ratio, value, gen)
+        x = B.random_erasing(x, cfg.erasing_p, cfg.erasing_scale, cfg.erasing_ratio, value, gen, inplace=True)
     if cfg.cutout:
-        x = B.cutout(x, cfg.cutout, gen)
+        x = B.cutout(x, cfg.cutout, gen, inplace=True)
     return x
 
 

@@ -36,3 +36,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def recipe_amp_dtype(train_cfg, device: torch.device) -> torch.dtype | None:
+    """The recipe's autocast dtype on `device`: train.amp applies on accelerators; the CPU needs train.amp_cpu
+    too, so one recipe is fast on a GPU and still fp32 (the fast path there) on a laptop."""
+    if device.type == "cpu":
+        return amp_dtype(device, train_cfg.amp and train_cfg.amp_cpu)
+    return amp_dtype(device, train_cfg.amp)

@@ -90,7 +90,7 @@ def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str, co
 
     from fastcifar.augment import build_eval_transform
     from fastcifar.data import open_store
-    from fastcifar.device import amp_dtype, resolve_device
+    from fastcifar.device import recipe_amp_dtype, resolve_device
     from fastcifar.errors import CheckpointError
     from fastcifar.loader import DeviceLoader
 
@@ -102,7 +102,7 @@ def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str, co
     transform = build_eval_transform(recipe.augment, recipe.data.mean, recipe.data.std)
     loader = DeviceLoader(store.test_images, store.test_labels, recipe.eval.batch_size, transform, device,
                           shuffle=False)
-    metrics = evaluate(model, loader, device, amp_dtype(device, recipe.train.amp), len(classes),
+    metrics = evaluate(model, loader, device, recipe_amp_dtype(recipe.train, device), len(classes),
                        tta=recipe.eval.tta, channels_last=recipe.train.channels_last)
     if recipe.split.pool == "train+test":
         console.print("[yellow]note: this model's folds were drawn from train+test, so the test set overlaps "

@@ -17,7 +17,7 @@ from fastcifar.artifacts import peak_memory_mb, timed_evaluate, write_figures
 from fastcifar.atomic import write_json, write_text
 from fastcifar.augment import build_eval_transform, build_mixer, build_train_transform
 from fastcifar.checkpoint import load_checkpoint, save_checkpoint
-from fastcifar.device import amp_dtype
+from fastcifar.device import recipe_amp_dtype
 from fastcifar.engine import StepClock, build_engine, images_per_second, sync
 from fastcifar.errors import CheckpointError, first_line
 from fastcifar.evaluate import evaluate
@@ -87,7 +87,7 @@ def make_loaders(recipe: Recipe, store, fold: Fold, device: torch.device) -> Fol
         train_idx = take_per_class(train_idx, labels, recipe.data.train_subset)
     mean, std = recipe.data.mean, recipe.data.std
     # On CUDA the batch is cast to the autocast dtype in the normalise step: half the bytes for the first conv.
-    dtype = amp_dtype(device, recipe.train.amp) if device.type == "cuda" else None
+    dtype = recipe_amp_dtype(recipe.train, device) if device.type == "cuda" else None
     train_tf = build_train_transform(recipe.augment, mean, std, dtype or torch.float32)
     eval_tf = build_eval_transform(recipe.augment, mean, std, dtype or torch.float32)
     mixer = build_mixer(recipe.augment, len(store.classes))
@@ -130,7 +130,7 @@ class FoldTrainer:
         self.model = build_model(recipe, len(self.classes), self.image_size, device)
         if hasattr(self.model, "init_whitening"):  # speedrun_net: its frozen first conv whitens training patches
             self.model.init_whitening(self.data.train.images, recipe.data.mean, recipe.data.std)
-        self.dtype = amp_dtype(device, recipe.train.amp)
+        self.dtype = recipe_amp_dtype(recipe.train, device)
         fp16_cuda = self.dtype == torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
         # The engine wraps the model for the step (compile / CUDA graphs) and validation (EMA); self.model stays

@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -139,4 +141,15 @@ def environment(device: torch.device) -> dict[str, Any]:
         "git_dirty": dirty,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
+        "command": _command(),
     }
+
+
+def _command() -> str:
+    """The command line that produced the result, as typed (fastcifar ... or python bench/...)."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name == "fastcifar":
+        argv[0] = "fastcifar"
+    elif argv and argv[0].endswith(".py"):
+        argv = ["python", os.path.relpath(argv[0]) if os.path.isabs(argv[0]) else argv[0]] + argv[1:]
+    return shlex.join(argv)

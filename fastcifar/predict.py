@@ -33,16 +33,19 @@ def read_image(path: str | Path, image_size: int) -> torch.Tensor:
 
 
 def preprocess(batch: torch.Tensor, recipe) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> the float batch the model saw in evaluation (build_eval_transform's steps)."""
-    from fastcifar.augment import normalize, resize
+    """uint8 (B, 3, S, S) -> the float batch the model saw in evaluation: build_eval_transform itself, so
+    normalise / resize happen in the same order and dtype as in `fastcifar eval` on the same device."""
+    from fastcifar.augment import build_eval_transform
 
-    x = normalize(batch, recipe.data.mean, recipe.data.std)
-    return resize(x, recipe.augment.resize) if recipe.augment.resize else x
+    transform = build_eval_transform(recipe.augment, recipe.data.mean, recipe.data.std)
+    nhwc = batch.permute(0, 2, 3, 1).contiguous()  # the store's layout
+    return transform(nhwc, torch.arange(len(batch), device=batch.device))
 
 
 def predict(checkpoint: Path, images: list[Path], top_k: int = 3, device_name: str = "auto") -> list[dict[str, Any]]:
     """Per image {"image": str, "top": [(class, probability), ...]} with the k most probable classes."""
     from fastcifar.device import resolve_device
+    from fastcifar.engine import tta_logits
     from fastcifar.evaluate import load_trained_model
 
     if top_k < 1:
@@ -59,7 +62,8 @@ def predict(checkpoint: Path, images: list[Path], top_k: int = 3, device_name: s
     with torch.no_grad():
         for start in range(0, len(pixels), BATCH):
             x = preprocess(pixels[start:start + BATCH].to(device), recipe)
-            probs.append(torch.softmax(model(x).float(), dim=1).cpu())
+            # the recipe's test-time augmentation (eval.tta), as validation and `fastcifar eval` apply it
+            probs.append(torch.softmax(tta_logits(model, x, recipe.eval.tta), dim=1).cpu())
     top_p, top_i = torch.cat(probs).topk(k, dim=1)
     return [{"image": str(path), "top": [(classes[i], float(p)) for p, i in zip(ps.tolist(), idx.tolist())]}
             for path, ps, idx in zip(images, top_p, top_i)]

@@ -121,3 +121,26 @@ def test_print_predictions(ckpt, images):
     print_predictions(predict(ckpt, images, top_k=2, device_name="cpu"), console)
     text = console.export_text()
     assert "#1" in text and "#2" in text and "b.jpg" in text and "%" in text
+
+
+def test_predict_applies_the_recipes_tta(tiny, store, tmp_path):
+    # eval.tta = "flip": the probabilities are the softmax of the mean logits of the image and its mirror.
+    from fastcifar.engine import tta_logits
+    from fastcifar.evaluate import load_trained_model
+    from rich.console import Console
+
+    from fastcifar.predict import preprocess, read_image
+    from fastcifar.run import run_training
+
+    run_training(tiny(train={"epochs": 1}, eval={"tta": "flip"}), tmp_path / "r", Console(quiet=True))
+    ckpt = tmp_path / "r" / "checkpoints" / "best.pt"
+    png = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(png)
+    got = predict(ckpt, [png], top_k=1, device_name="cpu")[0]["top"][0]
+    model, recipe, classes, size = load_trained_model(ckpt, torch.device("cpu"))
+    with torch.no_grad():
+        x = preprocess(read_image(png, size)[None], recipe)
+        mean_logits = (model(x) + model(x.flip(-1))) / 2
+        want = torch.softmax(mean_logits, 1)[0]
+    assert torch.allclose(torch.softmax(tta_logits(model, x, "flip"), 1)[0], want, atol=1e-6)
+    assert got[0] == classes[int(want.argmax())] and abs(got[1] - float(want.max())) < 1e-5

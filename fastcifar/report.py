@@ -185,7 +185,7 @@ def fold_timing(fold: Fold) -> dict[str, float | None]:
             "train_time_s": train_time if train_time is not None else (sum(times) if times else None),
             "img_per_s": statistics.fmean(rates) if rates else None,
             "inference_ms": _num(r.get("inference_ms_per_image")), "params": _num(r.get("params")),
-            "peak_memory_mb": _num(r.get("peak_memory_mb"))}
+            "peak_memory_mb": _num(r.get("peak_memory_mb")), "compile_s": _num(r.get("compile_time_s"))}
 
 
 def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -259,9 +259,9 @@ def _timing_section(run: Run) -> list[str]:
         t = fold_timing(fold)
         rows.append([str(fold.index), fmt(t["epochs_run"], "int"), fmt(t["best_epoch"], "int"),
                      fmt(t["train_time_s"], "s"), fmt(t["img_per_s"], "int"), fmt(t["inference_ms"], "ms"),
-                     fmt(t["params"], "int"), fmt(t["peak_memory_mb"], "mb")])
+                     fmt(t["params"], "int"), fmt(t["peak_memory_mb"], "mb"), fmt(t["compile_s"], "s")])
     header = ["fold", "epochs run", "best epoch", "train time (s)", "mean img/s", "inference ms/image",
-              "parameters", "peak memory (MB)"]
+              "parameters", "peak memory (MB)", "compile warm-up (s, not in img/s)"]
     return (["## Timing and throughput", ""] + md_table(header, rows)
             + [f"Total wall (train time over all folds): {fmt(total_train_time(run), 's')} s", ""])
 

@@ -125,7 +125,7 @@ def test_old_style_run_without_metrics(tmp_path):
     assert _row(text, "log-loss")[1] == "0.3500"  # test_loss fallback
     assert _row(text, "top-5 accuracy")[1] == "–" and _row(text, "AUROC (macro)")[1] == "–"
     assert _row(text, "cat")[1:] == ["75.00%", "–", "–", "–", "–"]
-    assert _row(text, "0")[5:] == ["–", "–", "–"]  # inference time, params, memory
+    assert _row(text, "0")[5:] == ["–", "–", "–", "–"]  # inference time, params, memory, compile
     assert "env.json is missing." in text and "## Figures" not in text
 
 

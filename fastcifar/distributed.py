@@ -116,6 +116,9 @@ def check_recipe(recipe: Recipe, world: int, device: torch.device, folds_paralle
     if tr.oom_retry:
         raise RecipeError("train.oom_retry: not supported under DDP (an out-of-memory retry on one rank would "
                           "change its number of gradient all-reduces); lower train.batch_size instead")
+    if tr.sync_bn and recipe.model.name == "speedrun_net":  # convert_sync_batchnorm rebuilds plain BatchNorms
+        raise RecipeError("train.sync_bn: speedrun_net's scale-free BatchNorm keeps its shift in its own parameter, "
+                          "which SyncBatchNorm would drop; set train.sync_bn = false")
     if tr.sync_bn and device.type != "cuda":
         raise RecipeError("train.sync_bn: SyncBatchNorm runs on CUDA only (torch has no CPU kernel for it)")
 

@@ -231,3 +231,15 @@ def test_bad_distributed_setups_are_refused_in_one_line(store, tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_sync_bn_is_refused_for_speedrun_net(tiny):
+    # convert_sync_batchnorm would replace ShiftBatchNorm by a plain SyncBatchNorm and lose its learned shifts.
+    import torch
+
+    from fastcifar.distributed import check_recipe
+    from fastcifar.errors import RecipeError
+
+    recipe = tiny(model={"name": "speedrun_net", "width": 8}, train={"sync_bn": True})
+    with pytest.raises(RecipeError, match=r"^train\.sync_bn: speedrun_net's scale-free BatchNorm"):
+        check_recipe(recipe, 2, torch.device("cuda"), False)

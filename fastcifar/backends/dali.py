@@ -15,18 +15,16 @@ one fixed order (v2.ColorJitter permutes them), and normalises as (x - 255 mean)
 from __future__ import annotations
 
 import importlib.util
-import logging
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from fastcifar.augment import basic as B
-from fastcifar.backends.torchvision import EpochState, build_batch_mixer
+from fastcifar.backends.torchvision import EpochState, StateLoader, build_batch_mixer
 from fastcifar.errors import RecipeError
 from fastcifar.recipe import AugmentCfg
 
-log = logging.getLogger(__name__)
 MISSING = "train.loader: \"dali\" needs NVIDIA DALI, which is not installed: pip install 'fastcifar[dali]'"
 
 
@@ -127,7 +125,7 @@ def _erase(cfg: AugmentCfg, x, inputs: dict):
     return x
 
 
-class DaliLoader:
+class DaliLoader(StateLoader):
     """Batches from a DALI pipeline with the device loader's interface (len, num_images, position, batch_size,
     epoch, images, labels, state_dict / load_state_dict)."""
 
@@ -147,25 +145,6 @@ class DaliLoader:
                                              torch.Generator()) if train else {})
         self._pipe = None
         self._start = 0  # the batch the pipeline's iteration 0 stands for (a resumed epoch starts mid-way)
-
-    @property
-    def images(self) -> torch.Tensor:
-        return torch.from_numpy(self._images)
-
-    def __len__(self) -> int:
-        return self.state.num_batches
-
-    @property
-    def num_images(self) -> int:
-        return len(self) * self.batch_size if self.train else len(self.labels)
-
-    @property
-    def position(self) -> int:
-        return self.state.pos
-
-    @property
-    def epoch(self) -> int:
-        return self.state.epoch
 
     def _source(self, info) -> tuple[np.ndarray, ...]:
         """external_source callback: batch `_start + iteration` of the current epoch, or StopIteration."""
@@ -233,17 +212,15 @@ class DaliLoader:
         self._start = 0
         self.state.end()
 
-    def state_dict(self) -> dict:
-        return {"kind": self.kind, **self.state.state_dict()}
-
     def load_state_dict(self, state: dict) -> None:
-        self.state.load_state_dict(state)
         self._pipe = None  # batches it prefetched belong to the old position
-        if self.state.pos and self.train and (self.cfg.randaugment or self.cfg.trivialaugment
-                                              or self.cfg.erasing_value == "random"):
-            log.warning(f"loader=dali: resumed at batch {self.state.pos} of epoch {self.state.epoch + 1}; "
-                        "RandAugment / TrivialAugment / erasing-noise draws differ from an uninterrupted run "
-                        "(DALI's RNG is not checkpointed)")
+        super().load_state_dict(state)
+
+    def resume_differs(self) -> str:
+        if self.train and (self.cfg.randaugment or self.cfg.trivialaugment or self.cfg.erasing_value == "random"):
+            return ("RandAugment / TrivialAugment / erasing-noise draws differ from an uninterrupted run (DALI's RNG "
+                    "is not checkpointed)")
+        return ""
 
 
 def make_dali_loader(images_nhwc_uint8: np.ndarray, labels: np.ndarray, batch_size: int, cfg: AugmentCfg,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import tempfile
 from dataclasses import replace
@@ -28,11 +27,10 @@ import torch
 
 from fastcifar.atomic import current_umask, write_json
 from fastcifar.augment import build_eval_transform, build_train_transform
-from fastcifar.backends.torchvision import EpochState, build_batch_mixer
+from fastcifar.backends.torchvision import EpochState, StateLoader, build_batch_mixer
 from fastcifar.errors import DataError, FastCifarError, RecipeError
 from fastcifar.recipe import AugmentCfg
 
-log = logging.getLogger(__name__)
 MISSING = ("train.loader: \"ffcv\" needs FFCV, which is not installed: pip install 'fastcifar[ffcv]' (building it "
            "needs apt packages libopencv-dev libturbojpeg0-dev pkg-config)")
 
@@ -148,7 +146,7 @@ def _ffcv_pipelines(cfg: AugmentCfg, train: bool, device: torch.device) -> tuple
     return pipelines, rest
 
 
-class FfcvLoader:
+class FfcvLoader(StateLoader):
     """Batches from an FFCV Loader with the device loader's interface (len, num_images, position, batch_size,
     epoch, images, labels, state_dict / load_state_dict)."""
 
@@ -175,26 +173,6 @@ class FfcvLoader:
                              order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, seed=seed,
                              indices=np.asarray(indices, dtype=np.int64), pipelines=pipelines, drop_last=train)
 
-    @property
-    def images(self) -> torch.Tensor:
-        arr = self._images if self._images.flags.writeable else np.array(self._images)
-        return torch.from_numpy(np.ascontiguousarray(arr))
-
-    def __len__(self) -> int:
-        return self.state.num_batches
-
-    @property
-    def num_images(self) -> int:
-        return len(self) * self.batch_size if self.train else len(self.labels)
-
-    @property
-    def position(self) -> int:
-        return self.state.pos
-
-    @property
-    def epoch(self) -> int:
-        return self.state.epoch
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.state.begin()
         self.loader.next_epoch = self.state.epoch  # FFCV's order for an epoch is a function of (seed, epoch)
@@ -214,13 +192,12 @@ class FfcvLoader:
         return {"kind": self.kind, **self.state.state_dict(), "device_generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.state.load_state_dict(state)
         if "device_generator" in state:
             self.generator.set_state(state["device_generator"])
-        if self.state.pos:
-            log.warning(f"loader=ffcv: resumed at batch {self.state.pos} of epoch {self.state.epoch + 1} on the same "
-                        "order; FFCV's flip / crop draws differ from an uninterrupted run (its RNG is not "
-                        "checkpointed)")
+        super().load_state_dict(state)
+
+    def resume_differs(self) -> str:
+        return "same order; FFCV's flip / crop draws differ from an uninterrupted run (its RNG is not checkpointed)"
 
 
 def make_ffcv_loader(images_nhwc_uint8: np.ndarray, labels: np.ndarray, batch_size: int, cfg: AugmentCfg, mean,

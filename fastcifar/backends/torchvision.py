@@ -223,7 +223,52 @@ class EpochState:
         self.pos, self.epoch = int(state.get("pos", 0)), int(state.get("epoch", 0))
 
 
-class TorchvisionLoader:
+class StateLoader:
+    """The device loader's interface (len, num_images, position, epoch, images, state_dict) for loaders whose
+    position lives in an EpochState; subclasses set _images, labels, state and batch_size, and yield batches."""
+
+    kind = "?"
+    _images: np.ndarray
+    labels: torch.Tensor
+    state: EpochState
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The uint8 (N, H, W, 3) rows on the CPU (the figures read them)."""
+        arr = self._images if self._images.flags.writeable else np.array(self._images)
+        return torch.from_numpy(np.ascontiguousarray(arr))
+
+    def __len__(self) -> int:
+        return self.state.num_batches
+
+    @property
+    def num_images(self) -> int:
+        return len(self) * self.state.batch_size if self.state.shuffle else len(self.labels)
+
+    @property
+    def position(self) -> int:
+        return self.state.pos
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, **self.state.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.load_state_dict(state)
+        note = self.resume_differs()
+        if self.state.pos and note:
+            log.warning(f"loader={self.kind}: resumed at batch {self.state.pos} of epoch {self.state.epoch + 1}; "
+                        f"{note}")
+
+    def resume_differs(self) -> str:
+        """What a mid-epoch resume does not redraw exactly ("" when it redraws everything)."""
+        return ""
+
+
+class TorchvisionLoader(StateLoader):
     """A torch DataLoader over PILDataset with the device loader's interface (len, num_images, position,
     batch_size, epoch, images, labels, state_dict / load_state_dict)."""
 
@@ -242,27 +287,6 @@ class TorchvisionLoader:
             persistent_workers=workers > 0, pin_memory=self.pin,
             generator=torch.Generator().manual_seed(seed))  # the workers' base seed
 
-    @property
-    def images(self) -> torch.Tensor:
-        """The uint8 (N, H, W, 3) rows on the CPU (the figures read them)."""
-        arr = self._images if self._images.flags.writeable else np.array(self._images)
-        return torch.from_numpy(np.ascontiguousarray(arr))
-
-    def __len__(self) -> int:
-        return self.state.num_batches
-
-    @property
-    def num_images(self) -> int:
-        return len(self) * self.batch_size if self.state.shuffle else len(self.labels)
-
-    @property
-    def position(self) -> int:
-        return self.state.pos
-
-    @property
-    def epoch(self) -> int:
-        return self.state.epoch
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.order, self.sampler.start = self.state.begin(), self.state.pos
         for x, y in self.dataloader:
@@ -275,15 +299,9 @@ class TorchvisionLoader:
             yield x, y
         self.state.end()
 
-    def state_dict(self) -> dict:
-        return {"kind": self.kind, **self.state.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state.load_state_dict(state)
-        if self.state.pos:
-            log.warning(f"loader={self.kind}: resumed at batch {self.state.pos} of epoch {self.state.epoch + 1} on "
-                        "the same image order; per-image augmentation draws differ from an uninterrupted run "
-                        "(DataLoader workers' RNG is not checkpointed)")
+    def resume_differs(self) -> str:
+        return ("same image order; per-image augmentation draws differ from an uninterrupted run (DataLoader "
+                "workers' RNG is not checkpointed)")
 
 
 def make_torchvision_loader(images_nhwc_uint8: np.ndarray, labels: np.ndarray, batch_size: int, cfg: AugmentCfg,

@@ -13,20 +13,17 @@ import logging
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 
 import fastcifar.backends.dali as dali_mod
 import fastcifar.backends.ffcv as ffcv_mod
 from fastcifar.augment import alternating_flip, build_eval_transform
 from fastcifar.backends.torchvision import Cutout, build_pil_transform, make_torchvision_loader
-from fastcifar.checkpoint import load_checkpoint
 from fastcifar.cli import main
 from fastcifar.data import open_store
 from fastcifar.errors import DataError, RecipeError
 from fastcifar.loader import DeviceLoader, gather_images
 from fastcifar.recipe import AugmentCfg, recipe_to_toml
-from fastcifar.run import run_training
-from fastcifar.train import Hooks
+from resume import full_and_resumed
 
 CPU = torch.device("cpu")
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -141,18 +138,25 @@ def test_alternating_flip_is_refused_in_one_line(tiny, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def _cut_and_resume(make, n: int):
+    """(an uninterrupted epoch's batches, the first n batches of a second loader, a third loader resumed from
+    the second's state after those n batches)."""
+    ref = list(make())
+    cut = make()
+    it = iter(cut)
+    head = [next(it) for _ in range(n)]
+    resumed = make()
+    resumed.load_state_dict(cut.state_dict())
+    return ref, head, resumed
+
+
 def test_torchvision_mid_epoch_resume_continues_the_same_order_and_mixes(rows, caplog):
     images, labels = rows
     cfg = AugmentCfg(flip=False, crop_padding=0, mixup_alpha=0.4, cutmix_alpha=1.0)
     make = lambda: make_torchvision_loader(images, labels, 32, cfg, MEAN, STD, train=True, workers=0,  # noqa
                                            seed=5, device=CPU)
-    ref = list(make())
-    cut = make()
-    it = iter(cut)
-    head = [next(it) for _ in range(4)]
-    resumed = make()
     with caplog.at_level(logging.WARNING):
-        resumed.load_state_dict(cut.state_dict())
+        ref, head, resumed = _cut_and_resume(make, 4)
     assert resumed.position == 4 and "resumed at batch 4" in caplog.text and "\n" not in caplog.text.strip()
     tail = list(resumed)
     assert len(head) + len(tail) == len(ref) == 10 and resumed.epoch == 1
@@ -163,20 +167,8 @@ def test_torchvision_mid_epoch_resume_continues_the_same_order_and_mixes(rows, c
 def test_train_with_torchvision_loader_resumes_mid_epoch_to_identical_weights(tiny, tmp_path):
     recipe = tiny(train={"loader": "torchvision", "workers": 0, "epochs": 2}, augment={"flip": False,
                                                                                           "crop_padding": 0})
-    quiet = Console(quiet=True)
-    summary = run_training(recipe, tmp_path / "full", quiet)
+    _, _, summary = full_and_resumed(recipe, tmp_path, 1, 2)  # asserts identical weights
     assert summary["test_acc_mean"] > 0.2
-
-    def on_step(epoch, step):
-        if (epoch, step) == (1, 2):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_training(recipe, tmp_path / "cut", quiet, hooks=Hooks(on_step=on_step))
-    run_training(recipe, tmp_path / "cut", quiet, resume=True)
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --- missing extras ------------------------------------------------------------------------------------------
@@ -246,12 +238,7 @@ def test_dali_resume_mid_epoch_redraws_the_same_batches(rows):
     cfg = AugmentCfg(translate=2, cutout=8, erasing_p=0.7, erasing_value="zero")
     make = lambda: dali_mod.make_dali_loader(images, labels, 32, cfg, MEAN, STD, train=True, workers=1,  # noqa
                                              seed=2, device=CPU)
-    ref = list(make())
-    cut = make()
-    it = iter(cut)
-    head = [next(it) for _ in range(3)]
-    resumed = make()
-    resumed.load_state_dict(cut.state_dict())
+    ref, head, resumed = _cut_and_resume(make, 3)
     for (x, y), (rx, ry) in zip(head + list(resumed), ref):
         assert torch.equal(x, rx) and torch.equal(y, ry)
 

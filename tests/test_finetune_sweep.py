@@ -13,6 +13,7 @@ from fastcifar.recipe import recipe_from_dict, recipe_to_toml
 from fastcifar.run import run_training
 from fastcifar.sweep import run_sweep, split_values
 from fastcifar.train import Hooks, build_model
+from resume import full_and_resumed
 
 QUIET = Console(quiet=True)
 
@@ -45,17 +46,7 @@ def test_stage_one_trains_only_the_head(tiny, tmp_path):
 
 def test_two_stage_resume_across_the_boundary_is_exact(tiny, tmp_path):
     recipe = tiny(finetune={"head_epochs": 1, "head_lr": 0.01}, train={"epochs": 3})
-    run_training(recipe, tmp_path / "a", QUIET)
-
-    def stop(epoch, step):
-        if (epoch, step) == (1, 1):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_training(recipe, tmp_path / "b", QUIET, hooks=Hooks(on_step=stop))
-    run_training(recipe, tmp_path / "b", QUIET, resume=True)
-    a, b = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (tmp_path / "a", tmp_path / "b"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    full_and_resumed(recipe, tmp_path, 1, 1)  # asserts identical weights across the stage boundary
 
 
 def test_finetune_needs_a_second_stage():

@@ -13,6 +13,7 @@ from fastcifar.cli import main
 from fastcifar.errors import FastCifarError, RecipeError
 from fastcifar.run import run_training
 from fastcifar.train import Hooks
+from resume import full_and_resumed
 from synth import make_store
 
 QUIET = Console(quiet=True)
@@ -46,32 +47,13 @@ def test_tiny_run_learns_and_writes_csv_and_checkpoints(tiny, store, tmp_path):
     assert "figures/confusion.png" in report and "Cohen" in report
 
 
-def _interrupt_at(epoch: int, step: int | None) -> Hooks:
-    def on_step(e, s):
-        if e == epoch and s == step:
-            raise KeyboardInterrupt
-
-    def on_epoch_end(e):
-        if step is None and e == epoch:
-            raise KeyboardInterrupt
-
-    return Hooks(on_step=on_step, on_epoch_end=on_epoch_end)
-
-
 @pytest.mark.parametrize("epoch, step", [(0, 1), (1, None), (2, 3)], ids=["first-epoch", "epoch-end", "mid-epoch"])
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny, store, tmp_path, epoch, step):
     recipe = tiny(model={"name": "cnn_bn", "width": 8, "dropout": 0.2},
                   augment={"erasing_p": 0.5, "cutout": 6}, schedule={"name": "cosine", "warmup_epochs": 1.0})
-    run_training(recipe, tmp_path / "full", QUIET)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(recipe, tmp_path / "cut", QUIET, hooks=_interrupt_at(epoch, step))
-    run_training(recipe, tmp_path / "cut", QUIET, resume=True)
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
-    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    full, cut, _ = full_and_resumed(recipe, tmp_path, epoch, step)  # asserts identical weights
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_time_s", "img_per_s")} for r in rows]  # noqa
-    assert strip(_rows(tmp_path / "full" / "metrics.csv")) == strip(_rows(tmp_path / "cut" / "metrics.csv"))
+    assert strip(_rows(full / "metrics.csv")) == strip(_rows(cut / "metrics.csv"))
 
 
 def test_existing_run_needs_resume_and_the_same_recipe(tiny, store, tmp_path):

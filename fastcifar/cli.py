@@ -97,9 +97,6 @@ def _train(args, console) -> None:
 
     overrides = list(args.overrides) + ([f'train.device="{args.device}"'] if args.device else [])
     recipe = load_recipe(args.recipe, overrides)
-    from fastcifar.backends import check_loader
-
-    check_loader(recipe)  # a missing DALI / FFCV extra fails here, before the run directory is touched
     run_dir = Path(args.out or Path("runs") / recipe.name)
     if args.folds_parallel or torchrun_env() is not None:
         summary = run_distributed(recipe, run_dir, console, resume=args.resume, folds_parallel=args.folds_parallel)

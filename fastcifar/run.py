@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from fastcifar.atomic import write_json, write_text
-from fastcifar.augment import build_train_transform
 from fastcifar.errors import FastCifarError, RecipeError
 from fastcifar.lifecycle import GracefulStop, RunLock
 from fastcifar.recipe import Recipe, load_recipe, recipe_diff, recipe_to_toml
@@ -174,10 +173,11 @@ def run_training(recipe: Recipe, run_dir: Path, console, *, resume: bool = False
 
 def check_inputs(recipe: Recipe):
     """Everything that can be refused, checked before the run directory is touched; returns the opened store."""
+    from fastcifar.backends import check_loader
     from fastcifar.data import open_store
     from fastcifar.train import build_model
 
-    build_train_transform(recipe.augment, recipe.data.mean, recipe.data.std)
+    check_loader(recipe)  # a missing DALI / FFCV extra, or an augment section the loader cannot express
     store = open_store(Path(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
     # Building the model once on the CPU refuses a bad width or pretrained file before any output exists.
     build_model(recipe, len(store.classes), store.train_images.shape[1], torch.device("cpu"))

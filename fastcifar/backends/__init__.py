@@ -12,7 +12,7 @@ KINDS = ("torchvision", "dali", "ffcv")
 
 def check_loader(recipe) -> None:
     """Refuse, in one line, a train.loader whose library is missing or that cannot express the recipe's augment
-    section; cheap, so the CLI calls it before the run directory is touched."""
+    section; cheap, so run.check_inputs calls it before the run directory is touched."""
     kind = recipe.train.loader
     if kind == "torchvision":
         from fastcifar.backends.torchvision import build_pil_transform
@@ -23,14 +23,10 @@ def check_loader(recipe) -> None:
 
         require_dali()
     elif kind == "ffcv":
-        from fastcifar.backends.ffcv import require_ffcv
+        from fastcifar.backends.ffcv import refuse_alternating_flip, require_ffcv
 
         require_ffcv()
-        if recipe.augment.flip and recipe.augment.flip_mode == "alternate":
-            from fastcifar.errors import RecipeError
-
-            raise RecipeError('augment.flip_mode: "alternate" is not available with train.loader = "ffcv" (its '
-                              'batches carry no image index); use flip_mode = "random"')
+        refuse_alternating_flip(recipe.augment)
 
 
 def make_loader(recipe, store, idx: np.ndarray, labels: np.ndarray, device: torch.device, *, seed: int):

@@ -146,6 +146,12 @@ def _ffcv_pipelines(cfg: AugmentCfg, train: bool, device: torch.device) -> tuple
     return pipelines, rest
 
 
+def refuse_alternating_flip(cfg: AugmentCfg) -> None:
+    if cfg.flip and cfg.flip_mode == "alternate":
+        raise RecipeError('augment.flip_mode: "alternate" needs each image\'s index, which FFCV batches do not '
+                          'carry; use flip_mode = "random" or train.loader = "device"')
+
+
 class FfcvLoader(StateLoader):
     """Batches from an FFCV Loader with the device loader's interface (len, num_images, position, batch_size,
     epoch, images, labels, state_dict / load_state_dict)."""
@@ -157,9 +163,8 @@ class FfcvLoader(StateLoader):
                  num_classes: int):
         from ffcv.loader import Loader, OrderOption
 
-        if train and cfg.flip and cfg.flip_mode == "alternate":
-            raise RecipeError('augment.flip_mode: "alternate" needs each image\'s index, which FFCV batches do not '
-                              'carry; use flip_mode = "random" or train.loader = "device"')
+        if train:
+            refuse_alternating_flip(cfg)
         self._images, self.device, self.train = images, device, train
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.state = EpochState(len(self.labels), batch_size, train, seed)

@@ -80,16 +80,18 @@ def cpu_model() -> str:
 
 def git_commit(where: Path | None = None) -> tuple[str, bool | None]:
     """(commit of the checkout holding this package, whether it has uncommitted changes); 'unknown' off git."""
+    from fastcifar.run import git_commit as head_commit  # the commit env.json records, read the same way
+
     where = where or Path(__file__).resolve().parent
+    head = head_commit(where)
+    if head is None:
+        return "unknown", None
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return "unknown", None
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
                                 capture_output=True, text=True, timeout=10)
-        return head.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
-        return "unknown", None
+        return head, None
+    return head, bool(status.stdout.strip()) if status.returncode == 0 else None
 
 
 def device_name(device: torch.device) -> str:

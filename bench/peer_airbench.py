@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import importlib
-import re
 import statistics
 import sys
 import tempfile
@@ -49,6 +48,7 @@ except ImportError:  # a checkout without `pip install -e .`: use the repository
     sys.path.insert(0, str(ROOT))
 
 from fastcifar.atomic import write_json, write_with  # noqa: E402
+from fastcifar.bench.env import slug  # noqa: E402
 from fastcifar.errors import FastCifarError  # noqa: E402
 from fastcifar.recipe import Recipe, load_recipe  # noqa: E402
 from fastcifar.splits import take_per_class  # noqa: E402
@@ -245,8 +245,7 @@ def stats(runs: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, floa
 
 
 def device_slug(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug(torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)
 
 
 def _with_seed(recipe: Recipe, seed: int) -> Recipe:
@@ -320,7 +319,7 @@ def run_harness(args: argparse.Namespace) -> Path:
 
     from fastcifar.data import open_store
     from fastcifar.device import resolve_device
-    from fastcifar.run import environment
+    from fastcifar.bench.env import environment
 
     console = Console(stderr=True)
     overrides = list(args.overrides)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -92,6 +93,11 @@ def git_commit(where: Path | None = None) -> tuple[str, bool | None]:
     except (OSError, subprocess.SubprocessError):
         return head, None
     return head, bool(status.stdout.strip()) if status.returncode == 0 else None
+
+
+def slug(text: str) -> str:
+    """A file-name piece: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
 def device_name(device: torch.device) -> str:

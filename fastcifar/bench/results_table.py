@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fastcifar.bench.suite import SEED_HOURS
+
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-SEED_HOURS = 178.0
 
 
 def _rate(v: float | None) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import re
 import sys
 import time
 from dataclasses import replace
@@ -102,13 +101,11 @@ def seed_lines(s: dict[str, Any]) -> list[str]:
             f"  seed 000 reported: {s['seed_reported_hours']:.0f} h (8x V100)"]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
-
-
 def result_paths(out_dir: Path, device_name: str) -> tuple[Path, Path]:
     """bench/results/<date>-<device>.json/.md; a second run on the same day gets -2, -3, ... (never overwrites)."""
-    stem = f"{_dt.date.today().isoformat()}-{_slug(device_name.replace('CPU: ', 'cpu '))}"
+    from fastcifar.bench.env import slug
+
+    stem = f"{_dt.date.today().isoformat()}-{slug(device_name.replace('CPU: ', 'cpu '))}"
     n, name = 1, stem
     while (out_dir / f"{name}.json").exists():
         n += 1

@@ -55,6 +55,21 @@ def _err(table) -> str:
     ({"augment": {"erasing_scale": [0.5]}}, "augment.erasing_scale: expected a list of 2 numbers"),
     ({"augment": {"erasing_scale": [0.5, 0.1]}}, "augment.erasing_scale: must satisfy"),
     ({"data": "x"}, "data: expected a table"),
+    # keys added with the device data path and the engine
+    ({"augment": {"translate": 40}}, "augment.translate: must be in [0, 16]"),
+    ({"augment": {"rotation": -5.0}}, "augment.rotation: must be in [0, 180]"),
+    ({"augment": {"color_jitter": [0.4, 0.4, 0.4, 0.9]}}, "augment.color_jitter: brightness, contrast"),
+    ({"augment": {"color_jitter": [0.4, 0.4]}}, "augment.color_jitter: expected a list of 4 numbers"),
+    ({"augment": {"randaugment_magnitude": 31}}, "augment.randaugment_magnitude: must be in [0, "),
+    ({"augment": {"randaugment": True, "trivialaugment": True}}, "augment.trivialaugment: cannot be on together"),
+    ({"augment": {"flip_mode": "sometimes"}}, "augment.flip_mode: must be one of 'random', 'alternate'"),
+    ({"augment": {"erasing_value": "noise"}}, "augment.erasing_value: must be one of"),
+    ({"augment": {"mix_p": 1.5}}, "augment.mix_p: must be in [0, 1]"),
+    ({"train": {"loader": "pil"}}, "train.loader: must be one of 'device', 'torchvision', 'dali', 'ffcv'"),
+    ({"train": {"workers": -1}}, "train.workers: must be >= 0"),
+    ({"train": {"ema_decay": 1.0}}, "train.ema_decay: must be in [0, 1)"),
+    ({"train": {"compile_mode": "fast"}}, "train.compile_mode: must be one of"),
+    ({"eval": {"tta": "all"}}, "eval.tta: must be one of 'none', 'flip', 'flip_translate'"),
 ])
 def test_bad_values_name_the_dotted_key(table, starts):
     assert _err(table).startswith(starts)

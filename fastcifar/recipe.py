@@ -205,7 +205,7 @@ class TrainCfg:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: bool = False  # bf16 autocast on CUDA (fp16 + GradScaler without bf16) and MPS fp16; the CPU stays fp32
-    amp_cpu: bool = False  # also bf16 autocast on the CPU (8x slower on this AVX2 EPYC without bf16 units)
+    amp_cpu: bool = False  # also bf16 autocast on the CPU (cnn_bn trained at 41 vs 521 img/s fp32 on a 2-core EPYC)
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     early_stopping_patience: int = 0  # epochs without improvement of eval.metric; 0 = off

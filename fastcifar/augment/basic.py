@@ -175,8 +175,8 @@ def fill_boxes(x: torch.Tensor, top, left, eh, ew, active: torch.Tensor, value, 
     sequence / tensor of constants (in x's units)."""
     kind = value if isinstance(value, str) else "constant"
     if x.device.type == "cpu":
-        # The CPU reads the boxes for free and writes only them: at 224 px a masked torch.where over the whole
-        # batch took 650 ms per 512 images, the box slices a few ms (~4% of the pixels at p = 0.25).
+        # The CPU reads the boxes for free and writes only them: at 224 px, 512 images, p = 0.25, random fill,
+        # 21 ms against 952 ms for the full-batch noise + masked torch.where the accelerators use.
         out = x if inplace else x.clone()
         rows = active.nonzero().flatten()
         const = torch.as_tensor(value, dtype=x.dtype).view(-1, 1, 1) if kind == "constant" else None

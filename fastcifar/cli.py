@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--source", help="cifar-10-python.tar.gz, cifar-10-batches-py/, or an image-folder tree/archive "
                                      "(default: $FASTCIFAR_SOURCE, else download the official archive)")
     pr.add_argument("--out", default=DEFAULT_STORE, help=f"store directory (default {DEFAULT_STORE})")
-    pr.add_argument("--force", action="store_true", help="replace an existing store built from another source")
+    pr.add_argument("--force", action="store_true", help="replace a fastcifar store built from another source (never "
+                                                          "the source, a file, or a folder holding anything else)")
     pr.add_argument("--cache", default=os.path.join("~", ".cache", "fastcifar"), help="download directory")
     pr.add_argument("--verify", metavar="DIR", help="re-check the hashes of an existing store and exit")
     pr.add_argument("--format", choices=["store", "beton"], default="store",
@@ -32,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("recipe", help="a TOML recipe, e.g. recipes/quickstart.toml")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a recipe value (type-checked); repeatable")
-    tr.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    tr.add_argument("--out", help="run directory: new, empty, or a fastcifar run (default runs/<recipe name>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="shorthand for --set train.device=...")
     tr.add_argument("--folds-parallel", action="store_true",
@@ -71,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _prepare(args, console) -> None:
     from fastcifar.data import prepare_store, resolve_source, verify_store
+    from fastcifar.lifecycle import stop_raises
 
     if args.verify:
         meta = verify_store(Path(args.verify))
@@ -84,8 +87,9 @@ def _prepare(args, console) -> None:
         out = default_beton(store) if args.out == DEFAULT_STORE else Path(os.path.expanduser(args.out))
         write_beton(store, out, log_fn=console.print)
         return
-    source = resolve_source(args.source, Path(os.path.expanduser(args.cache)))
-    meta = prepare_store(source, Path(args.out), force=args.force, log=console.print)
+    with stop_raises("prepare"):
+        source = resolve_source(args.source, Path(os.path.expanduser(args.cache)))
+        meta = prepare_store(source, Path(args.out), force=args.force, log=console.print)
     console.print(f"{args.out}: {meta['counts']['train']} train + {meta['counts']['test']} test images, "
                   f"classes {', '.join(meta['classes'])}")
 
@@ -144,6 +148,18 @@ def _bench(args, console) -> None:
     run_bench(args, console)
 
 
+MAX_ERROR = 400  # characters: an error is one line a person reads, not a dump of the input that caused it
+
+
+def error_line(text: str) -> str:
+    """One short line: whitespace collapsed, terminal escapes and memory addresses (which differ on every run
+    and mean nothing to a user) removed, and cut at MAX_ERROR characters."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", text)
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 1] + "…"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from rich.console import Console
@@ -156,11 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         {"prepare": _prepare, "train": _train, "sweep": _sweep, "eval": _eval, "report": _report,
          "predict": _predict, "bench": _bench}[args.command](args, console)
     except FastCifarError as e:
-        print(f"fastcifar: error: {e}", file=sys.stderr)
+        print(f"fastcifar: error: {error_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # permissions, missing directories, read-only disks: name the file, skip the traceback
         where = f"{e.filename}: " if e.filename else ""
-        print(f"fastcifar: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"fastcifar: error: {error_line(f'{where}{e.strerror or e}')}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("fastcifar: error: out of memory (a smaller train.batch_size, model or store may fit)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = " (continue with --resume)" if args.command == "train" else ""

@@ -15,8 +15,10 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Iterator
 
 from fastcifar.errors import FastCifarError
+from fastcifar.ownership import pid_alive
 
 
 class RunInUse(FastCifarError):
@@ -31,16 +33,6 @@ class Interrupted(FastCifarError):
         self.exit_code = 128 + signum
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
 class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
@@ -53,7 +45,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if owner is not None and owner != os.getpid() and _pid_alive(owner):
+                if owner is not None and owner != os.getpid() and pid_alive(owner):
                     raise RunInUse(f"{self.path.parent}: in use by pid {owner} (lock file {self.path}); "
                                    f"wait for that run or stop it") from None
                 with contextlib.suppress(FileNotFoundError):
@@ -83,6 +75,39 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def stop_raises(what: str) -> Iterator[None]:
+    """For work with nothing to checkpoint (`prepare`): SIGINT / SIGTERM raise Interrupted at once, so the
+    caller's cleanup (`except BaseException: remove the temp folder`) runs, and the CLI prints one line and exits
+    128 + n, as `train` does, instead of dying silently with its temp files left behind."""
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(f"{what} stopped by {signal.Signals(signum).name}; nothing was written (temp files "
+                          "removed)", signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, handle) for s in GracefulStop.SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM back for a few renames that must happen together (a store's swap): a signal then
+    arrives just after them, not between them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, GracefulStop.SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class GracefulStop:

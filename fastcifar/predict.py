@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastcifar.data.archive import check_regular
+from fastcifar.data.readers import UnsupportedImage, to_rgb
 from fastcifar.errors import DataError, FastCifarError, first_line
 
 BATCH = 256  # images per forward pass: bounds memory when many files (or augment.resize = 224) are given
@@ -19,15 +21,19 @@ def read_image(path: str | Path, image_size: int) -> torch.Tensor:
 
     BICUBIC = getattr(Image, "Resampling", Image).BICUBIC  # Pillow < 9.1 has no Resampling enum
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such image file")
+    check_regular(path, "image")  # a FIFO would block Image.open forever
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; pass image files")
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            rgb, _ = to_rgb(im)  # 16-bit greyscale scaled, transparency composited, as prepare stores them
+            im = Image.fromarray(rgb)
             if im.size != (image_size, image_size):
                 im = im.resize((image_size, image_size), BICUBIC)
             arr = np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such image file") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, UnsupportedImage) as e:
         raise DataError(f"{path}: not a readable image ({first_line(e)})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 

@@ -183,3 +183,19 @@ def make_store(
         make_image_folder(tmp, n_train_per_class, n_test_per_class, "png", classes=names, seed=seed)
         prepare_store(Path(tmp), Path(directory), force=True, log=lambda *_: None)
     return Path(directory)
+
+
+def png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit PNG (greyscale for (H, W), RGB for (H, W, 3)) written by hand: PIL cannot write 16-bit RGB."""
+    import zlib
+
+    px = np.asarray(pixels, dtype=">u2")
+    h, w = px.shape[:2]
+    colour = 2 if px.ndim == 3 else 0
+    rows = b"".join(b"\x00" + px[y].tobytes() for y in range(h))  # filter type 0 on every row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")

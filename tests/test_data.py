@@ -15,6 +15,7 @@ import pytest
 
 from fastcifar.data import OFFICIAL_MD5, OFFICIAL_URL, Store, open_store, prepare_store, resolve_source, verify_store
 from fastcifar.errors import DataError
+from fastcifar.ownership import NotOurs
 
 try:
     from synth import make_archive, make_cifar_python_tar, make_image_folder, make_store, write_cifar_batches
@@ -131,8 +132,10 @@ def test_out_holding_other_files_is_protected(tmp_path: Path) -> None:
     out = tmp_path / "precious"
     out.mkdir()
     (out / "thesis.tex").write_text("do not delete")
-    with pytest.raises(DataError, match="holds something else"):
-        prepare_store(tmp_path / "src", out, log=quiet)
+    for force in (False, True):  # --force replaces only fastcifar's own stores
+        with pytest.raises(NotOurs, match="holds files fastcifar did not write"):
+            prepare_store(tmp_path / "src", out, force=force, log=quiet)
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
     assert (out / "thesis.tex").read_text() == "do not delete"
 
 

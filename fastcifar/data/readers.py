@@ -7,7 +7,7 @@ user-supplied (or downloaded) and a silent mis-read would only surface later as 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,6 +29,14 @@ class Dataset:
     train_labels: np.ndarray  # int64 (N,)
     test_images: np.ndarray
     test_labels: np.ndarray
+    notes: list[str] = field(default_factory=list)  # one line each for the log (e.g. images composited)
+
+
+def wanted(rel: str) -> bool:
+    """The archive members a reader may read: the official batch files and images; all else is never
+    decompressed (archive.read_tree)."""
+    name = rel.rsplit("/", 1)[-1]
+    return name in CIFAR_FILES or name.lower().endswith(IMAGE_EXTS)
 
 
 def read_dataset(tree: Tree) -> Dataset:
@@ -95,10 +103,11 @@ def _read_batch(tree: Tree, rel: str, num_classes: int) -> tuple[np.ndarray, np.
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{where}: wrong shapes (expected 'data' uint8 (N, 3072), got {got})")
-    try:
-        y = np.asarray(labels)
-    except Exception:  # ragged or exotic objects: report as a shape problem, below
-        y = np.asarray([])
+    # Only a flat sequence of ints becomes an array: np.asarray of a pickled list that references one big list
+    # many times would build a huge nested array before any shape check could refuse it.
+    flat = isinstance(labels, np.ndarray) or (isinstance(labels, (list, tuple))
+                                              and all(isinstance(v, int) for v in labels))
+    y = np.asarray(labels) if flat else np.asarray([])
     if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(data):
         raise DataError(
             f"{where}: wrong shapes (expected 'labels' as {len(data)} ints, got {y.dtype} of shape {y.shape})"
@@ -172,7 +181,9 @@ def read_image_folder(tree: Tree, root: str) -> Dataset:
         paths = [p for c in classes for p in groups[s][c]]
         labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(groups[s][c]) for c in classes])
         arrays[s] = (decoder.decode_all(paths), labels)
-    return Dataset("image-folder", classes, *arrays["train"], *arrays["test"])
+    done = decoder.composited
+    notes = [f"{len(done)} images had transparency and were composited onto black (first: {done[0]})"] if done else []
+    return Dataset("image-folder", classes, *arrays["train"], *arrays["test"], notes=notes)
 
 
 class _Decoder:
@@ -182,6 +193,7 @@ class _Decoder:
         self.tree = tree
         self.first: str | None = None
         self.shape: tuple[int, ...] | None = None
+        self.composited: list[str] = []  # images whose transparency was composited onto black (to_rgb)
 
     def decode_all(self, paths: list[str]) -> np.ndarray:
         out: np.ndarray | None = None
@@ -199,9 +211,13 @@ class _Decoder:
         try:
             # formats=...: only let PIL's PNG/JPEG parsers see untrusted bytes, not every plugin it ships.
             with Image.open(io.BytesIO(self.tree.read(rel)), formats=["PNG", "JPEG"]) as im:
-                arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+                arr, alpha = to_rgb(im)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise DataError(f"{self.tree.where(rel)}: truncated or corrupt image ({one_line(e)})") from None
+        except UnsupportedImage as e:
+            raise DataError(f"{self.tree.where(rel)}: {e}") from None
+        if alpha:
+            self.composited.append(self.tree.where(rel))
         if self.shape is None:
             self.first, self.shape = rel, arr.shape
         elif arr.shape != self.shape:
@@ -211,3 +227,32 @@ class _Decoder:
                 f"{self.shape[1]}x{self.shape[0]} (all images must have the same size)"
             )
         return arr
+
+
+class UnsupportedImage(Exception):
+    """An image mode with no faithful 8-bit RGB conversion."""
+
+
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's modes for 16-bit greyscale PNGs
+
+
+def to_rgb(im) -> tuple[np.ndarray, bool]:
+    """uint8 (H, W, 3) of a PIL image and whether it had (non-opaque) transparency.
+
+    16-bit greyscale is scaled to 8 bits (PIL's own convert clips it: everything above 255 turns white), and
+    transparency is composited onto black (alpha-premultiplied; PIL's convert would just drop the alpha,
+    showing whatever colour hides under transparent pixels). 16-bit RGB(A) PNGs open as 8-bit RGB(A) already.
+    """
+    if im.mode in SIXTEEN_BIT:
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise UnsupportedImage(f"{im.mode} image with values outside 0..65535; convert it to 8-bit RGB")
+        g = ((a * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2), False
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = np.asarray(im.convert("RGBA"))
+        alpha = rgba[..., 3:].astype(np.uint32)
+        if alpha.min(initial=255) == 255:
+            return np.ascontiguousarray(rgba[..., :3]), False
+        return ((rgba[..., :3] * alpha + 127) // 255).astype(np.uint8), True
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB")), False

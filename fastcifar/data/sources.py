@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -32,6 +33,9 @@ def resolve_source(source: str | os.PathLike | None, cache_dir: str | Path) -> P
     # A cached copy is reused only if it still matches: a half-written or tampered file is fetched again.
     if dest.is_file() and file_digest(dest, "md5") == md5:
         return dest
+    if dest.exists() or dest.is_symlink():  # downloads land only after their md5 matched: this one is not ours
+        raise DataError(f"{dest}: exists and is not the archive fastcifar downloads (md5 differs); move it away, "
+                        "or pass --source PATH")
     _download(url, dest, md5)
     return dest
 
@@ -82,14 +86,23 @@ def file_digest(path: Path, algo: str = "sha256") -> str:
     return h.hexdigest()
 
 
+def _regular_files(root: Path) -> list[Path]:
+    """Every regular file below `root`, sorted, walked as read_tree walks it (symlinked folders not followed);
+    FIFOs and devices are skipped here and refused by read_tree (reading one would block or never end)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        out += [p for p in (Path(dirpath) / n for n in filenames) if stat.S_ISREG(p.stat().st_mode)]
+    return sorted(out)
+
+
 def source_sha256(path: Path) -> str:
     """Identity of a source: the file's sha256, or for a directory a hash over sorted (relpath, size, content)."""
     try:
         if not path.is_dir():
             return file_digest(path)
         h = hashlib.sha256()
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        for p in files:
+        for p in _regular_files(path):
             rel = p.relative_to(path).as_posix().encode()
             h.update(len(rel).to_bytes(8, "little") + rel + p.stat().st_size.to_bytes(8, "little"))
             with open(p, "rb") as f:

@@ -6,7 +6,6 @@ source never leaves a half-written store that a later run could mistake for a go
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import os
@@ -19,10 +18,12 @@ from typing import Any, Callable
 import numpy as np
 
 from fastcifar.atomic import current_umask, fsync_dir, write_json, write_with
-from fastcifar.data.archive import one_line, read_tree
-from fastcifar.data.readers import Dataset, read_dataset
+from fastcifar.data.archive import check_regular, one_line, read_tree
+from fastcifar.data.readers import Dataset, read_dataset, wanted
 from fastcifar.data.sources import file_digest, source_sha256
 from fastcifar.errors import DataError
+from fastcifar.lifecycle import signals_deferred
+from fastcifar.ownership import MARKERS, NotOurs, clean_stale_temp_dirs, is_empty_dir, shown, write_marker
 
 FORMAT_VERSION = 1
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -40,23 +41,40 @@ class Store:
     meta: dict
 
 
+STORE_FILES = frozenset({*(f"{n}.npy" for n in ARRAYS), META, MARKERS["store"]})
+
+
 def prepare_store(source: Path, out: Path, *, force: bool = False, log: Callable[[str], Any] = print) -> dict:
-    """Build the store at `out` from `source`; a no-op if `out` already holds a valid store of the same source."""
+    """Build the store at `out` from `source`; a no-op if `out` already holds a valid store of the same source.
+
+    `out` may be new, an empty folder, or a fastcifar store (`force` replaces one of another source); anything
+    else, the source itself or a folder holding it included, is refused before anything is read or written."""
     source, out = Path(source).expanduser().resolve(), Path(out).expanduser()
+    real_out = out.resolve()  # a symlinked store folder is replaced where it lives; the link stays
     if not source.exists():
         raise DataError(f"{source}: source does not exist")
+    check_regular(source, "source")
+    _check_not_source(source, real_out, out)
+    clean_stale_temp_dirs(real_out, log)
     src_hash = source_sha256(source)
-    existing = _existing_store(out, src_hash, force)
+    existing = _existing_store(real_out, out, src_hash, force)
     if existing is not None:
         log(f"{out}: up to date (prepared from {source})")
         return existing
     log(f"reading {source}")
-    data = read_dataset(read_tree(source))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    data = read_dataset(read_tree(source, wanted))
+    if len(data.classes) < 2:
+        raise DataError(f"{source}: holds {len(data.classes)} class ({', '.join(data.classes)}); a classifier "
+                        "needs at least 2")
+    for note in data.notes:
+        log(note)
+    real_out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{real_out.name}.tmp-{os.getpid()}-", dir=real_out.parent))
     try:
+        write_marker(tmp, "store")  # first: a killed prepare's temp folder is then recognisably ours
         meta = _write_store(tmp, data, {"path": str(source), "kind": data.kind, "sha256": src_hash})
-        _swap_in(tmp, out)
+        with signals_deferred():
+            _swap_in(tmp, real_out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -65,20 +83,42 @@ def prepare_store(source: Path, out: Path, *, force: bool = False, log: Callable
     return meta
 
 
-def _existing_store(out: Path, src_hash: str, force: bool) -> dict | None:
+def _check_not_source(source: Path, real_out: Path, out: Path) -> None:
+    """Replacing the source (or a folder holding it) would delete the data; writing inside it changes it."""
+    if real_out == source or real_out in source.parents:
+        raise NotOurs(f"{out}: is the source or a folder holding it ({source}); choose another --out")
+    if source in real_out.parents:
+        raise NotOurs(f"{out}: is inside the source folder {source}; choose an --out outside it")
+
+
+def is_store_dir(path: Path) -> bool:
+    """fastcifar's own store: its marker (or, from before markers, its meta.json) and nothing but store files."""
+    names = {p.name for p in path.iterdir()}
+    return names <= STORE_FILES and bool(names & {MARKERS["store"], META}) and \
+        all((path / n).is_file() and not (path / n).is_symlink() for n in names)
+
+
+def _existing_store(real_out: Path, out: Path, src_hash: str, force: bool) -> dict | None:
     """Meta of a valid store of this same source at `out`; None if `out` is free or may be replaced."""
-    if not out.exists() and not out.is_symlink():
+    if not real_out.exists():
         return None
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+    if not real_out.is_dir():
+        raise NotOurs(f"{out}: exists and is not a directory; choose another --out (fastcifar replaces only its "
+                      "own stores)")
+    if is_empty_dir(real_out):
         return None  # an empty directory holds nothing worth protecting; _swap_in replaces it
+    if not is_store_dir(real_out):
+        raise NotOurs(f"{out}: holds files fastcifar did not write ({shown(real_out, skip=STORE_FILES)}); not replacing it, even "
+                      "with --force; choose another --out")
     try:
-        meta = verify_store(out)
+        meta = verify_store(real_out)
     except DataError:
         meta = None
     if meta is not None and meta.get("source", {}).get("sha256") == src_hash:
         return meta
     if not force:
-        raise DataError(f"{out}: exists and holds something else; pass --force to replace it")
+        raise DataError(f"{out}: holds a fastcifar store of another source (or a damaged one); pass --force to "
+                        "replace it")
     return None
 
 
@@ -123,8 +163,9 @@ def _apply_umask(tmp: Path) -> None:
 def _swap_in(tmp: Path, out: Path) -> None:
     """Rename the finished temp dir onto `out`; an old store is moved aside first and deleted only afterwards."""
     old: Path | None = None
-    if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    if out.exists():
+        write_marker(out, "store")  # a store from before markers: a killed swap's leftover must be recognisable
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
         old.rmdir()  # mkdtemp only reserved a unique name; rename needs it absent
         os.rename(out, old)
     try:
@@ -134,11 +175,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
             os.rename(old, out)  # put the previous store back: never leave `out` empty-handed
         raise
     fsync_dir(out.parent)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+    if old is not None:  # a checked fastcifar store (is_store_dir), moved aside above
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- reading ------------------------------------------------------------------------------------------------------

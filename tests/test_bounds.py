@@ -1,0 +1,202 @@
+"""Small hostile input must not exhaust the machine or hang it: decompression bombs, FIFOs, signals mid-prepare,
+and what a killed prepare left behind."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastcifar.data.archive as archive
+from fastcifar.data import prepare_store
+from fastcifar.data.archive import read_tree
+from fastcifar.data.readers import wanted
+from fastcifar.errors import DataError
+from fastcifar.lifecycle import Interrupted, stop_raises
+from fastcifar.ownership import write_marker
+from fastcifar.predict import read_image
+from synth import make_archive, make_image_folder
+
+MIB = 2**20
+CLI = [sys.executable, "-m", "fastcifar"]
+
+
+def quiet(*_):
+    pass
+
+
+class _Zeros(io.RawIOBase):
+    """n zero bytes, streamed: a bomb is built without holding it in memory."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        k = min(len(b), self.n)
+        b[:k] = bytes(k)
+        self.n -= k
+        return k
+
+
+def make_bomb(path: Path, member: str, size: int) -> Path:
+    """An archive (by suffix) whose one member is `size` zero bytes: 300 MiB compress to about 300 KB."""
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+            with zf.open(member, "w", force_zip64=True) as f:
+                for _ in range(size // MIB):
+                    f.write(bytes(MIB))
+    else:
+        with tarfile.open(path, "w:gz", compresslevel=1) as tf:
+            info = tarfile.TarInfo(member)
+            info.size = size
+            tf.addfile(info, io.BufferedReader(_Zeros(size)))
+    return path
+
+
+# Measured from a small parent: a child forked from this (torch-laden) test process would count the parent's
+# pages in its peak RSS until it execs.
+MEASURE = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(proc.pid, 0)
+sys.stderr.write(proc.stderr.read().decode())
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024)
+"""
+
+
+def run_measured(args: list[str], cwd: Path) -> tuple[int, str, float]:
+    """(exit code, stderr, peak resident MiB) of a CLI process."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, *CLI, *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=300)
+    code, peak = out.stdout.split()
+    return int(code), out.stderr, float(peak)
+
+
+@pytest.mark.parametrize("name,member", [("bomb.zip", "train/a/x.png"), ("bomb.tar.gz", "train/a/x.png"),
+                                         ("bomb.tar.gz", "readme.bin")])
+def test_a_decompression_bomb_is_refused_before_it_costs_memory(tmp_path, name, member):
+    bomb = make_bomb(tmp_path / name, member, 300 * MIB)
+    assert bomb.stat().st_size < 2 * MIB
+    code, err, peak = run_measured(["prepare", "--source", str(bomb), "--out", str(tmp_path / "store")], tmp_path)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "decompression bomb" in err or "over the 512 MiB" in err
+    assert peak < 150, f"peak RSS {peak:.0f} MiB"  # the process itself is ~45 MiB; the member is never inflated
+    assert not (tmp_path / "store").exists()
+
+
+def test_one_member_is_capped(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "src", 1, 1, "png", classes=("a", "b"))
+    make_archive(tmp_path / "src", tmp_path / "src.tar")
+    monkeypatch.setattr(archive, "MEMBER_CAP", 64)  # a 32x32 PNG is ~3 KB
+    with pytest.raises(DataError, match=r"src.tar: member 'test/a/0000.png' is 0 MiB, over the 0 MiB"):
+        read_tree(tmp_path / "src.tar", wanted)
+
+
+def test_unwanted_members_are_listed_but_never_read(tmp_path):
+    make_image_folder(tmp_path / "src", 1, 1, "png", classes=("a", "b"))
+    (tmp_path / "src" / "video.bin").write_bytes(bytes(5 * MIB))
+    for name in ("src.tar.gz", "src.zip"):
+        make_archive(tmp_path / "src", tmp_path / name)
+        tree = read_tree(tmp_path / name, wanted)
+        assert tree.files["video.bin"] is None and isinstance(tree.files["train/a/0000.png"], bytes)
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def test_fifos_are_refused_not_read(tmp_path):
+    make_image_folder(tmp_path / "src", 1, 1, "png", classes=("a", "b"))
+    _fifo(tmp_path / "src" / "train" / "a" / "pipe.png")
+    fifo_source = _fifo(tmp_path / "source.tar.gz")
+    for source in (tmp_path / "src", fifo_source):  # each would block forever if opened
+        proc = subprocess.run(CLI + ["prepare", "--source", str(source), "--out", str(tmp_path / "s")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "not a regular file" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_predict_refuses_a_fifo(tmp_path):
+    fifo = _fifo(tmp_path / "cat.png")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("read_image blocked on a FIFO"))
+    signal.alarm(30)
+    try:
+        with pytest.raises(DataError, match="not a regular file"):
+            read_image(fifo, 32)
+    finally:
+        signal.alarm(0)
+
+
+def test_sigterm_during_prepare_is_one_line_and_leaves_nothing(tmp_path):
+    make_image_folder(tmp_path / "src", 400, 1, "png")  # 4,000 PNGs: a few seconds of decoding
+    proc = subprocess.Popen(CLI + ["prepare", "--source", "src", "--out", "store"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("reading")  # decoding has begun
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip() == "fastcifar: error: prepare stopped by SIGTERM; nothing was written (temp files removed)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_signal_while_writing_removes_the_temp_folder(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "src", 1, 1, "png", classes=("a", "b"))
+    import fastcifar.data.store as store_mod
+
+    real = store_mod.write_with
+
+    def write_then_signal(path, writer):
+        real(path, writer)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises here, between two arrays
+
+    monkeypatch.setattr(store_mod, "write_with", write_then_signal)
+    with pytest.raises(Interrupted) as e, stop_raises("prepare"):
+        prepare_store(tmp_path / "src", tmp_path / "store", log=quiet)
+    assert e.value.exit_code == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_folders_of_a_killed_prepare_are_cleaned_and_only_those(tmp_path):
+    make_image_folder(tmp_path / "src", 1, 1, "png", classes=("a", "b"))
+    pid = _dead_pid()
+    ours = tmp_path / f".store.tmp-{pid}-ab12cd34"
+    ours.mkdir()
+    write_marker(ours, "store")
+    (ours / "train_images.npy").write_bytes(bytes(100))
+    lookalike = tmp_path / f".store.tmp-{pid}-zz99zz99"  # the naming, but not our marker: the user's
+    lookalike.mkdir()
+    (lookalike / "keep.txt").write_text("mine")
+    live = tmp_path / f".store.tmp-{os.getpid()}-ef56gh78"  # a prepare still running (this process)
+    live.mkdir()
+    write_marker(live, "store")
+    logs: list[str] = []
+    prepare_store(tmp_path / "src", tmp_path / "store", log=logs.append)
+    assert not ours.exists() and (lookalike / "keep.txt").read_text() == "mine" and live.is_dir()
+    assert any("left by a prepare that was killed" in line for line in logs)
+
+
+def test_a_store_moved_aside_by_a_killed_swap_is_put_back(tmp_path):
+    make_image_folder(tmp_path / "src", 1, 1, "png", classes=("a", "b"))
+    prepare_store(tmp_path / "src", tmp_path / "store", log=quiet)
+    aside = tmp_path / f".store.old-{_dead_pid()}-ab12cd34"
+    os.rename(tmp_path / "store", aside)  # killed between the two renames of the swap
+    logs: list[str] = []
+    prepare_store(tmp_path / "src", tmp_path / "store", log=logs.append)
+    assert not aside.exists() and any("restored" in line for line in logs)
+    assert any("up to date" in line for line in logs)  # the restored store is the same source's: kept
+    assert np.load(tmp_path / "store" / "train_labels.npy").tolist() == [0, 1]

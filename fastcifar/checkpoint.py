@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused by weights-only loading ({first_line(e)})") from None
+        # torch's text is a page of advice, including to turn weights-only loading off: keep only what it found.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f": global {found.group(1)}" if found else ""
+        raise CheckpointError(f"{path}: refused by weights-only loading (it holds objects other than tensors and "
+                              f"plain containers{what})") from None
     except Exception as e:  # noqa: BLE001 - arbitrary bytes make torch.load raise almost anything (fuzz-tested)
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first_line(e)})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:

@@ -341,7 +341,8 @@ def _train_ddp(ctx: DistContext, recipe: Recipe, run_dir: Path, console, resume:
         if not ctx.is_main:
             return None
         summary, report = finish_run(recipe, run_dir, results, console)
-    console.print(f"report: {report}")
+    if report is not None:
+        console.print(f"report: {report}")
     return summary
 
 
@@ -363,7 +364,8 @@ def _train_folds_parallel(board: FoldBoard, device: torch.device, recipe: Recipe
             return None
         results = sorted((r for part in gathered for r in part), key=lambda r: r["fold"])
         summary, report = finish_run(recipe, run_dir, results, console)
-    console.print(f"report: {report}")
+    if report is not None:
+        console.print(f"report: {report}")
     return summary
 
 
@@ -373,7 +375,7 @@ def run_distributed(recipe: Recipe, run_dir: Path, console, *, resume: bool = Fa
     Returns the summary on rank 0, None on the other ranks."""
     from rich.console import Console
 
-    from fastcifar.run import check_inputs
+    from fastcifar.preflight import check_inputs
 
     env = torchrun_env()
     if env is None:
@@ -387,7 +389,7 @@ def run_distributed(recipe: Recipe, run_dir: Path, console, *, resume: bool = Fa
     elif rank:
         console = Console(quiet=True)
     try:
-        store = check_inputs(recipe)
+        store = check_inputs(recipe, run_dir if rank == 0 else None, resume, device)
         if folds_parallel:
             board = FoldBoard(FOLDS_PARALLEL_TIMEOUT)
             return _train_folds_parallel(board, device, recipe, run_dir, console, resume, hooks, store)

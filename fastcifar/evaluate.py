@@ -95,10 +95,14 @@ def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str, co
     from fastcifar.loader import DeviceLoader
 
     device = resolve_device(device_name)
-    model, recipe, classes, _ = load_trained_model(path, device)
+    model, recipe, classes, image_size = load_trained_model(path, device)
     store = open_store(Path(data_dir or recipe.data.store))
     if list(store.classes) != classes:
         raise CheckpointError(f"{path}: trained on classes {classes}, but {store.path} holds {list(store.classes)}")
+    h, w = store.test_images.shape[1:3]
+    if (h, w) != (image_size, image_size):  # the model would run, and its accuracy would describe other data
+        raise CheckpointError(f"{path}: trained on {image_size}x{image_size} images, but {store.path} holds "
+                              f"{w}x{h} images")
     transform = build_eval_transform(recipe.augment, recipe.data.mean, recipe.data.std)
     loader = DeviceLoader(store.test_images, store.test_labels, recipe.eval.batch_size, transform, device,
                           shuffle=False)

@@ -40,8 +40,15 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def label(name: object) -> str:
+    """A class name as matplotlib should print it: "$" escaped (a pair would start mathtext, and a name such as
+    "$\\foo{" then fails to parse) and unprintable characters shown as escapes."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(name))
+    return text.replace("$", r"\$")
+
+
 def _name(classes: Sequence[str], i: int) -> str:
-    return str(classes[i]) if 0 <= i < len(classes) else str(i)
+    return label(classes[i]) if 0 <= i < len(classes) else str(i)
 
 
 def _show(ax, img: np.ndarray) -> None:
@@ -115,8 +122,8 @@ def _heatmap(fig, ax, values: np.ndarray, text: list[list[str]], classes: Sequen
         bar.update_ticks()
     k = len(classes)
     ticks = list(range(k))
-    ax.set_xticks(ticks, [str(c) for c in classes], rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(ticks, [str(c) for c in classes])
+    ax.set_xticks(ticks, [label(c) for c in classes], rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(ticks, [label(c) for c in classes])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)

@@ -33,7 +33,7 @@ def get_layer(model: nn.Module, dotted_name: str) -> nn.Module:
     listing = ", ".join(convs[-12:]) if convs else "none"
     if len(convs) > 12:
         listing = "…, " + listing  # the deepest ones are the useful choices; a full ResNet list would be unreadable
-    raise RecipeError(f"gradcam layer {dotted_name!r}: not found in {type(model).__name__} (conv layers: {listing})")
+    raise RecipeError(f"eval.gradcam_layer: {dotted_name!r} not found in {type(model).__name__} (conv layers: {listing})")
 
 
 def _normalise(cam: torch.Tensor) -> torch.Tensor:

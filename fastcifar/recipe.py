@@ -23,6 +23,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+NAME = re.compile(r"\w[\w.+-]{0,99}")  # one plain path component: runs/<name> never leaves runs/
+SEED_MAX = 2**32 - 1  # train.seed * 1000 + fold must stay a 64-bit generator seed; numpy wants it >= 0
+INT_MAX = 2**63 - 1  # every integer key: torch and numpy take at most 64-bit integers
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,6 +35,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def _show(name: str) -> str:
     """A key as typed if it is a plain name, else quoted (keeps a newline in a key from breaking the line)."""
     return name if re.fullmatch(r"[\w.+\-\[\]]+", name) else repr(name)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a value for an error line: a 10 MB string is shown by its start, never whole."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -62,6 +71,7 @@ class SplitCfg:
     seed: int = 0  # the split is a function of this seed only, so every run sees the same folds
 
     def validate(self) -> None:
+        _check(0 <= self.seed <= SEED_MAX, "split.seed", f"must be in [0, {SEED_MAX}], got {self.seed}")
         _check(0.0 < self.val_fraction < 1.0, "split.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _check(self.k >= 2, "split.k", f"must be >= 2, got {self.k}")
         _check(-1 <= self.fold < self.k, "split.fold",
@@ -234,9 +244,10 @@ class TrainCfg:
         _check(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {self.grad_clip}")
         _check(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
-        _check(self.threads >= 0, "train.threads", f"must be >= 0, got {self.threads}")
+        _check(0 <= self.seed <= SEED_MAX, "train.seed", f"must be in [0, {SEED_MAX}], got {self.seed}")
+        _check(0 <= self.threads <= 4096, "train.threads", f"must be in [0, 4096], got {self.threads}")
         _check(self.max_skipped_steps >= 1, "train.max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")
-        _check(self.workers >= 0, "train.workers", f"must be >= 0, got {self.workers}")
+        _check(0 <= self.workers <= 1024, "train.workers", f"must be in [0, 1024], got {self.workers}")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
 
 
@@ -267,6 +278,8 @@ class Recipe:
     finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
 
     def validate(self) -> None:
+        _check(NAME.fullmatch(self.name) is not None, "name", "must be one plain folder name (letters, digits and "
+               f"_ . + -, not starting with . or -, at most 100 characters), got {_short(self.name)}")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
@@ -286,7 +299,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
-        _check(value in choices, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        _check(value in choices, key, f"must be one of {', '.join(map(repr, choices))}, got {_short(value)}")
         return value
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -294,28 +307,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except RecipeError:
                 pass
-        raise RecipeError(f"{key}: expected {tp}, got {value!r}")
+        raise RecipeError(f"{key}: expected {tp}, got {_short(value)}")
     if origin is tuple:
         args = typing.get_args(tp)
         _check(isinstance(value, (list, tuple)) and len(value) == len(args), key,
-               f"expected a list of {len(args)} numbers, got {value!r}")
+               f"expected a list of {len(args)} numbers, got {_short(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if tp is bool:
-        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        _check(isinstance(value, bool), key, f"expected true or false, got {_short(value)}")
         return value
     if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {_short(value)}")
+        _check(-INT_MAX <= value <= INT_MAX, key, f"must fit in 64 bits, got {_short(value)}")
         return value
     if tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _check(ok, key, f"expected a number, got {value!r}")
-        _check(math.isfinite(value), key, f"must be finite, got {value!r}")
+        _check(ok, key, f"expected a number, got {_short(value)}")
+        _check(math.isfinite(value), key, f"must be finite, got {_short(value)}")
         return float(value)
     if tp is str:
-        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        _check(isinstance(value, str), key, f"expected a string, got {_short(value)}")
         return value
     if dataclasses.is_dataclass(tp):
-        _check(isinstance(value, dict), key, f"expected a table [{key}], got {value!r}")
+        _check(isinstance(value, dict), key, f"expected a table [{key}], got {_short(value)}")
         return _build(tp, value, key)
     raise RecipeError(f"{key}: unsupported field type {tp}")  # a programming error, but keep it one line
 
@@ -343,6 +357,8 @@ def _parse_override_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:  # [[[[...]]]] nested thousands deep
+        raise RecipeError(f"--set {_short(text)}: nested too deeply") from None
 
 
 def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -374,6 +390,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: recipe file not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:  # tomllib recurses once per nesting level of arrays / inline tables
+        raise RecipeError(f"{path}: not valid TOML (nested too deeply)") from None
     try:
         return recipe_from_dict(apply_overrides(table, overrides or []))
     except RecipeError as e:
@@ -383,13 +401,23 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 # ---------------------------------------------------------------------------------------------- saving
 
 
+def _toml_char(c: str) -> str:
+    """A character inside a TOML basic string: quote, backslash and control characters escaped (a raw newline
+    in a value would make the saved recipe unreadable, and with it the printed resume command)."""
+    if c in '"\\':
+        return "\\" + c
+    if ord(c) < 0x20 or ord(c) == 0x7F:
+        return f"\\u{ord(c):04x}"
+    return c
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_toml_char(c) for c in v) + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -15,8 +16,11 @@ import numpy as np
 import torch
 
 from fastcifar.atomic import write_json, write_text
-from fastcifar.errors import FastCifarError, RecipeError
+from fastcifar.artifacts import FIGURES
+from fastcifar.errors import DataError, FastCifarError, RecipeError, first_line
 from fastcifar.lifecycle import GracefulStop, RunLock
+from fastcifar.ownership import check_own_dir, legacy_run, remove_atomic_temps, write_marker
+from fastcifar.preflight import check_inputs
 from fastcifar.recipe import Recipe, load_recipe, recipe_diff, recipe_to_toml
 from fastcifar.report import write_report
 from fastcifar.splits import make_folds
@@ -47,8 +51,10 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def _check_resume(run_dir: Path, recipe: Recipe, resume: bool) -> bool:
-    """True if run_dir already holds this run; refuse to mix two different recipes in one directory."""
+def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, store) -> bool:
+    """True if run_dir already holds this run; refuse a folder fastcifar did not write, two different recipes in
+    one directory, and a resume on data other than the run was trained on."""
+    check_own_dir(run_dir, "run", legacy_run)
     saved = run_dir / "recipe.toml"
     if not saved.exists():
         return False
@@ -58,7 +64,43 @@ def _check_resume(run_dir: Path, recipe: Recipe, resume: bool) -> bool:
     if diff:
         raise RecipeError(f"{diff[0]}: differs from the run's saved {saved}; resume with that recipe "
                           f"(fastcifar train {saved} --out {run_dir} --resume)")
+    check_same_data(trained_on(run_dir), data_identity(store), run_dir)
     return True
+
+
+def data_identity(store) -> dict[str, Any]:
+    """What a run was trained on, as data.json records it: a resume or evaluation on other data is refused."""
+    return {"store": str(store.path), "classes": list(store.classes),
+            "image_shape": list(store.train_images.shape[1:]), "sha256": dict(store.meta["sha256"])}
+
+
+def trained_on(run_dir: Path) -> dict[str, Any]:
+    """data.json of a run; for a run from before data.json, the store hashes its env.json recorded."""
+    for name, pick in (("data.json", lambda d: d), ("env.json", lambda d: {"sha256": d["store"]["sha256"]})):
+        try:
+            return pick(json.loads((run_dir / name).read_text()))
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            continue
+    return {}
+
+
+def _describe(key: str, ident: dict[str, Any], other: dict[str, Any]) -> str:
+    if key == "classes":
+        names = ident["classes"]
+        return f"{len(names)} classes [{', '.join(map(str, names[:6]))}{', …' if len(names) > 6 else ''}]"
+    if key == "image_shape":
+        return "x".join(map(str, ident["image_shape"])) + " images"
+    changed = sorted(k for k in ident["sha256"] if ident["sha256"].get(k) != other["sha256"].get(k))[:1] or ["?"]
+    return f"{changed[0]} with sha256 {str(ident['sha256'].get(changed[0]))[:12]}…"
+
+
+def check_same_data(saved: dict[str, Any], now: dict[str, Any], run_dir: Path) -> None:
+    """One line naming both sides when the store differs from the one the run was trained on."""
+    for key in ("classes", "image_shape", "sha256"):
+        if key in saved and saved[key] != now[key]:
+            raise DataError(f"data.store: {now['store']} holds {_describe(key, now, saved)}, but {run_dir} was "
+                            f"trained on {_describe(key, saved, now)} ({saved.get('store', 'its store')}); resume "
+                            "with that store, or train into a new --out")
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -116,9 +158,10 @@ def configure_runtime(recipe: Recipe) -> None:
 
 
 def _remove_orphans(run_dir: Path) -> None:
-    """Temp files of writes that a SIGKILL cut short (the targets themselves are intact)."""
-    for tmp in run_dir.rglob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    """Temp files of writes that a SIGKILL cut short (the targets themselves are intact), only in the folders a
+    run writes: the run directory, its fold directories, and their checkpoints/ and figures/."""
+    roots = [run_dir, *(d for d in run_dir.iterdir() if re.fullmatch(r"fold\d+", d.name) and not d.is_symlink())]
+    remove_atomic_temps([d / sub for d in roots for sub in ("", "checkpoints", FIGURES)])
 
 
 def _train_folds(recipe: Recipe, store, run_dir: Path, device: torch.device, console, resuming: bool, hooks, stop,
@@ -161,46 +204,43 @@ def run_training(recipe: Recipe, run_dir: Path, console, *, resume: bool = False
     from fastcifar.train import Hooks
 
     device = resolve_device(recipe.train.device)
-    store = check_inputs(recipe)
+    store = check_inputs(recipe, run_dir, resume, device)
     with RunLock(run_dir), GracefulStop() as stop:
         resuming = start_run(recipe, run_dir, device, store, resume)
         configure_runtime(recipe)
         results = _train_folds(recipe, store, run_dir, device, console, resuming, hooks or Hooks(), stop)
         summary, report = finish_run(recipe, run_dir, results, console)
-    console.print(f"report: {report}")
+    if report is not None:
+        console.print(f"report: {report}")
     return summary
-
-
-def check_inputs(recipe: Recipe):
-    """Everything that can be refused, checked before the run directory is touched; returns the opened store."""
-    from fastcifar.backends import check_loader
-    from fastcifar.data import open_store
-    from fastcifar.train import build_model
-
-    check_loader(recipe)  # a missing DALI / FFCV extra, or an augment section the loader cannot express
-    store = open_store(Path(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
-    # Building the model once on the CPU refuses a bad width or pretrained file before any output exists.
-    build_model(recipe, len(store.classes), store.train_images.shape[1], torch.device("cpu"))
-    return store
 
 
 def start_run(recipe: Recipe, run_dir: Path, device: torch.device, store, resume: bool,
               extra_env: dict[str, Any] | None = None) -> bool:
     """Under the run lock: accept or refuse run_dir, clear orphans, write recipe.toml and env.json; True when
     resuming. A distributed run calls it on rank 0 only (extra_env: its world size and mode)."""
-    resuming = _check_resume(run_dir, recipe, resume)
+    resuming = check_run_dir(run_dir, recipe, resume, store)
+    write_marker(run_dir, "run")  # before anything else: from here on the folder is recognisably a run
     _remove_orphans(run_dir)
     if not resuming:
         write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
+    if not resuming or not (run_dir / "data.json").exists():  # a resumed run's data was checked above
+        write_json(run_dir / "data.json", data_identity(store))
     write_json(run_dir / "env.json", {**environment(device), **(extra_env or {}), "store": {
         "path": str(store.path), "sha256": store.meta["sha256"], "source": store.meta["source"]}})
     return resuming
 
 
-def finish_run(recipe: Recipe, run_dir: Path, results: list[dict[str, Any]], console) -> tuple[dict[str, Any], Path]:
+def finish_run(recipe: Recipe, run_dir: Path, results: list[dict[str, Any]],
+               console) -> tuple[dict[str, Any], Path | None]:
     """summary.json, folds.csv (k-fold) and report.md from the folds' results, in fold order."""
     summary = {**summarize(results), "recipe": recipe.name}
     if len(results) > 1:
         write_text(run_dir / "folds.csv", _folds_table(summary, console))
     write_json(run_dir / "summary.json", summary)
-    return summary, write_report(run_dir)
+    try:
+        return summary, write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the run is finished and summary.json written; a report can be redone
+        console.print(f"[yellow]report.md not written ({first_line(e)[:200]}); rebuild it with: fastcifar report "
+                      f"{run_dir}[/yellow]")
+        return summary, None

@@ -357,10 +357,16 @@ class FoldTrainer:
         result["compile_time_s"] = self.state.compile_time_s  # warm-up steps, kept out of img_per_s
         result["engine"] = {**self.engine.summary(self.optimizer), "tta": self.recipe.eval.tta,
                             "channels_last": self.recipe.train.channels_last}
+        write_json(self.dir / "result.json", result)  # before the figures: a figure can never cost the result
         if self.recipe.eval.figures:
             train = self.data.train
-            result["figures"] = write_figures(
-                self.dir, self.state.history, final, self.classes, final_loader, train.images.cpu().numpy(),
-                train.labels.cpu().numpy(), plain, self.stage_boundary, self.recipe.eval.gradcam_layer)
-        write_json(self.dir / "result.json", result)
+            try:
+                result["figures"] = write_figures(
+                    self.dir, self.state.history, final, self.classes, final_loader, train.images.cpu().numpy(),
+                    train.labels.cpu().numpy(), plain, self.stage_boundary, self.recipe.eval.gradcam_layer)
+            except Exception as e:  # noqa: BLE001 - plotting libraries fail in many ways; the fold is done
+                result["figures_error"] = first_line(e)[:200]
+                self.console.print(f"[yellow]fold {self.fold.index}: figures not written ({result['figures_error']})"
+                                   "; the model and result.json are kept[/yellow]")
+            write_json(self.dir / "result.json", result)
         return result

@@ -174,6 +174,6 @@ def test_find_target_layer_every_model(name: str) -> None:
 def test_get_layer() -> None:
     model = create_model("resnet18")
     assert get_layer(model, "layer4.1.conv2") is model.layer4[1].conv2
-    want = r"gradcam layer 'layer9\.conv': not found in ResNet \(conv layers: .*layer4\.1\.conv2"
+    want = r"eval.gradcam_layer: 'layer9\.conv' not found in ResNet \(conv layers: .*layer4\.1\.conv2"
     with pytest.raises(RecipeError, match=want):
         get_layer(model, "layer9.conv")

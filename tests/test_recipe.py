@@ -66,7 +66,7 @@ def _err(table) -> str:
     ({"augment": {"erasing_value": "noise"}}, "augment.erasing_value: must be one of"),
     ({"augment": {"mix_p": 1.5}}, "augment.mix_p: must be in [0, 1]"),
     ({"train": {"loader": "pil"}}, "train.loader: must be one of 'device', 'torchvision', 'dali', 'ffcv'"),
-    ({"train": {"workers": -1}}, "train.workers: must be >= 0"),
+    ({"train": {"workers": -1}}, "train.workers: must be in [0, 1024]"),
     ({"train": {"ema_decay": 1.0}}, "train.ema_decay: must be in [0, 1)"),
     ({"train": {"compile_mode": "fast"}}, "train.compile_mode: must be one of"),
     ({"eval": {"tta": "all"}}, "eval.tta: must be one of 'none', 'flip', 'flip_translate'"),

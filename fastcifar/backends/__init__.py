@@ -12,7 +12,7 @@ KINDS = ("torchvision", "dali", "ffcv")
 
 def check_loader(recipe) -> None:
     """Refuse, in one line, a train.loader whose library is missing or that cannot express the recipe's augment
-    section; cheap, so run.check_inputs calls it before the run directory is touched."""
+    section; cheap, so preflight.check_inputs calls it before the run directory is touched."""
     kind = recipe.train.loader
     if kind == "torchvision":
         from fastcifar.backends.torchvision import build_pil_transform

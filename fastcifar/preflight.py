@@ -1,0 +1,156 @@
+"""Everything a run can be refused for, checked before its directory is created or touched.
+
+A check that could only fail hours later (a Grad-CAM layer that does not exist, a fold without a full batch, a
+model that cannot take the store's image size) fails here instead, in one line naming the recipe key, so no
+half-made run folder is left behind and no training time is lost.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastcifar.errors import DataError, RecipeError, first_line
+from fastcifar.models import create_model
+from fastcifar.recipe import Recipe
+from fastcifar.splits import make_folds, take_per_class
+
+BYTES_PER_PARAM = 16  # fp32 weights + gradients + two optimizer moments (Adam); SGD with momentum needs 12
+
+
+def check_inputs(recipe: Recipe, run_dir: Path | None = None, resume: bool = False, device=None):
+    """All pre-run checks; returns the opened (hash-verified) store. `run_dir`: also check the folder may hold
+    this run (new, empty, or this run with --resume on the same data)."""
+    from fastcifar.backends import check_loader
+    from fastcifar.data import open_store
+
+    check_loader(recipe)  # a missing DALI / FFCV extra, or an augment section the loader cannot express
+    store = open_store(Path(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
+    if len(store.classes) < 2:
+        raise DataError(f"data.store: {store.path} holds {len(store.classes)} class; a classifier needs at least 2")
+    check_model(recipe, store, device or torch.device("cpu"))
+    check_augment(recipe, store)
+    check_folds(recipe, store)
+    if recipe.train.loader == "ffcv":  # the .beton must exist (and match the store) before the run folder does
+        from fastcifar.backends.ffcv import check_beton, default_beton
+
+        check_beton(default_beton(store.path), store)
+    if run_dir is not None:
+        from fastcifar.run import check_run_dir
+
+        check_run_dir(run_dir, recipe, resume, store)
+    return store
+
+
+def check_folds(recipe: Recipe, store) -> None:
+    """Every fold has validation images and at least one full training batch, and k-fold has at least k images
+    of every class in its pool (else some folds would validate on classes they never saw, or on nothing)."""
+    labels = np.concatenate([store.train_labels, store.test_labels])
+    split = recipe.split
+    if split.kind == "kfold":
+        pool = labels if split.pool == "train+test" else store.train_labels
+        counts = np.bincount(pool, minlength=len(store.classes))
+        c = int(counts.argmin())
+        if counts[c] < split.k:
+            raise RecipeError(f"split.k: {split.k} folds need at least {split.k} images of every class in the pool, "
+                              f"but class '{store.classes[c]}' has {counts[c]}; lower split.k")
+    for fold in make_folds(len(store.train_labels), labels, split):
+        train = fold.train
+        if recipe.data.train_subset:
+            train = take_per_class(train, labels, recipe.data.train_subset)
+        if len(fold.val) == 0:
+            raise RecipeError(f"split.val_fraction: {split.val_fraction} holds out no image of the "
+                              f"{len(labels)}; raise it")
+        if len(train) < recipe.train.batch_size:
+            raise RecipeError(f"train.batch_size: {recipe.train.batch_size} is more than fold {fold.index}'s "
+                              f"{len(train)} training images (no full batch to train on); lower it")
+
+
+def check_augment(recipe: Recipe, store) -> None:
+    """Run the train and eval transforms once on two stored images (CPU): an augment setting the image size
+    does not allow (reflect padding wider than the image, ...) fails here, not at the first step."""
+    from fastcifar.augment import build_eval_transform, build_train_transform
+
+    images = torch.from_numpy(np.array(store.train_images[:2]))  # a writable copy of two memory-mapped images
+    rows = torch.arange(len(images))
+    mean, std = recipe.data.mean, recipe.data.std
+    for transform in (build_train_transform(recipe.augment, mean, std), build_eval_transform(recipe.augment, mean, std)):
+        transform(images, rows, torch.Generator().manual_seed(0), 0)
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, RuntimeError, AttributeError):
+        return None
+
+
+def _param_count(recipe: Recipe, num_classes: int, size: int) -> int | None:
+    """Parameters counted on the meta device (nothing allocated), or None where a model cannot be built there."""
+    m = recipe.model
+    try:
+        with torch.device("meta"):
+            model = create_model(m.name, num_classes=num_classes, image_size=size, width=m.width, dropout=m.dropout)
+    except Exception:  # noqa: BLE001 - an estimate only: the real build below still refuses in one line
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_model(recipe: Recipe, store, device: torch.device) -> None:
+    """Build the model on the CPU (a bad width or pretrained file fails here), run one 2-image batch of the
+    store's (resized) image size through it, and check the Grad-CAM layer yields a feature map."""
+    from fastcifar.train import build_model
+
+    m, num_classes, size = recipe.model, len(store.classes), int(store.train_images.shape[1])
+    key = "model.width" if m.width else "model.name"
+    params, memory = _param_count(recipe, num_classes, size), _memory_bytes(device)
+    if params is not None and memory is not None and params * BYTES_PER_PARAM > memory:
+        raise RecipeError(f"{key}: {m.name} with width {m.width} has {params:,} parameters, "
+                          f"{params * BYTES_PER_PARAM / 2**30:,.0f} GiB to train, more than the "
+                          f"{memory / 2**30:,.0f} GiB of {device.type}; lower it")
+    try:
+        model = build_model(recipe, num_classes, size, torch.device("cpu"))
+    except (RuntimeError, MemoryError) as e:
+        raise RecipeError(f"{key}: {m.name} cannot be built ({first_line(e)})") from None
+    side = recipe.augment.resize or size
+    feature = _gradcam_probe(model, recipe)
+    model.eval()
+    x = torch.zeros(2, 3, side, side).to(memory_format=torch.channels_last if recipe.train.channels_last
+                                         else torch.contiguous_format)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError as e:
+        raise DataError(f"model.name: {m.name} cannot take the store's {side}x{side} images ({first_line(e)}); "
+                        "pick another model or set augment.resize") from None
+    finally:
+        if feature.get("hook") is not None:
+            feature["hook"].remove()
+    if tuple(out.shape) != (2, num_classes):
+        raise DataError(f"model.name: {m.name} gives outputs of shape {list(out.shape)} for {side}x{side} images, "
+                        f"not (batch, {num_classes} classes)")
+    if "shape" in feature and len(feature["shape"]) != 4:
+        raise RecipeError(f"eval.gradcam_layer: {recipe.eval.gradcam_layer!r} outputs {feature['shape']}, not a "
+                          "(N, C, H, W) feature map; pick a conv layer")
+
+
+def _gradcam_probe(model: torch.nn.Module, recipe: Recipe) -> dict:
+    """A forward hook recording the output shape of eval.gradcam_layer (a RecipeError listing the conv layers
+    when the name does not exist). Only checked when figures are on: Grad-CAM is one of them."""
+    from fastcifar.gradcam import get_layer
+
+    seen: dict = {}
+    if not (recipe.eval.figures and recipe.eval.gradcam_layer):
+        return seen
+    layer = get_layer(model, recipe.eval.gradcam_layer)
+
+    def record(module, inputs, output) -> None:
+        seen["shape"] = list(output.shape) if isinstance(output, torch.Tensor) else [type(output).__name__]
+
+    seen["hook"] = layer.register_forward_hook(record)
+    return seen

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from fastcifar.atomic import write_text
 from fastcifar.errors import FastCifarError, first_line
+from fastcifar.ownership import MARKERS, MD_MARKER, check_output_file, has_marker, legacy_run, md_ours
 
 DASH = "–"
 FIGURES = ["curves.png", "confusion.png", "samples.png", "predictions.png", "mistakes.png", "gradcam.png"]
@@ -37,6 +38,7 @@ HEADLINE = [
 FORMAT = {key: kind for key, _, _, kind in HEADLINE}
 LABEL = {key: label for key, label, _, _ in HEADLINE}
 FOLD_TABLE = ["accuracy", "precision", "recall", "specificity", "f1", "kappa", "balanced_accuracy", "auroc"]
+COMPARISON = "run comparison"
 ENV_KEYS = ["python", "platform", "torch", "torchvision", "numpy", "cpu_count", "torch_threads", "device", "gpu",
             "cuda", "git_commit"]
 
@@ -92,7 +94,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
-        raise ReportError(f"{path}: corrupt JSON ({first_line(e)})") from None
+        raise ReportError(f"{path}: corrupt JSON ({first_line(e)[:120]})") from None
+    except RecursionError:
+        raise ReportError(f"{path}: corrupt JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise ReportError(f"{path}: corrupt JSON (expected an object, got {type(obj).__name__})")
     return obj
@@ -132,7 +136,8 @@ def load_run(run_dir: Path) -> Run:
     if not run_dir.is_dir():
         raise not_run
     summary = _read_json(run_dir / "summary.json") or {}
-    from_summary = {r.get("fold"): r for r in summary.get("folds", []) if isinstance(r, dict)}
+    listed = summary.get("folds") if isinstance(summary.get("folds"), list) else []
+    from_summary = {_num(r.get("fold")): r for r in listed if isinstance(r, dict)}
     dirs = _fold_dirs(run_dir)
     kfold = bool(dirs)
     if not dirs and ((run_dir / "result.json").is_file() or (run_dir / "metrics.csv").is_file()):
@@ -397,13 +402,19 @@ def _compare_rows(runs: list[Run]) -> list[list[str]]:
 
 
 def combine_reports(run_dirs: list[Path], out: Path = Path("report.md")) -> Path:
-    """One run: (re)build its report.md (`out` unused). Several: write `out` comparing them side by side."""
+    """One run: (re)build its report.md (`out` unused). Several: write `out` comparing them side by side.
+    Only a fastcifar run folder gets a report.md, and `out` is overwritten only if it is a comparison."""
     if not run_dirs:
         raise ReportError("no run directories given")
     if len(run_dirs) == 1:
-        return write_report(Path(run_dirs[0]))
+        run_dir = Path(run_dirs[0])
+        if run_dir.is_dir() and not (has_marker(run_dir, "run") or legacy_run(run_dir)):
+            raise ReportError(f"{run_dir}: not a fastcifar run folder (no {MARKERS['run']}); refusing to write "
+                              "report.md into it")
+        return write_report(run_dir)
     runs = [load_run(Path(d)) for d in run_dirs]  # every directory is checked before anything is written
-    lines = ["# Run comparison", "", "Ratios are relative to the first run; metrics are means over folds "
+    check_output_file(Path(out), "run comparison", md_ours(COMPARISON))
+    lines = [MD_MARKER.format(kind=COMPARISON), "# Run comparison", "", "Ratios are relative to the first run; metrics are means over folds "
              "(± sample std where a run has several folds).", ""]
     lines += [f"- **{_column_name(r)}**: recipe `{r.name}`, `{r.dir}`" for r in runs] + [""]
     lines += md_table(["", *[_column_name(r) for r in runs]], _compare_rows(runs))

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastcifar.atomic import write_text
 from fastcifar.errors import RecipeError
+from fastcifar.ownership import check_own_dir, has_marker, legacy_run, write_marker
 from fastcifar.recipe import Recipe, load_recipe
 
 COLUMNS = ["variant", "accuracy", "delta_pp", "peak_memory_mb", "inference_ms_per_image", "params", "wall_time_s"]
@@ -53,8 +54,15 @@ def plan(recipe_path: str, overrides: list[str], varies: list[str]) -> list[tupl
     return variants
 
 
+def _legacy_sweep(path: Path) -> bool:
+    """A sweep folder from before markers: nothing in it but sweep.csv / sweep.md and run folders."""
+    return all(p.name in ("sweep.csv", "sweep.md") or (p.is_dir() and (has_marker(p, "run") or legacy_run(p)))
+               for p in path.iterdir())
+
+
 def _dirname(name: str) -> str:
-    return re.sub(r"[^\w.=+-]", "_", name)
+    """A variant's folder: one plain path component ("optim.lr=0.1"; a value such as "../x" cannot escape)."""
+    return re.sub(r"[^\w.=+-]", "_", name).lstrip(".")[:100] or "_"
 
 
 def _row(name: str, summary: dict[str, Any], baseline_acc: float | None) -> dict[str, Any]:
@@ -83,9 +91,15 @@ def run_sweep(recipe_path: str, overrides: list[str], varies: list[str], out_dir
     """Train the baseline and each variant into out_dir/<variant>/ (resumable), then write sweep.csv / .md."""
     from rich.table import Table
 
+    from fastcifar.preflight import check_inputs
     from fastcifar.run import run_training
 
     variants = plan(recipe_path, overrides, varies)
+    check_own_dir(out_dir, "sweep", _legacy_sweep)
+    for name, recipe in variants:  # every variant's refusals before the first one trains
+        check_inputs(recipe, out_dir / _dirname(name), resume=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(out_dir, "sweep")
     rows: list[dict[str, Any]] = []
     for name, recipe in variants:
         console.print(f"[bold]sweep: {name}[/bold]")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from fastcifar.errors import FastCifarError
+from fastcifar.ownership import write_marker
 from fastcifar.report import ReportError, combine_reports, write_report
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -46,6 +47,7 @@ def _fold(d: Path, fold: int, acc: float, *, new: bool = True, test: bool = True
 
 
 def _run(d: Path, name: str, results: list[dict], device: str = "cpu", **env) -> Path:
+    write_marker(d, "run")  # as start_run does: a report is written only into fastcifar's own run folders
     (d / "recipe.toml").write_text(RECIPE.format(name=name))
     (d / "env.json").write_text(json.dumps({"python": "3.12.1", "platform": "Linux", "torch": "2.5.0",
                                             "torchvision": "0.20.0", "numpy": "2.1", "cpu_count": 2,

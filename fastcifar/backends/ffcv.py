@@ -87,6 +87,8 @@ def write_beton(store_dir: str | os.PathLike, out: str | os.PathLike, *, workers
     from fastcifar.data import open_store
 
     require_ffcv("prepare --format beton")
+    out = Path(out).expanduser()
+    check_beton_out(out)
     store = open_store(Path(store_dir).expanduser(), verify=True)
     n_train = len(store.train_labels)
     labels = np.concatenate([store.train_labels, store.test_labels])
@@ -94,12 +96,24 @@ def write_beton(store_dir: str | os.PathLike, out: str | os.PathLike, *, workers
     def image(i: int) -> np.ndarray:
         return store.train_images[i] if i < n_train else store.test_images[i - n_train]
 
-    out = Path(out).expanduser()
     log_fn(f"writing {out}: {len(labels)} images from {store.path}")
     _write_rows(out, image, labels, workers)
     write_json(_sidecar(out), {"store": str(store.path), "sha256": store.meta["sha256"], "count": len(labels)})
     log_fn(f"wrote {out} ({out.stat().st_size / 2 ** 20:.0f} MB)")
     return out
+
+
+def _our_sidecar(d: dict) -> bool:
+    return isinstance(d.get("sha256"), dict) and "store" in d
+
+
+def check_beton_out(out: Path) -> None:
+    """A .beton (and its sidecar) may replace only an earlier one that fastcifar wrote (its sidecar says so)."""
+    from fastcifar.ownership import check_output_file, json_ours
+
+    sidecar = _sidecar(out)
+    check_output_file(sidecar, "FFCV sidecar", json_ours(_our_sidecar))
+    check_output_file(out, "FFCV .beton", lambda p: json_ours(_our_sidecar)(sidecar))
 
 
 def _sidecar(beton: Path) -> Path:

@@ -67,6 +67,31 @@ def _check(args) -> None:
         raise RecipeError(f"--batch: bench loader takes one batch size, got {len(args.batch)}")
     if args.compare and len(args.compare) > 2:
         raise RecipeError("--compare: give OTHER.json (compare this run with it) or THIS.json OTHER.json")
+    check_outputs(args)
+
+
+def _bench_md(path: Path) -> bool:
+    """A bench Markdown file: fastcifar's marker line, or the title bench files had before it."""
+    from fastcifar.bench.table import BENCH_MD
+    from fastcifar.ownership import md_ours
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+    except OSError:
+        return False
+    return md_ours(BENCH_MD)(path) or first.startswith(("# fastcifar bench", "# fastcifar device suite:"))
+
+
+def check_outputs(args) -> None:
+    """--json / --md may replace only an earlier bench result: checked before any timing starts."""
+    from fastcifar.ownership import check_output_file, json_ours
+
+    if args.json:
+        check_output_file(Path(args.json), "bench result",
+                          json_ours(lambda d: str(d.get("kind", "")).startswith("fastcifar-bench")))
+    if args.md:
+        check_output_file(Path(args.md), "bench Markdown table", _bench_md)
 
 
 def _flags(values: list[str] | None, default: list[bool]) -> list[bool]:

@@ -167,5 +167,11 @@ def markdown_body(result: dict[str, Any], level: str = "##") -> str:
     return "\n".join(parts) + "\n"
 
 
+BENCH_MD = "bench"  # the kind in the marker line of a bench Markdown file (ownership.MD_MARKER)
+
+
 def to_markdown(result: dict[str, Any], title: str = "fastcifar bench") -> str:
-    return f"# {title}\n\n{env_line(result['environment'])}\n\n" + markdown_body(result)
+    from fastcifar.ownership import MD_MARKER
+
+    return (f"{MD_MARKER.format(kind=BENCH_MD)}\n# {title}\n\n{env_line(result['environment'])}\n\n"
+            + markdown_body(result))

@@ -7,17 +7,22 @@ half-made run folder is left behind and no training time is lost.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from fastcifar.errors import DataError, RecipeError, first_line
+from fastcifar.errors import DataError, FastCifarError, RecipeError, first_line
 from fastcifar.models import create_model
-from fastcifar.recipe import Recipe
+from fastcifar.ownership import check_own_dir, legacy_run
+from fastcifar.recipe import Recipe, load_recipe, recipe_diff
 from fastcifar.splits import make_folds, take_per_class
 
+# Keys that may differ when a run is resumed: where it runs does not change what it computes.
+RESUMABLE_DIFFS = {"train.device", "train.threads"}
 BYTES_PER_PARAM = 16  # fp32 weights + gradients + two optimizer moments (Adam); SGD with momentum needs 12
 
 
@@ -39,8 +44,6 @@ def check_inputs(recipe: Recipe, run_dir: Path | None = None, resume: bool = Fal
 
         check_beton(default_beton(store.path), store)
     if run_dir is not None:
-        from fastcifar.run import check_run_dir
-
         check_run_dir(run_dir, recipe, resume, store)
     return store
 
@@ -154,3 +157,58 @@ def _gradcam_probe(model: torch.nn.Module, recipe: Recipe) -> dict:
 
     seen["hook"] = layer.register_forward_hook(record)
     return seen
+
+
+# ---------------------------------------------------------------------------------------------- the run folder
+
+
+def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, store) -> bool:
+    """True if run_dir already holds this run; refuse a folder fastcifar did not write, two different recipes in
+    one directory, and a resume on data other than the run was trained on."""
+    check_own_dir(run_dir, "run", legacy_run)
+    saved = run_dir / "recipe.toml"
+    if not saved.exists():
+        return False
+    if not resume:
+        raise FastCifarError(f"{run_dir}: already holds a run; pass --resume to continue it, or --out NEW_DIR")
+    diff = [k for k in recipe_diff(load_recipe(saved), recipe) if k not in RESUMABLE_DIFFS]
+    if diff:
+        raise RecipeError(f"{diff[0]}: differs from the run's saved {saved}; resume with that recipe "
+                          f"(fastcifar train {saved} --out {run_dir} --resume)")
+    check_same_data(trained_on(run_dir), data_identity(store), run_dir)
+    return True
+
+
+def data_identity(store) -> dict[str, Any]:
+    """What a run was trained on, as data.json records it: a resume or evaluation on other data is refused."""
+    return {"store": str(store.path), "classes": list(store.classes),
+            "image_shape": list(store.train_images.shape[1:]), "sha256": dict(store.meta["sha256"])}
+
+
+def trained_on(run_dir: Path) -> dict[str, Any]:
+    """data.json of a run; for a run from before data.json, the store hashes its env.json recorded."""
+    for name, pick in (("data.json", lambda d: d), ("env.json", lambda d: {"sha256": d["store"]["sha256"]})):
+        try:
+            return pick(json.loads((run_dir / name).read_text()))
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            continue
+    return {}
+
+
+def _describe(key: str, ident: dict[str, Any], other: dict[str, Any]) -> str:
+    if key == "classes":
+        names = ident["classes"]
+        return f"{len(names)} classes [{', '.join(map(str, names[:6]))}{', …' if len(names) > 6 else ''}]"
+    if key == "image_shape":
+        return "x".join(map(str, ident["image_shape"])) + " images"
+    changed = sorted(k for k in ident["sha256"] if ident["sha256"].get(k) != other["sha256"].get(k))[:1] or ["?"]
+    return f"{changed[0]} with sha256 {str(ident['sha256'].get(changed[0]))[:12]}…"
+
+
+def check_same_data(saved: dict[str, Any], now: dict[str, Any], run_dir: Path) -> None:
+    """One line naming both sides when the store differs from the one the run was trained on."""
+    for key in ("classes", "image_shape", "sha256"):
+        if key in saved and saved[key] != now[key]:
+            raise DataError(f"data.store: {now['store']} holds {_describe(key, now, saved)}, but {run_dir} was "
+                            f"trained on {_describe(key, saved, now)} ({saved.get('store', 'its store')}); resume "
+                            "with that store, or train into a new --out")

@@ -204,7 +204,7 @@ class FoldTrainer:
             self._set_stage(int(ckpt["stage"]))  # the optimizer state belongs to the stage it was saved in
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
-            if self.engine.ema is not None:  # ema_decay cannot change on resume (run.RESUMABLE_DIFFS)
+            if self.engine.ema is not None:  # ema_decay cannot change on resume (preflight.RESUMABLE_DIFFS)
                 self.engine.ema.load_state_dict(ckpt["ema"])
             if self.scaler is not None and ckpt["scaler"] is not None:
                 self.scaler.load_state_dict(ckpt["scaler"])

@@ -1,75 +1,101 @@
 #!/usr/bin/env bash
-# One command for a lent GPU box (no network; torch, torchvision, triton, rich, nvidia-ml-py preinstalled):
+# The one device call for a lent GPU box (no network; only files under $OUT come back; ~15 device-minutes a
+# session, machine start included, 10 minutes a command):
 #
-#   bash bench/device_suite.sh [ARCHIVE]        ARCHIVE default: data/archive/cifar10-jpeg.tar.gz
+#   bash bench/device_suite.sh [ARCHIVE]     ARCHIVE default: carry/data/cifar10-jpeg.tar.gz
 #
-# installs this checkout (pip --no-deps -e .), prepares the real store from the carried archive into
-# data/cifar10-suite (a no-op when already prepared from it), runs the loader bench and the model matrix under
-# one global budget, and writes bench/results/<date>-<gpu>.json and .md. It ends within 9 minutes: the suite gets
-# what is left of BENCH_TOTAL_S (default 520 s) after install and prepare, and a hard `timeout` backs that up
-# (results are written after every stage, so a cut-short run keeps what it measured).
+# `bash bench/stage_device.sh` prepares what to carry and prints the exact call. Stages run in priority order,
+# each under what is left of one budget (BENCH_TOTAL_S, default 470 s: under 8 minutes), and each writes its
+# results under $OUT the moment it finishes, so a call cut short still brings back the most valuable figures:
+#   1 install     pip install --no-deps --no-build-isolation --no-index . (offline), else PYTHONPATH
+#   2 preflight   GPU, driver, versions, C compiler, Python headers, free disk -> preflight.json; stops in one
+#                 line when something the GPU stages need is missing
+#   3 prepare     the real store from the carried archive (in the tree: nothing needed from it comes back)
+#   4 cuda tests  the CUDA-only tests at full size (pytest -m cuda) -> cuda-tests.xml
+#   5 peer        speedrun94 against airbench94, alternating, same process, same data -> *-speedrun.json
+#   6 suite       seed workload (img/s, projected hours), loader table (HBM share), CIFAR-stem ResNets,
+#                 compile cells -> <date>-<gpu>.json / .md
+#   7 fold        resnet34_onecycle fold 0 for whatever time is left (time to accuracy: fold0/metrics.csv)
+# $OUT/device_suite.log has everything printed, $OUT/stages.tsv one line a stage (name, exit code, seconds).
 #
-# Environment: BENCH_QUICK=1   a tiny dry run (CPU is fine; ~1 minute)
-#              BENCH_STORE     store directory (default data/cifar10-suite)
-#              BENCH_OUT       results directory (default bench/results)
-#              BENCH_TOTAL_S   the whole script's wall-clock budget in seconds
-#              PYTHON          interpreter (default: python3, or .venv/bin/python when present)
-set -euo pipefail
+# Environment: OUT            where results go (set by the device tool; default bench/results)
+#              BENCH_QUICK=1  the CPU rehearsal (tests/test_device_rehearsal.py): tiny sizes, no GPU needed
+#              BENCH_TOTAL_S  the whole call's budget in seconds
+#              PYTHON         interpreter (default python3, or .venv/bin/python when present)
+set -uo pipefail  # not -e: a failed stage is recorded and the next one still runs
 START=$(date +%s)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-
-ARCHIVE="${1:-data/archive/cifar10-jpeg.tar.gz}"
-STORE="${BENCH_STORE:-data/cifar10-suite}"
-OUT="${BENCH_OUT:-bench/results}"
-if [[ -n "${BENCH_QUICK:-}" ]]; then
-  TOTAL="${BENCH_TOTAL_S:-90}"; QUICK=(--quick)
-else
-  TOTAL="${BENCH_TOTAL_S:-520}"; QUICK=()
-fi
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+ARCHIVE="${1:-carry/data/cifar10-jpeg.tar.gz}"
+STORE=data/cifar10-suite
+if [[ -n "${BENCH_QUICK:-}" ]]; then QUICK=1; TOTAL="${BENCH_TOTAL_S:-150}"; else QUICK=; TOTAL="${BENCH_TOTAL_S:-470}"; fi
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
+exec > >(tee -a "$OUT/device_suite.log") 2>&1
+left() { echo $(( TOTAL - ($(date +%s) - START) )); }
 say() { echo "[device_suite $(( $(date +%s) - START ))s] $*"; }
 
-# 1. Install, unless this interpreter already imports fastcifar (and fastcifar.kernels, which only an install
-#    maps) from this checkout. -I: the current directory must not count as an install.
-HERE="import fastcifar.kernels, fastcifar, os, sys
-sys.exit(0 if os.path.realpath(fastcifar.__file__).startswith('$ROOT/') else 1)"
-if "$PYTHON" -I -c "$HERE" 2>/dev/null; then
-  say "fastcifar already installed from $ROOT"
-else
-  say "pip install --no-deps -e ."
-  # No network on the box: no build isolation (it would fetch setuptools); the preinstalled one builds it.
-  "$PYTHON" -m pip install --no-deps --no-build-isolation -q -e . \
-    || {
-      # Fallback: run from the checkout. kernels/ installs as fastcifar.kernels, so link it there (this is the
-      # box's copy of the tree; nothing is committed from it).
-      say "pip install failed; running from the checkout via PYTHONPATH"
-      [[ -e fastcifar/kernels ]] || ln -s ../kernels fastcifar/kernels
-      export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-    }
-fi
+# stage NAME CAP CMD...: run CMD under min(CAP, what is left - 5 s); record its exit code and time.
+stage() {
+  local name=$1 cap=$2; shift 2
+  local room=$(( $(left) - 5 )); (( cap < room )) && room=$cap
+  if (( room < 10 )); then say "skip $name: budget spent"; printf '%s\tskipped\t0\n' "$name" >> "$OUT/stages.tsv"; return 1; fi
+  say "== $name (up to ${room}s)"
+  local t0=$(date +%s) rc=0
+  timeout -k 10 "$room" "$@" || rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$OUT/stages.tsv"
+  say "$name: exit $rc"
+  return $rc
+}
 
-# 2. The real store, from the carried archive (prepare is a no-op when the store is up to date).
+install() {
+  # -I: the working directory must not count as an install; the check passes only for this tree's fastcifar.
+  local here="import fastcifar.kernels, fastcifar, os, sys
+sys.exit(0 if os.path.realpath(fastcifar.__file__).startswith(os.path.realpath('$ROOT') + '/') else 1)"
+  if "$PYTHON" -I -c "$here" 2>/dev/null; then
+    say "fastcifar already installed from this tree"
+  elif ! "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index -q -e .; then
+    # Offline: no index, no build isolation (it would fetch setuptools). An old setuptools cannot build this
+    # pyproject: run from the tree instead, with kernels/ linked where the install maps it (the box's copy).
+    say "pip install failed; running from the tree via PYTHONPATH"
+    [[ -e fastcifar/kernels ]] || ln -s ../kernels fastcifar/kernels
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  # The CUDA-test stage needs pytest; stage_device.sh carries its wheels for a box without it.
+  "$PYTHON" -c "import pytest" 2>/dev/null || "$PYTHON" -m pip install --no-deps --no-index -q bench/wheels/{pytest,pluggy,iniconfig}-*.whl \
+    || say "no pytest: the CUDA tests will not run"
+}
+
+T0=$(date +%s); install; printf 'install\t%s\t%s\n' "$?" "$(( $(date +%s) - T0 ))" >> "$OUT/stages.tsv"
+stage preflight 30 "$PYTHON" -m fastcifar.bench.preflight --out "$OUT/preflight.json" ${QUICK:+--quick} || {
+  say "preflight failed: the GPU stages cannot run here (see $OUT/preflight.json)"; exit 2; }
 if [[ -f "$ARCHIVE" ]]; then
-  say "prepare $ARCHIVE -> $STORE"
-  "$PYTHON" -m fastcifar prepare --source "$ARCHIVE" --out "$STORE"
-elif [[ -f "$STORE/meta.json" ]]; then
-  say "no archive at $ARCHIVE; using the existing store $STORE"
+  stage prepare 90 "$PYTHON" -m fastcifar prepare --source "$ARCHIVE" --out "$STORE" || exit 2
+elif [[ ! -f "$STORE/meta.json" ]]; then
+  echo "device_suite: error: no archive at $ARCHIVE and no store at $STORE (run bench/stage_device.sh)" >&2
+  exit 2
+fi
+mapfile -t CUDA_TESTS < <(grep -l "pytest.mark.cuda" tests/test_*.py)  # files without hypothesis / sklearn
+stage "cuda tests" 90 "$PYTHON" -m pytest -q -rs -m cuda -p no:cacheprovider --junitxml="$OUT/cuda-tests.xml" \
+  "${CUDA_TESTS[@]}"
+if [[ -n "$QUICK" ]]; then
+  stage peer 60 "$PYTHON" bench/peer_airbench.py --tiny --device cpu --store "$STORE" --out-dir "$OUT" \
+    --set model.width=8 --set data.train_subset=8
 else
-  echo "device_suite: error: no archive at $ARCHIVE and no prepared store at $STORE (pass the archive path)" >&2
-  exit 2
+  stage peer 170 "$PYTHON" bench/peer_airbench.py --n 5 --budget 160 --store "$STORE" --out-dir "$OUT"
 fi
-
-# 3. The suite, with what is left of the budget (10 s kept for the final write).
-LEFT=$(( TOTAL - ($(date +%s) - START) - 10 ))
-if (( LEFT < 20 )); then
-  echo "device_suite: error: only ${LEFT}s of the ${TOTAL}s budget left after setup" >&2
-  exit 2
+SUITE=$(( $(left) - (QUICK ? 10 : 60) ))  # the fold stage gets the last minute, if any
+stage suite $(( SUITE + 15 )) "$PYTHON" -m fastcifar.bench.suite --data "$STORE" --out "$OUT" --budget "$SUITE" \
+  ${QUICK:+--quick}
+if [[ -z "$QUICK" ]]; then
+  # Stopped by timeout's SIGTERM, the trainer writes its checkpoint and metrics.csv (val accuracy and time per
+  # epoch) and exits 143; the checkpoints are then removed (hundreds of MB; only metrics come back).
+  stage fold 600 "$PYTHON" -m fastcifar train recipes/resnet34_onecycle.toml --set split.fold=0 --out "$OUT/fold0"
+  rm -rf "$OUT/fold0/checkpoints" "$OUT"/fold0/fold*/checkpoints
 fi
-say "bench suite, budget ${LEFT}s"
-nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv 2>/dev/null || true
-timeout -k 5 $(( LEFT + 5 )) \
-  "$PYTHON" -m fastcifar.bench.suite --data "$STORE" --out "$OUT" --budget "$LEFT" ${QUICK[@]+"${QUICK[@]}"}
-say "done"
+say "done; results in $OUT:"
+ls -la "$OUT"

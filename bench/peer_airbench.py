@@ -2,6 +2,7 @@
 """Peer harness: airbench 0.1.8 (airbench94) next to our recipes/speedrun94.toml, same data, same device.
 
     python bench/peer_airbench.py --n 5                 # on a GPU: writes bench/results/<date>-<gpu>-speedrun.json
+    python bench/peer_airbench.py --n 5 --budget 150 --out-dir "$OUT"    # inside the device call
     python bench/peer_airbench.py --tiny --device cpu   # a few hundred images, 1 epoch, n = 1 (the CPU test)
 
 Data: both sides read OUR prepared store. airbench's CifarLoader reads `<dir>/train.pt` / `test.pt` and only
@@ -285,12 +286,17 @@ def compare(args, recipe: Recipe, store, device: torch.device, console) -> tuple
             ab_run(1.0)  # warm-up: cuDNN autotuning (airbench turns cudnn.benchmark on), allocator growth
         run_ours(_with_epochs(recipe, 1), store, device, console)  # warm-up: the same, plus compile
         ab_runs, our_runs = [], []
+        t0 = time.perf_counter()
         for i in range(args.n):
             if ab_run is not None:
                 ab_runs.append(ab_run(args.ab_epochs))
                 _log(console, "airbench", i, args.n, ab_runs[-1])
             our_runs.append(run_ours(_with_seed(recipe, recipe.train.seed + i), store, device, console))
             _log(console, "ours", i, args.n, our_runs[-1])
+            per_pair = (time.perf_counter() - t0) / (i + 1)
+            if args.budget and time.perf_counter() - args.started + per_pair > args.budget and i + 1 < args.n:
+                console.print(f"budget: stopping after {i + 1} of {args.n} pairs ({args.budget:.0f} s)")
+                break
     if ab_runs:
         airbench.update(runs=ab_runs, **stats(ab_runs, ("acc", "train_s", "eval_s")))
     ours = {"status": "ok", "runs": our_runs, "params": our_runs[0]["params"],
@@ -310,7 +316,10 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--ab-batch-size", type=int, default=AB_HYP["batch_size"])
     p.add_argument("--wheels", default=str(ROOT / "bench" / "wheels"))
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--budget", type=float, default=0.0,
+                   help="seconds for the whole harness: no new pair of runs starts that would overrun it (0 = none)")
     args = p.parse_args(argv)
+    args.started = time.perf_counter()
     return run_harness(args)
 
 
@@ -341,7 +350,7 @@ def run_harness(args: argparse.Namespace) -> Path:
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_slug(device),
         "environment": env, "torch": torch.__version__, "commit": env["git_commit"],
-        "tiny": bool(args.tiny), "n": args.n, "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
+        "tiny": bool(args.tiny), "n": len(ours["runs"]), "n_asked": args.n, "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if device.type == "cuda" else None,
         "store": {"path": str(store.path), "sha256": store.meta["sha256"]},
         "recipe": {"path": str(args.recipe), "overrides": overrides, "resolved": recipe.to_dict()},

@@ -346,6 +346,7 @@ def test_the_step_loop_reads_the_device_only_through_read_scalar(tiny, monkeypat
     assert counts == {"all": expected, "read_scalar": expected}
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_no_host_sync_between_polls_on_cuda(tiny):
     device = torch.device("cuda")

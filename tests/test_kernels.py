@@ -232,6 +232,7 @@ def test_bad_arguments_are_refused(monkeypatch):
         crop_flip_erase_triton(**a, **call, padding=0, mode="constant")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on a lent GPU)")
 @pytest.mark.parametrize("mode", ["reflect", "constant"])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()))

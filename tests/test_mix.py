@@ -233,6 +233,7 @@ def test_loader_with_mixer_yields_probability_targets():
         torch.testing.assert_close(y.sum(1), torch.ones(16))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU twin is every test above)")
 def test_cuda_mix_batch_never_syncs_with_the_host():
     dev = torch.device("cuda")

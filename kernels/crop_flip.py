@@ -8,11 +8,12 @@ the achieved bandwidth comes from the bench on a GPU.
 
 Three entry points with one signature; the caller draws every random parameter (offsets, flips, boxes) itself, so
 either path can serve the same draws:
-  crop_flip_erase_reference  pure torch, any device; built from fastcifar.augment.basic, so it IS the semantics
+  crop_flip_erase_reference  pure torch, any device; built from fastcifar.ops (the primitives augment.basic
+                             composes), so it IS the semantics
   crop_flip_erase_triton     the Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1)
   fused_crop_flip_erase      dispatch: Triton when the source is on CUDA and triton imports, else the reference
 
-Normalisation goes through a 256 x C table computed by basic.normalize on the same device, so the kernel's
+Normalisation goes through a 256 x C table computed by ops.normalize on the same device, so the kernel's
 values equal the reference's bit for bit in every output dtype (no fp32 division in the kernel whose rounding
 could differ from torch's: CUDA torch divides by the 255 scalar as a multiply by its reciprocal, CPU torch does
 not, and Triton's fp32 `/` is approximate by default). "random" fills are the only values that differ between
@@ -27,7 +28,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from fastcifar.augment import basic as B
+from fastcifar import ops
 from fastcifar.errors import RecipeError
 
 FillKind = Literal["zero", "constant", "random"]
@@ -78,15 +79,15 @@ def crop_flip_erase_reference(source: torch.Tensor, idx: torch.Tensor, oy: torch
     "random" box draws one full-batch torch.randn from `gen`, as basic.random_erasing does.
     """
     _check(source, idx, oy, ox, flip, boxes, fill_kind, fill_value, mean, std, padding, mode)
-    x = B.gather_crop_flip(source, idx, oy, ox, flip, padding, mode)
-    x = B.normalize(x, mean, std, out_dtype)
+    x = ops.gather_crop_flip(source, idx, oy, ox, flip, padding, mode)
+    x = ops.normalize(x, mean, std, out_dtype)
     _, _, h, w = x.shape
     for k, kind in enumerate(fill_kind):
         top, left, eh, ew = boxes[:, k].unbind(1)
         if kind == "random" and gen is None:
             raise ValueError("a 'random' fill needs a generator (gen) on the reference path")
         # x is normalize's fresh output, so the fills may write into it
-        x = B.fill_boxes(x, top, left, eh, ew, (eh > 0) & (ew > 0), fill_value[k] if kind == "constant" else kind,
+        x = ops.fill_boxes(x, top, left, eh, ew, (eh > 0) & (ew > 0), fill_value[k] if kind == "constant" else kind,
                          gen, inplace=True)
     return x.contiguous(memory_format=torch.channels_last)
 
@@ -94,14 +95,14 @@ def crop_flip_erase_reference(source: torch.Tensor, idx: torch.Tensor, oy: torch
 @functools.lru_cache(maxsize=32)
 def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype,
                      device: torch.device) -> torch.Tensor:
-    """(256, C) table: row v = basic.normalize of a pixel of value v in every channel, in the output dtype.
+    """(256, C) table: row v = ops.normalize of a pixel of value v in every channel, in the output dtype.
 
     Computed by the reference op on the target device, so table lookups reproduce its rounding exactly; cached
     because torch.tensor(mean, device=cuda) in normalize is a host-to-device copy we do not want per batch.
     """
     c = len(mean)
     values = torch.arange(256, device=device, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, c, 1, 256)
-    return B.normalize(values, mean, std, dtype)[0, :, 0, :].t().contiguous()
+    return ops.normalize(values, mean, std, dtype)[0, :, 0, :].t().contiguous()
 
 
 def crop_flip_erase_triton(source: torch.Tensor, idx: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor,

@@ -110,7 +110,7 @@ def test_interpreted_kernel_equals_reference(interp, name):
 
 
 def _box_mask(a: dict, ks) -> torch.Tensor:
-    """(B, 1, H, W) union of the boxes ks, by explicit loops (independent of basic._box_mask)."""
+    """(B, 1, H, W) union of the boxes ks, by explicit loops (independent of ops.box_mask)."""
     mask = torch.zeros(a["boxes"].shape[0], 1, 32, 32, dtype=torch.bool)
     for i, boxes in enumerate(a["boxes"].tolist()):
         for k in ks:

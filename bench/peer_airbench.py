@@ -19,7 +19,7 @@ the adapted data.
 Timing (CUDA events on a GPU, perf_counter on a CPU), each side warmed up once first (a 1-epoch run and a
 TTA eval: compile, cuDNN autotuning and allocator growth stay out), data preparation never timed:
   train_s  airbench: train94(verbose=False) = net build + whitening init + all steps; ours: the training
-           steps of FoldTrainer.fit (per-epoch validation and checkpoint writes are excluded and reported
+           steps of fastcifar.train.fit (per-epoch validation and checkpoint writes are excluded and reported
            as fit_overhead_s; our whitening init happens with the data preparation, ~ms).
   eval_s   the final model's test-set evaluation with TTA (airbench: tta_level 2; ours: eval.tta).
   ratio    ours / airbench of mean(train_s + eval_s), airbench's published "time" definition.
@@ -147,30 +147,32 @@ def _with_epochs(recipe: Recipe, epochs: int) -> Recipe:
 
 
 def run_ours(recipe: Recipe, store, device: torch.device, console) -> dict[str, float]:
-    """One timed run of `recipe` through FoldTrainer (official split) and a final test evaluation."""
+    """One timed run of `recipe` through the trainer's own fold (official split) and a final test evaluation."""
     from rich.progress import Progress
 
     from fastcifar.evaluate import evaluate
     from fastcifar.splits import make_folds
-    from fastcifar.train import FoldTrainer, Hooks
+    from fastcifar.state import TrainState
+    from fastcifar.train import Hooks, build_fold, first_stage, fit
 
     labels = np.concatenate([store.train_labels, store.test_labels])
     fold = make_folds(len(store.train_labels), labels, recipe.split)[0]
     clock = Clock(device)
     with tempfile.TemporaryDirectory(prefix="peer-ours-") as tmp:
-        trainer = FoldTrainer(recipe, store, fold, Path(tmp), device, console)  # data prep: not timed
-        last = len(trainer.data.train) - 1
+        run = build_fold(recipe, store, fold, Path(tmp), device, console)  # data prep: not timed
+        state = TrainState(stage=first_stage(recipe))
+        last = len(run.data.train) - 1
         marks: list[tuple[str, Any]] = []
         hooks = Hooks(on_step=lambda e, s: marks.append(("steps_done", clock.mark())) if s == last else None,
                       on_epoch_end=lambda e: marks.append(("epoch_end", clock.mark())))
         marks.append(("start", clock.mark()))
         with Progress(disable=True) as progress:
-            trainer.fit(hooks, progress)
+            fit(run, state, hooks, progress)
         t_eval = clock.mark()
         # The final model (not the best-on-test checkpoint), as airbench reports, evaluated the way the trainer
         # validates: its eval net (the EMA copy when train.ema_decay is on) with eval.tta.
-        test = evaluate(trainer.engine.eval_net, trainer.data.test, device, trainer.dtype, len(store.classes),
-                        **trainer.eval_kwargs)
+        test = evaluate(run.engine.eval_net, run.data.test, device, run.dtype, len(store.classes),
+                        **run.eval_kwargs)
         t_done = clock.mark()
     train_s = overhead_s = 0.0
     for (_, a), (kind, b) in zip(marks, marks[1:]):  # start, (steps_done, epoch_end) per epoch
@@ -179,9 +181,9 @@ def run_ours(recipe: Recipe, store, device: torch.device, console) -> dict[str, 
         else:
             overhead_s += clock.seconds(a, b)
     return {"acc": float(test["acc"]), "train_s": train_s, "fit_overhead_s": overhead_s,
-            "eval_s": clock.seconds(t_eval, t_done), "params": sum(p.numel() for p in trainer.model.parameters()),
+            "eval_s": clock.seconds(t_eval, t_done), "params": sum(p.numel() for p in run.model.parameters()),
             # the trainer's own warm-up clock: ~one step's time when the warm-up run left nothing to compile
-            "compile_time_s": float(trainer.state.compile_time_s)}
+            "compile_time_s": float(state.compile_time_s)}
 
 
 # ---------------------------------------------------------------------------------------------- airbench side

@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastcifar import figures as fig
+from fastcifar.engine import sync
 from fastcifar.evaluate import evaluate
+from fastcifar.gradcam import get_layer, grad_cam
 
 FIGURES = "figures"
 
@@ -29,12 +32,10 @@ def peak_memory_mb(device: torch.device) -> tuple[float | None, str]:
 def timed_evaluate(model, loader, device, dtype, num_classes: int, **kwargs) -> tuple[dict[str, Any], float]:
     """evaluate(keep_logits=True, **kwargs: tta, channels_last) and its wall time per image (data path and
     TTA views included, as a user would see it)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)  # CUDA and MPS queue work ahead of the host: the clock brackets finished work only
     t0 = time.perf_counter()
     out = evaluate(model, loader, device, dtype, num_classes, keep_logits=True, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return out, (time.perf_counter() - t0) * 1000 / max(out["n"], 1)
 
 
@@ -42,9 +43,6 @@ def write_figures(fold_dir: Path, history: list[dict], final: dict[str, Any], cl
                   train_images: np.ndarray, train_labels: np.ndarray, model, stage_boundary: int | None,
                   gradcam_layer: str = "") -> list[str]:
     """Curves, confusion, samples, predictions, most-confident mistakes and Grad-CAM of one fold."""
-    from fastcifar import figures as fig
-    from fastcifar.gradcam import get_layer, grad_cam
-
     out = fold_dir / FIGURES
     probs = torch.softmax(final["logits"], 1).numpy()
     labels = final["targets"].numpy()

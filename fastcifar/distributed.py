@@ -30,18 +30,25 @@ import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from rich.console import Console
 
+from fastcifar.device import resolve_device
+from fastcifar.engine import compile_model
 from fastcifar.errors import FastCifarError, RecipeError
-from fastcifar.lifecycle import GracefulStop, Interrupted, RunLock
+from fastcifar.lifecycle import GracefulStop, Interrupted
+from fastcifar.preflight import check_distributed, check_inputs
 from fastcifar.recipe import Recipe
+from fastcifar.run import drive
 from fastcifar.step import EpochTotals
-from fastcifar.train import FoldTrainer
+from fastcifar.strategy import Solo
+from fastcifar.train import Hooks
+
+check_recipe = check_distributed  # the name the DDP tests use
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Fold-parallel ranks meet only at the end; with 5 folds on 4 GPUs one rank trains a second fold while rank 0
@@ -84,8 +91,6 @@ def torchrun_env(env: dict[str, str] | None = None) -> tuple[int, int, int] | No
 
 def rank_device(name: str, local_rank: int) -> torch.device:
     """The recipe's device for this rank: cuda:LOCAL_RANK (made current), or the CPU."""
-    from fastcifar.device import resolve_device
-
     device = resolve_device(name)
     if device.type == "mps":
         raise RecipeError("train.device: 'mps' has no torch.distributed backend; use cuda or cpu under torchrun")
@@ -97,30 +102,6 @@ def rank_device(name: str, local_rank: int) -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)  # GradScaler("cuda"), bf16 checks and NCCL use the current device
     return device
-
-
-def check_recipe(recipe: Recipe, world: int, device: torch.device, folds_parallel: bool) -> None:
-    """What a multi-process run cannot do, refused in one line before anything starts."""
-    tr = recipe.train
-    if folds_parallel:
-        if recipe.split.kind != "kfold" or recipe.split.fold != -1:
-            raise RecipeError('split.kind: --folds-parallel trains whole folds side by side; it needs split.kind = '
-                              f'"kfold" and split.fold = -1, got kind = "{recipe.split.kind}", fold = '
-                              f"{recipe.split.fold}")
-        return
-    if tr.batch_size % world:
-        raise RecipeError(f"train.batch_size: {tr.batch_size} is not divisible by the world size {world}; each "
-                          f"rank trains batch_size / world_size images per step")
-    if tr.loader != "device":
-        raise RecipeError(f'train.loader: DDP shards the batches of the "device" loader only, got "{tr.loader}"')
-    if tr.oom_retry:
-        raise RecipeError("train.oom_retry: not supported under DDP (an out-of-memory retry on one rank would "
-                          "change its number of gradient all-reduces); lower train.batch_size instead")
-    if tr.sync_bn and recipe.model.name == "speedrun_net":  # convert_sync_batchnorm rebuilds plain BatchNorms
-        raise RecipeError("train.sync_bn: speedrun_net's scale-free BatchNorm keeps its shift in its own parameter, "
-                          "which SyncBatchNorm would drop; set train.sync_bn = false")
-    if tr.sync_bn and device.type != "cuda":
-        raise RecipeError("train.sync_bn: SyncBatchNorm runs on CUDA only (torch has no CPU kernel for it)")
 
 
 @contextlib.contextmanager
@@ -201,85 +182,86 @@ def offset_rng(rank: int) -> None:
         torch.manual_seed(int(torch.randint(0, 2**62, ())) + rank)
 
 
-class DDPFoldTrainer(FoldTrainer):
-    """A FoldTrainer for one DDP rank: sharded loader, DDP-wrapped model, world-wide totals, rank-0 writes."""
+class DDP(Solo):
+    """Every rank trains every fold on its slice of the global batch; rank 0's numbers decide and rank 0 writes."""
 
-    def __init__(self, ctx: DistContext, recipe: Recipe, store, fold, fold_dir: Path, device: torch.device,
-                 console):
-        self.ctx, self._converted = ctx, False
-        super().__init__(recipe, store, fold, fold_dir, device, console)
-        from fastcifar.loader import DeviceLoader
+    def __init__(self, ctx: DistContext, sync_bn: bool = False):
+        self.ctx, self.sync_bn = ctx, sync_bn
+        self.writes_run = self.writes_fold = ctx.is_main
+        self.env = {"distributed": {"mode": "ddp", "world_size": ctx.world, "backend": dist.get_backend()}}
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world))
+        nodes = f"--nnodes={ctx.world // per_node} (+ rendezvous options) " if per_node < ctx.world else ""
+        self.resume_command = f"torchrun {nodes}--nproc_per_node={per_node} -m fastcifar train"
 
-        train = self.data.train
-        if not isinstance(train, DeviceLoader):
-            raise RecipeError(f'train.loader: DDP shards the batches of the "device" loader only, got '
-                              f'"{recipe.train.loader}"')
-        if train.batch_size % ctx.world:
-            raise RecipeError(f"train.batch_size: the training set holds only {train.batch_size} images, not "
-                              f"divisible by the world size {ctx.world}")
-        train.shard = (ctx.rank, ctx.world)
-        offset_rng(ctx.rank)
+    def open_run(self, start: Callable[[], bool]) -> bool:
+        return share_start(self.ctx.is_main, lambda obj: broadcast_object(obj, self.ctx), start)
 
-    def _set_stage(self, stage: int) -> None:
-        if not self._converted:  # first call, from FoldTrainer.__init__: the model exists, its optimizer not yet
-            if self.recipe.train.sync_bn:
-                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # keeps the Parameters
-            self._converted = True
-        super()._set_stage(stage)
+    def stop(self, stop: GracefulStop) -> "AgreedStop":
+        return AgreedStop(stop, self.ctx, STOP_POLL.get(self.ctx.device.type, 1))
+
+    def adopt_loader(self, loader) -> None:
+        loader.shard = (self.ctx.rank, self.ctx.world)  # preflight: a "device" loader, batch divisible by W
+
+    def adopt_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.sync_bn:  # preflight: CUDA only, and not speedrun_net
+            return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the Parameters
+        return model
+
+    def train_net(self, model: torch.nn.Module, engine) -> torch.nn.Module:
         # DDP hooks the parameters that require grad when it is built; a fine-tuning stage change flips
         # requires_grad, so each stage gets its own wrapper (which also re-broadcasts rank 0's weights).
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=False,
+        ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False,
                                                         gradient_as_bucket_view=True)
-        plan = self.engine.plan
-        if plan.compile:  # compile(DDP(model)), the order torch's DDPOptimizer splits at gradient buckets
-            from fastcifar.engine import compile_model
+        if engine.plan.compile:  # compile(DDP(model)), the order torch's DDPOptimizer splits at gradient buckets
+            net = compile_model(net, engine.plan.compile_mode)
+        return net
 
-            net = compile_model(net, plan.compile_mode)
-        self.runner.model = self.ddp = net
+    def seeded(self) -> None:
+        offset_rng(self.ctx.rank)
 
-    def _train_epoch(self, epoch: int, hooks, progress, stop) -> EpochTotals:
-        if self.runner.model is not self.ddp:  # gradients would silently stop being averaged across ranks
-            raise FastCifarError("internal: the train step no longer calls the DDP-wrapped model")
-        return reduce_totals(super()._train_epoch(epoch, hooks, progress, stop), self.ctx)
+    def reduce(self, totals: EpochTotals) -> EpochTotals:
+        return reduce_totals(totals, self.ctx)
 
-    def _end_epoch(self, row: dict[str, float]) -> bool:
-        return super()._end_epoch(broadcast_object(row, self.ctx))
+    def agree(self, row: dict[str, float]) -> dict[str, float]:
+        return broadcast_object(row, self.ctx)
 
-    def save_last(self, partial: EpochTotals | None = None) -> None:
-        if partial is not None:  # every rank stops after the same step (AgreedStop), so all of them get here
-            partial = reduce_totals(partial, self.ctx)
+    def resumed(self, partial: EpochTotals | None) -> EpochTotals | None:
         if self.ctx.is_main:
-            super().save_last(partial)
+            return partial
+        offset_rng(self.ctx.rank)
+        # rank 0's checkpoint holds the world's totals; count them once
+        return EpochTotals.zeros(partial.loss_sum.device, partial.lr) if partial is not None else None
 
-    def save_best(self, row: dict[str, float]) -> None:
-        if self.ctx.is_main:
-            super().save_best(row)
-
-    def write_metrics(self) -> None:
-        if self.ctx.is_main:
-            super().write_metrics()
-
-    def try_resume(self) -> bool:
-        resumed = super().try_resume()
-        if resumed and not self.ctx.is_main:
-            if self.partial is not None:  # rank 0's checkpoint holds the world's totals; count them once
-                self.partial = EpochTotals.zeros(self.device, self.partial.lr)
-            offset_rng(self.ctx.rank)
-        return resumed
-
-    def finish(self) -> dict[str, Any]:
+    def finish_fold(self, finish: Callable[[], dict[str, Any]], fold_index: int) -> dict[str, Any]:
         """Rank 0 evaluates best.pt and writes result.json while the others wait at a barrier."""
-        result = super().finish() if self.ctx.is_main else {"fold": self.fold.index}
+        result = finish() if self.ctx.is_main else {"fold": fold_index}
         dist.barrier(group=self.ctx.control)
         return result
 
-    def _interrupted(self, signum: int, epoch: int, steps: int) -> Interrupted:
-        e = super()._interrupted(signum, epoch, steps)
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.ctx.world))
-        nodes = f"--nnodes={self.ctx.world // per_node} (+ rendezvous options) " if per_node < self.ctx.world else ""
-        hint = f"torchrun {nodes}--nproc_per_node={per_node} -m fastcifar train"
-        return Interrupted(str(e).replace("resume with: fastcifar train", f"resume with: {hint}"), signum)
+    def gather(self, results: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        return results if self.ctx.is_main else None
+
+
+class FoldsParallel(Solo):
+    """Rank r trains folds r, r+W, ... as ordinary single-process runs; rank 0 gathers and writes the summary."""
+
+    def __init__(self, board: "FoldBoard"):
+        self.board = board
+        self.writes_run = board.rank == 0
+        self.env = {"distributed": {"mode": "folds_parallel", "world_size": board.world}}
+
+    def open_run(self, start: Callable[[], bool]) -> bool:
+        return share_start(self.board.rank == 0, lambda obj: self.board.share("start", obj), start)
+
+    def folds(self, folds: list) -> list:
+        return folds[self.board.rank::self.board.world]
+
+    def gather(self, results: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        gathered = self.board.gather("results", results)
+        if gathered is None:
+            return None
+        return sorted((r for part in gathered for r in part), key=lambda r: r["fold"])
 
 
 class FoldBoard:
@@ -304,17 +286,13 @@ class FoldBoard:
         return [json.loads(self.store.get(f"{key}/{r}")) for r in range(self.world)]
 
 
-def _open_run(is_main: bool, share, stack: contextlib.ExitStack, recipe: Recipe, run_dir: Path, resume: bool,
-              device: torch.device, store, extra_env: dict[str, Any]) -> bool:
-    """Rank 0 takes the run lock and prepares run_dir; `share` (rank 0's value on every rank) tells the others
-    whether the run resumes, or that rank 0 refused and why."""
-    from fastcifar.run import start_run
-
+def share_start(is_main: bool, share: Callable[[Any], Any], start: Callable[[], bool]) -> bool:
+    """Rank 0 takes the run lock and prepares run_dir (`start`); `share` (rank 0's value on every rank) tells
+    the others whether the run resumes, or that rank 0 refused and why."""
     outcome: list = ["ok", False]
     if is_main:
         try:
-            stack.enter_context(RunLock(run_dir))
-            outcome = ["ok", start_run(recipe, run_dir, device, store, resume, extra_env)]
+            outcome = ["ok", start()]
         except (FastCifarError, OSError) as e:
             share(["error", str(e), getattr(e, "exit_code", 2)])
             raise
@@ -324,66 +302,17 @@ def _open_run(is_main: bool, share, stack: contextlib.ExitStack, recipe: Recipe,
     return bool(outcome[1])
 
 
-def _train_ddp(ctx: DistContext, recipe: Recipe, run_dir: Path, console, resume: bool, hooks,
-               store) -> dict[str, Any] | None:
-    from fastcifar.run import _train_folds, configure_runtime, finish_run
-    from fastcifar.train import Hooks
-
-    with contextlib.ExitStack() as stack:
-        stop = stack.enter_context(GracefulStop())
-        extra = {"distributed": {"mode": "ddp", "world_size": ctx.world, "backend": dist.get_backend()}}
-        resuming = _open_run(ctx.is_main, lambda obj: broadcast_object(obj, ctx), stack, recipe, run_dir, resume,
-                             ctx.device, store, extra)
-        configure_runtime(recipe)
-        agreed = AgreedStop(stop, ctx, STOP_POLL.get(ctx.device.type, 1))
-        results = _train_folds(recipe, store, run_dir, ctx.device, console, resuming, hooks or Hooks(), agreed,
-                               make_trainer=partial(DDPFoldTrainer, ctx))
-        if not ctx.is_main:
-            return None
-        summary, report = finish_run(recipe, run_dir, results, console)
-    if report is not None:
-        console.print(f"report: {report}")
-    return summary
-
-
-def _train_folds_parallel(board: FoldBoard, device: torch.device, recipe: Recipe, run_dir: Path, console,
-                          resume: bool, hooks, store) -> dict[str, Any] | None:
-    from fastcifar.run import _train_folds, configure_runtime, finish_run
-    from fastcifar.train import Hooks
-
-    with contextlib.ExitStack() as stack:
-        stop = stack.enter_context(GracefulStop())  # each rank stops on its own: no collective to leave hanging
-        extra = {"distributed": {"mode": "folds_parallel", "world_size": board.world}}
-        resuming = _open_run(board.rank == 0, lambda obj: board.share("start", obj), stack, recipe, run_dir,
-                             resume, device, store, extra)
-        configure_runtime(recipe)
-        mine = _train_folds(recipe, store, run_dir, device, console, resuming, hooks or Hooks(), stop,
-                            select=lambda folds: folds[board.rank::board.world])
-        gathered = board.gather("results", mine)
-        if gathered is None:
-            return None
-        results = sorted((r for part in gathered for r in part), key=lambda r: r["fold"])
-        summary, report = finish_run(recipe, run_dir, results, console)
-    if report is not None:
-        console.print(f"report: {report}")
-    return summary
-
-
 def run_distributed(recipe: Recipe, run_dir: Path, console, *, resume: bool = False, folds_parallel: bool = False,
-                    hooks=None) -> dict[str, Any] | None:
+                    hooks: Hooks | None = None) -> dict[str, Any] | None:
     """`fastcifar train` in one torchrun worker: DDP, or with folds_parallel this rank's share of the folds.
     Returns the summary on rank 0, None on the other ranks."""
-    from rich.console import Console
-
-    from fastcifar.preflight import check_inputs
-
     env = torchrun_env()
     if env is None:
         raise FastCifarError("--folds-parallel runs one fold per process; launch it with torchrun, e.g. "
                              "torchrun --nproc_per_node=5 -m fastcifar train RECIPE --folds-parallel")
     rank, world, local_rank = env
     device = rank_device(recipe.train.device, local_rank)
-    check_recipe(recipe, world, device, folds_parallel)
+    check_distributed(recipe, world, device, folds_parallel)
     if folds_parallel and world > 1:  # live progress bars of W processes on one terminal garble each other
         console = Console(force_terminal=False, soft_wrap=True)
     elif rank:
@@ -391,10 +320,11 @@ def run_distributed(recipe: Recipe, run_dir: Path, console, *, resume: bool = Fa
     try:
         store = check_inputs(recipe, run_dir if rank == 0 else None, resume, device)
         if folds_parallel:
-            board = FoldBoard(FOLDS_PARALLEL_TIMEOUT)
-            return _train_folds_parallel(board, device, recipe, run_dir, console, resume, hooks, store)
+            strategy = FoldsParallel(FoldBoard(FOLDS_PARALLEL_TIMEOUT))
+            return drive(recipe, run_dir, console, store, device, strategy, resume=resume, hooks=hooks)
         with process_group(device, local_rank) as ctx:
-            return _train_ddp(ctx, recipe, run_dir, console, resume, hooks, store)
+            return drive(recipe, run_dir, console, store, device, DDP(ctx, recipe.train.sync_bn), resume=resume,
+                         hooks=hooks)
     except FastCifarError as e:
         if rank == 0:
             raise

@@ -163,8 +163,9 @@ class LazyCapture:
     """The step's `prepare` hook for module graphs: captures at the first batch (its shape and dtype are the
     static ones; training drops the ragged last batch, so every training batch has them)."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, console):
-        self.model, self.device, self.dtype, self.console = model, device, dtype, console
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None,
+                 warn: Callable[[str], object]):
+        self.model, self.device, self.dtype, self.warn = model, device, dtype, warn
         self.state: Literal["pending", "captured", "failed"] = "pending"
 
     def __call__(self, x: torch.Tensor) -> None:
@@ -175,8 +176,7 @@ class LazyCapture:
             self.state = "captured"
         except (RuntimeError, AssertionError) as e:  # an op that cannot be captured: eager is still correct
             self.state = "failed"
-            self.console.print(f"[yellow]warning: train.cuda_graphs: capture failed ({first_line(e)}); "
-                               f"training without CUDA graphs[/yellow]")
+            self.warn(f"train.cuda_graphs: capture failed ({first_line(e)}); training without CUDA graphs")
 
 
 def mark_compiler_step(_x: torch.Tensor) -> None:
@@ -330,11 +330,12 @@ class Engine:
 
 
 def build_engine(model: torch.nn.Module, recipe: Recipe, device: torch.device, dtype: torch.dtype | None,
-                 console) -> Engine:
-    """Wrap `model` (kept plain: its state_dict is what checkpoints hold) for the train step and validation."""
+                 warn: Callable[[str], object]) -> Engine:
+    """Wrap `model` (kept plain: its state_dict is what checkpoints hold) for the train step and validation;
+    `warn` gets one line for each engine setting that cannot apply here."""
     plan = plan_engine(recipe, device)
     for note in plan.notes:
-        console.print(f"[yellow]warning: {note}[/yellow]")
+        warn(note)
     # The EMA copy is taken before graphing replaces model.forward, so it stays a plain eager module.
     ema = WeightEMA(model, recipe.train.ema_decay) if recipe.train.ema_decay > 0 else None
     net = compile_model(model, plan.compile_mode) if plan.compile else model
@@ -343,7 +344,7 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, device: torch.device, d
         eval_net = compile_model(ema.module, plan.compile_mode) if plan.compile else ema.module
     prepare: Callable[[torch.Tensor], None] | None = None
     if plan.graphs == "module":
-        prepare = LazyCapture(model, device, dtype, console)
+        prepare = LazyCapture(model, device, dtype, warn)
     elif plan.graphs == "compiler":
         prepare = mark_compiler_step
     return Engine(plan, net, eval_net, ema, prepare)

@@ -8,8 +8,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastcifar.device import autocast
+from fastcifar.augment import build_eval_transform
+from fastcifar.checkpoint import load_checkpoint
+from fastcifar.data import open_store
+from fastcifar.device import autocast, recipe_amp_dtype, resolve_device
 from fastcifar.engine import input_layout, strip_compile_prefix, tta_logits
+from fastcifar.errors import CheckpointError, FastCifarError, first_line
+from fastcifar.loader import DeviceLoader
+from fastcifar.models import build_model
+from fastcifar.recipe import recipe_from_dict
 
 
 @torch.no_grad()
@@ -56,11 +63,6 @@ def load_trained_model(checkpoint: str | Path, device: torch.device):
 
     Shared by `eval` and `predict`: a corrupt, foreign or mismatched checkpoint is one CheckpointError line.
     """
-    from fastcifar.checkpoint import load_checkpoint
-    from fastcifar.errors import CheckpointError, FastCifarError, first_line
-    from fastcifar.recipe import recipe_from_dict
-    from fastcifar.train import build_model
-
     path = Path(checkpoint)
     ckpt = load_checkpoint(path)
     try:
@@ -87,12 +89,6 @@ def load_trained_model(checkpoint: str | Path, device: torch.device):
 def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str, console) -> dict[str, Any]:
     """`fastcifar eval`: test accuracy and a per-class table for a saved checkpoint."""
     from rich.table import Table
-
-    from fastcifar.augment import build_eval_transform
-    from fastcifar.data import open_store
-    from fastcifar.device import recipe_amp_dtype, resolve_device
-    from fastcifar.errors import CheckpointError
-    from fastcifar.loader import DeviceLoader
 
     device = resolve_device(device_name)
     model, recipe, classes, image_size = load_trained_model(path, device)

@@ -8,9 +8,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastcifar.augment import build_eval_transform
 from fastcifar.data.archive import check_regular
 from fastcifar.data.readers import UnsupportedImage, to_rgb
+from fastcifar.device import resolve_device
+from fastcifar.engine import tta_logits
 from fastcifar.errors import DataError, FastCifarError, first_line
+from fastcifar.evaluate import load_trained_model
 
 BATCH = 256  # images per forward pass: bounds memory when many files (or augment.resize = 224) are given
 
@@ -41,8 +45,6 @@ def read_image(path: str | Path, image_size: int) -> torch.Tensor:
 def preprocess(batch: torch.Tensor, recipe) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> the float batch the model saw in evaluation: build_eval_transform itself, so
     normalise / resize happen in the same order and dtype as in `fastcifar eval` on the same device."""
-    from fastcifar.augment import build_eval_transform
-
     transform = build_eval_transform(recipe.augment, recipe.data.mean, recipe.data.std)
     nhwc = batch.permute(0, 2, 3, 1).contiguous()  # the store's layout
     return transform(nhwc, torch.arange(len(batch), device=batch.device))
@@ -50,10 +52,6 @@ def preprocess(batch: torch.Tensor, recipe) -> torch.Tensor:
 
 def predict(checkpoint: Path, images: list[Path], top_k: int = 3, device_name: str = "auto") -> list[dict[str, Any]]:
     """Per image {"image": str, "top": [(class, probability), ...]} with the k most probable classes."""
-    from fastcifar.device import resolve_device
-    from fastcifar.engine import tta_logits
-    from fastcifar.evaluate import load_trained_model
-
     if top_k < 1:
         raise FastCifarError(f"--top-k: must be >= 1, got {top_k}")
     if not images:

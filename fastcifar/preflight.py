@@ -15,8 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastcifar.augment import build_eval_transform, build_train_transform
+from fastcifar.backends import check_loader
+from fastcifar.backends.ffcv import check_beton, default_beton
+from fastcifar.data import open_store
 from fastcifar.errors import DataError, FastCifarError, RecipeError, first_line
-from fastcifar.models import create_model
+from fastcifar.gradcam import get_layer
+from fastcifar.models import build_model, create_model
 from fastcifar.ownership import check_own_dir, legacy_run
 from fastcifar.recipe import Recipe, load_recipe, recipe_diff
 from fastcifar.splits import make_folds, take_per_class
@@ -29,9 +34,6 @@ BYTES_PER_PARAM = 16  # fp32 weights + gradients + two optimizer moments (Adam);
 def check_inputs(recipe: Recipe, run_dir: Path | None = None, resume: bool = False, device=None):
     """All pre-run checks; returns the opened (hash-verified) store. `run_dir`: also check the folder may hold
     this run (new, empty, or this run with --resume on the same data)."""
-    from fastcifar.backends import check_loader
-    from fastcifar.data import open_store
-
     check_loader(recipe)  # a missing DALI / FFCV extra, or an augment section the loader cannot express
     store = open_store(Path(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
     if len(store.classes) < 2:
@@ -40,12 +42,34 @@ def check_inputs(recipe: Recipe, run_dir: Path | None = None, resume: bool = Fal
     check_augment(recipe, store)
     check_folds(recipe, store)
     if recipe.train.loader == "ffcv":  # the .beton must exist (and match the store) before the run folder does
-        from fastcifar.backends.ffcv import check_beton, default_beton
-
         check_beton(default_beton(store.path), store)
     if run_dir is not None:
         check_run_dir(run_dir, recipe, resume, store)
     return store
+
+
+def check_distributed(recipe: Recipe, world: int, device: torch.device, folds_parallel: bool) -> None:
+    """What a multi-process run cannot do, refused in one line before anything starts."""
+    tr = recipe.train
+    if folds_parallel:
+        if recipe.split.kind != "kfold" or recipe.split.fold != -1:
+            raise RecipeError('split.kind: --folds-parallel trains whole folds side by side; it needs split.kind = '
+                              f'"kfold" and split.fold = -1, got kind = "{recipe.split.kind}", fold = '
+                              f"{recipe.split.fold}")
+        return
+    if tr.batch_size % world:
+        raise RecipeError(f"train.batch_size: {tr.batch_size} is not divisible by the world size {world}; each "
+                          f"rank trains batch_size / world_size images per step")
+    if tr.loader != "device":
+        raise RecipeError(f'train.loader: DDP shards the batches of the "device" loader only, got "{tr.loader}"')
+    if tr.oom_retry:
+        raise RecipeError("train.oom_retry: not supported under DDP (an out-of-memory retry on one rank would "
+                          "change its number of gradient all-reduces); lower train.batch_size instead")
+    if tr.sync_bn and recipe.model.name == "speedrun_net":  # convert_sync_batchnorm rebuilds plain BatchNorms
+        raise RecipeError("train.sync_bn: speedrun_net's scale-free BatchNorm keeps its shift in its own parameter, "
+                          "which SyncBatchNorm would drop; set train.sync_bn = false")
+    if tr.sync_bn and device.type != "cuda":
+        raise RecipeError("train.sync_bn: SyncBatchNorm runs on CUDA only (torch has no CPU kernel for it)")
 
 
 def check_folds(recipe: Recipe, store) -> None:
@@ -75,8 +99,6 @@ def check_folds(recipe: Recipe, store) -> None:
 def check_augment(recipe: Recipe, store) -> None:
     """Run the train and eval transforms once on two stored images (CPU): an augment setting the image size
     does not allow (reflect padding wider than the image, ...) fails here, not at the first step."""
-    from fastcifar.augment import build_eval_transform, build_train_transform
-
     images = torch.from_numpy(np.array(store.train_images[:2]))  # a writable copy of two memory-mapped images
     rows = torch.arange(len(images))
     mean, std = recipe.data.mean, recipe.data.std
@@ -107,8 +129,6 @@ def _param_count(recipe: Recipe, num_classes: int, size: int) -> int | None:
 def check_model(recipe: Recipe, store, device: torch.device) -> None:
     """Build the model on the CPU (a bad width or pretrained file fails here), run one 2-image batch of the
     store's (resized) image size through it, and check the Grad-CAM layer yields a feature map."""
-    from fastcifar.train import build_model
-
     m, num_classes, size = recipe.model, len(store.classes), int(store.train_images.shape[1])
     key = "model.width" if m.width else "model.name"
     params, memory = _param_count(recipe, num_classes, size), _memory_bytes(device)
@@ -145,8 +165,6 @@ def check_model(recipe: Recipe, store, device: torch.device) -> None:
 def _gradcam_probe(model: torch.nn.Module, recipe: Recipe) -> dict:
     """A forward hook recording the output shape of eval.gradcam_layer (a RecipeError listing the conv layers
     when the name does not exist). Only checked when figures are on: Grad-CAM is one of them."""
-    from fastcifar.gradcam import get_layer
-
     seen: dict = {}
     if not (recipe.eval.figures and recipe.eval.gradcam_layer):
         return seen

@@ -232,7 +232,7 @@ class TrainCfg:
     channels_last: bool = True  # NHWC weights and activations (the fast conv layout on CUDA and oneDNN)
     compile: bool = False  # torch.compile the model (CUDA; compile time is logged and kept out of img/s)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    cuda_graphs: bool = False  # capture the whole train step as a CUDA graph where the model allows
+    cuda_graphs: bool = False  # capture forward + backward as CUDA graphs (the optimizer step stays eager)
     ema_decay: float = 0.0  # weight EMA decay per step (e.g. 0.999); the EMA weights are evaluated; 0 = off
     sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -14,9 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
 
 from fastcifar.atomic import write_json, write_text
 from fastcifar.artifacts import FIGURES
+from fastcifar.device import resolve_device
 from fastcifar.errors import first_line
 from fastcifar.lifecycle import GracefulStop, RunLock
 from fastcifar.ownership import remove_atomic_temps, write_marker
@@ -24,6 +29,8 @@ from fastcifar.preflight import check_inputs, check_run_dir, data_identity
 from fastcifar.recipe import Recipe, recipe_to_toml
 from fastcifar.report import write_report
 from fastcifar.splits import make_folds
+from fastcifar.strategy import Solo
+from fastcifar.train import Hooks, train_one_fold
 
 SUMMARY_KEYS = ["val_acc", "val_loss", "test_acc", "test_loss", "best_epoch", "train_time_s"]
 
@@ -62,8 +69,6 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _folds_table(summary: dict[str, Any], console) -> str:
     """Print the fold table (rich) and return it as CSV with mean and std rows."""
-    from rich.table import Table
-
     keys = [k for k in SUMMARY_KEYS if f"{k}_mean" in summary]
     table = Table(title="folds")
     for name in ["fold", *keys]:
@@ -82,15 +87,9 @@ def _folds_table(summary: dict[str, Any], console) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _rate_column():
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed:,.0f} img/s" if task.speed else "-- img/s")
-
-    return RateColumn()
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} img/s" if task.speed else "-- img/s")
 
 
 def configure_runtime(recipe: Recipe) -> None:
@@ -110,51 +109,55 @@ def _remove_orphans(run_dir: Path) -> None:
     remove_atomic_temps([d / sub for d in roots for sub in ("", "checkpoints", FIGURES)])
 
 
-def _train_folds(recipe: Recipe, store, run_dir: Path, device: torch.device, console, resuming: bool, hooks, stop,
-                 *, make_trainer=None, select=None) -> list[dict]:
-    """make_trainer: FoldTrainer's stand-in (a DDP rank's trainer); select: this process's share of the folds
-    (fold-parallel ranks). Both default to the single-process run (fastcifar.distributed sets them)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from fastcifar.train import FoldTrainer
-
+def train_folds(recipe: Recipe, store, run_dir: Path, device: torch.device, console, resuming: bool, hooks: Hooks,
+                stop, strategy: Solo) -> list[dict]:
+    """This process's share of the folds (strategy.folds), in order; folds that finished are kept, not re-run."""
     labels = np.concatenate([store.train_labels, store.test_labels])
     folds = make_folds(len(store.train_labels), labels, recipe.split)
     if recipe.split.kind == "kfold" and recipe.split.fold >= 0:
         folds = [folds[recipe.split.fold]]
-    if select is not None:
-        folds = select(folds)
     results = []
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        _rate_column(), TimeElapsedColumn(), console=console, transient=True,
+                        RateColumn(), TimeElapsedColumn(), console=console, transient=True,
                         disable=not console.is_terminal)
     with progress:
-        for fold in folds:
+        for fold in strategy.folds(folds):
             fold_dir = run_dir / f"fold{fold.index}" if recipe.split.kind == "kfold" else run_dir
             done = fold_dir / "result.json"
             if resuming and done.exists():
                 results.append(json.loads(done.read_text()))
                 console.print(f"fold {fold.index}: finished earlier, kept ({done})")
                 continue
-            trainer = (make_trainer or FoldTrainer)(recipe, store, fold, fold_dir, device, console)
-            if resuming:
-                trainer.try_resume()
-            trainer.fit(hooks, progress, stop)
-            results.append(trainer.finish())
+            results.append(train_one_fold(recipe, store, fold, fold_dir, device, console, resuming, hooks,
+                                          progress, stop, strategy))
     return results
 
 
-def run_training(recipe: Recipe, run_dir: Path, console, *, resume: bool = False, hooks=None) -> dict[str, Any]:
-    """Train every selected fold of `recipe` into run_dir; finished folds are kept, never re-run on resume."""
-    from fastcifar.device import resolve_device
-    from fastcifar.train import Hooks
-
+def run_training(recipe: Recipe, run_dir: Path, console, *, resume: bool = False,
+                 hooks: Hooks | None = None) -> dict[str, Any]:
+    """`fastcifar train` in one process: the pre-run checks, then the run."""
     device = resolve_device(recipe.train.device)
     store = check_inputs(recipe, run_dir, resume, device)
-    with RunLock(run_dir), GracefulStop() as stop:
-        resuming = start_run(recipe, run_dir, device, store, resume)
+    return drive(recipe, run_dir, console, store, device, Solo(), resume=resume, hooks=hooks)
+
+
+def drive(recipe: Recipe, run_dir: Path, console, store, device: torch.device, strategy: Solo, *,
+          resume: bool = False, hooks: Hooks | None = None) -> dict[str, Any] | None:
+    """The one run driver of every mode: lock -> stop handler -> start_run -> folds -> finish_run. Returns the
+    summary on the process that writes the run, None on the others."""
+    with contextlib.ExitStack() as stack:
+        stop = strategy.stop(stack.enter_context(GracefulStop()))
+
+        def start() -> bool:
+            stack.enter_context(RunLock(run_dir))
+            return start_run(recipe, run_dir, device, store, resume, strategy.env)
+
+        resuming = strategy.open_run(start)
         configure_runtime(recipe)
-        results = _train_folds(recipe, store, run_dir, device, console, resuming, hooks or Hooks(), stop)
+        results = strategy.gather(train_folds(recipe, store, run_dir, device, console, resuming, hooks or Hooks(),
+                                              stop, strategy))
+        if results is None:
+            return None
         summary, report = finish_run(recipe, run_dir, results, console)
     if report is not None:
         console.print(f"report: {report}")

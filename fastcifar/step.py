@@ -9,8 +9,8 @@ fastcifar.engine.read_scalar, the step loop's only host read (tests count them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from fastcifar import engine
 from fastcifar.device import autocast
 from fastcifar.errors import FastCifarError
-from fastcifar.recipe import Recipe
+from fastcifar.models import head_parameters
+from fastcifar.optim import build_optimizer, build_scheduler
+from fastcifar.recipe import Recipe, ScheduleCfg
 
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
@@ -71,15 +73,20 @@ class EpochTotals:
 
 
 class StepRunner:
-    def __init__(self, model, optimizer, scheduler, scaler, recipe: Recipe, device: torch.device, dtype, console):
+    """Forward, backward, optimizer and scheduler step of one batch; built complete by build_step."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
+                 recipe: Recipe, device: torch.device, dtype: torch.dtype | None, log: Callable[[str], Any], *,
+                 ema: engine.WeightEMA | None = None, prepare: Callable[[torch.Tensor], None] | None = None,
+                 accum: int = 1, skipped_total: int = 0):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
-        self.cfg, self.device, self.dtype, self.console = recipe.train, device, dtype, console
-        self.accum = 1  # micro-batches per batch; grows only through oom_retry
-        self.skipped_total = 0
+        self.cfg, self.device, self.dtype, self.log = recipe.train, device, dtype, log
+        self.accum = accum  # micro-batches per batch; grows only through oom_retry
+        self.skipped_total = skipped_total
         self.poll = 32 if device.type in ("cuda", "mps") else 1
         self._bad_step = torch.full((), -1, device=device, dtype=torch.int64)
-        self.ema: engine.WeightEMA | None = None  # updated after every optimizer step
-        self.prepare = None  # called with each batch before its forward (CUDA-graph capture / step marker)
+        self.ema = ema  # updated after every optimizer step
+        self.prepare = prepare  # called with each batch before its forward (CUDA-graph capture / step marker)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, totals: EpochTotals, step: int) -> None:
         while True:
@@ -183,5 +190,41 @@ class StepRunner:
                               f"train.batch_size = {max(1, micro // 2)}, or set train.oom_retry = true to retry "
                               f"with gradient accumulation") from None
         self.accum *= 2
-        self.console.print(f"out of memory at micro-batch {micro}{peak}: retrying the batch of {batch} as "
+        self.log(f"out of memory at micro-batch {micro}{peak}: retrying the batch of {batch} as "
                            f"{self.accum} micro-batches of {-(-batch // self.accum)} (same effective batch)")
+
+
+def make_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 on CUDA needs loss scaling; bf16 and fp32 do not (and MPS fp16 has no GradScaler)."""
+    return torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
+
+
+def set_trainable(model: torch.nn.Module, stage: int) -> list[torch.nn.Parameter] | None:
+    """Stage 1: only the classifier head requires grad (returned, in the model's order: the optimizer's order
+    must not vary between runs); stage 2: everything (None)."""
+    head = head_parameters(model) if stage == 1 else None
+    for p in model.parameters():
+        p.requires_grad_(head is None or any(p is h for h in head))
+    return head
+
+
+def build_step(net: torch.nn.Module, model: torch.nn.Module, recipe: Recipe, device: torch.device,
+               dtype: torch.dtype | None, *, steps_per_epoch: int, stage: int = 2, scaler=None,
+               ema: engine.WeightEMA | None = None, prepare: Callable[[torch.Tensor], None] | None = None,
+               log: Callable[[str], Any] = print, accum: int = 1, skipped_total: int = 0) -> StepRunner:
+    """The train step, complete: `net` (the model as the step calls it: compiled, graphed or DDP-wrapped) and
+    the optimizer over `model`'s parameters for `stage`. Stage 1 trains only the classifier head at
+    finetune.head_lr (constant) for finetune.head_epochs; stage 2 trains everything with the recipe's optimizer
+    and schedule over the remaining epochs (the whole run when there is no stage 1)."""
+    r = recipe
+    head = set_trainable(model, stage)
+    if stage == 1:
+        optimizer = build_optimizer(replace(r.optim, lr=r.finetune.head_lr), head, device)
+        scheduler = build_scheduler(ScheduleCfg(name="constant"), r.optim, optimizer, steps_per_epoch,
+                                    r.finetune.head_epochs)
+    else:
+        optimizer = build_optimizer(r.optim, model.parameters(), device)
+        scheduler = build_scheduler(r.schedule, r.optim, optimizer, steps_per_epoch,
+                                    r.train.epochs - r.finetune.head_epochs)
+    return StepRunner(net, optimizer, scheduler, scaler, recipe, device, dtype, log, ema=ema, prepare=prepare,
+                      accum=accum, skipped_total=skipped_total)

@@ -11,7 +11,9 @@ from typing import Any
 from fastcifar.atomic import write_text
 from fastcifar.errors import RecipeError
 from fastcifar.ownership import check_own_dir, has_marker, legacy_run, write_marker
+from fastcifar.preflight import check_inputs
 from fastcifar.recipe import Recipe, load_recipe
+from fastcifar.run import run_training
 
 COLUMNS = ["variant", "accuracy", "delta_pp", "peak_memory_mb", "inference_ms_per_image", "params", "wall_time_s"]
 
@@ -90,9 +92,6 @@ def _fmt(key: str, v: Any) -> str:
 def run_sweep(recipe_path: str, overrides: list[str], varies: list[str], out_dir: Path, console) -> list[dict]:
     """Train the baseline and each variant into out_dir/<variant>/ (resumable), then write sweep.csv / .md."""
     from rich.table import Table
-
-    from fastcifar.preflight import check_inputs
-    from fastcifar.run import run_training
 
     variants = plan(recipe_path, overrides, varies)
     check_own_dir(out_dir, "sweep", _legacy_sweep)

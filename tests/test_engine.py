@@ -307,7 +307,7 @@ def test_channels_last_switch(tiny, channels_last):
 def _runner(recipe, model):
     opt = build_optimizer(recipe.optim, model.parameters(), torch.device("cpu"))
     sched = build_scheduler(recipe.schedule, recipe.optim, opt, 100, 1)
-    return StepRunner(model, opt, sched, None, recipe, torch.device("cpu"), None, QUIET)
+    return StepRunner(model, opt, sched, None, recipe, torch.device("cpu"), None, print)
 
 
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
@@ -354,8 +354,8 @@ def test_no_host_sync_between_polls_on_cuda(tiny):
     model = build_model(recipe, 10, 32, device)
     opt = build_optimizer(recipe.optim, model.parameters(), device)
     sched = build_scheduler(recipe.schedule, recipe.optim, opt, 100, 1)
-    runner = StepRunner(model, opt, sched, None, recipe, device, torch.bfloat16, QUIET)
-    runner.ema = engine.WeightEMA(model, 0.9)
+    runner = StepRunner(model, opt, sched, None, recipe, device, torch.bfloat16, print,
+                        ema=engine.WeightEMA(model, 0.9))
     x = torch.randn(8, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (8,), device=device)
     totals = EpochTotals.zeros(device, 0.1)

@@ -9,17 +9,18 @@ from rich.console import Console
 from conftest import tiny_table
 from fastcifar.checkpoint import load_checkpoint
 from fastcifar.errors import RecipeError
+from fastcifar.models import build_model
 from fastcifar.recipe import recipe_from_dict, recipe_to_toml
 from fastcifar.run import run_training
 from fastcifar.sweep import run_sweep, split_values
-from fastcifar.train import Hooks, build_model
+from fastcifar.train import Hooks
 from resume import full_and_resumed
 
 QUIET = Console(quiet=True)
 
 
 def _init_weights(recipe):
-    torch.manual_seed(recipe.train.seed * 1000)  # what FoldTrainer does for fold 0
+    torch.manual_seed(recipe.train.seed * 1000)  # what train.build_fold does for fold 0
     return build_model(recipe, 10, 32, torch.device("cpu")).state_dict()
 
 

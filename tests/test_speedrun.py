@@ -165,20 +165,20 @@ def test_recipe_trains_one_tiny_epoch(store: Path, tmp_path: Path) -> None:
 
 
 def test_trainer_seam_fits_whitening(store: Path, tiny) -> None:
-    """FoldTrainer calls model.init_whitening(train images, mean, std) when the model has it (the train.py
-    seam): the whitening filters are the ones fitted to exactly the fold's training images."""
+    """build_fold runs the registry's data-dependent init (models.DATA_INIT: speedrun_net's whitening fit):
+    the whitening filters are the ones fitted to exactly the fold's training images."""
     from rich.console import Console
 
     from fastcifar.splits import make_folds
-    from fastcifar.train import FoldTrainer
+    from fastcifar.train import build_fold
 
     recipe = tiny(model={"name": "speedrun_net", "width": 8}, data={"train_subset": 8})
     s = open_store(store)
     fold = make_folds(len(s.train_labels), np.concatenate([s.train_labels, s.test_labels]), recipe.split)[0]
-    trainer = FoldTrainer(recipe, s, fold, Path("unused"), torch.device("cpu"), Console(quiet=True))
+    run = build_fold(recipe, s, fold, Path("unused"), torch.device("cpu"), Console(quiet=True))
     want = SpeedrunNet(widths=(8, 32, 32))
-    want.init_whitening(trainer.data.train.images, recipe.data.mean, recipe.data.std)
-    torch.testing.assert_close(trainer.model.whiten.weight.contiguous(), want.whiten.weight)
+    want.init_whitening(run.data.train.images, recipe.data.mean, recipe.data.std)
+    torch.testing.assert_close(run.model.whiten.weight.contiguous(), want.whiten.weight)
 
 
 # ---------------------------------------------------------------------------------------------- peer harness

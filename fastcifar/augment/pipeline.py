@@ -14,6 +14,11 @@ from typing import Callable
 import torch
 
 from fastcifar.augment import basic as B
+from fastcifar.augment.color import color_jitter
+from fastcifar.augment.geometry import random_rotation
+from fastcifar.augment.mix import mix_batch
+from fastcifar.augment.randaug import rand_augment, trivial_augment_wide
+from fastcifar.kernels.crop_flip import fused_crop_flip_erase
 from fastcifar.recipe import AugmentCfg
 
 Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator, int], torch.Tensor]
@@ -33,8 +38,6 @@ def _geometric(cfg: AugmentCfg, source: torch.Tensor, idx: torch.Tensor, gen: to
     if cfg.flip and not flip_in_gather:
         x = torch.where(_flips(cfg, idx, gen, epoch, x.device).view(-1, 1, 1, 1), x.flip(-1), x)
     if cfg.rotation:
-        from fastcifar.augment.geometry import random_rotation
-
         x = random_rotation(x, cfg.rotation, gen)
     return x
 
@@ -46,16 +49,10 @@ def _flips(cfg: AugmentCfg, idx: torch.Tensor, gen: torch.Generator, epoch: int,
 
 def _photometric(cfg: AugmentCfg, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     if any(cfg.color_jitter):
-        from fastcifar.augment.color import color_jitter
-
         x = color_jitter(x, *cfg.color_jitter, gen)
     if cfg.randaugment:
-        from fastcifar.augment.randaug import rand_augment
-
         x = rand_augment(x, cfg.randaugment_num_ops, cfg.randaugment_magnitude, cfg.randaugment_num_bins, gen)
     elif cfg.trivialaugment:
-        from fastcifar.augment.randaug import trivial_augment_wide
-
         x = trivial_augment_wide(x, gen)
     return x
 
@@ -86,8 +83,6 @@ def _kernel_seed(gen: torch.Generator) -> int:
 def _fused(cfg: AugmentCfg, mean, std, dtype: torch.dtype) -> Transform:
     """Draw every parameter up front (crop offsets, flips, erasing box, cutout box), then one fused call: the
     Triton kernel on CUDA, its torch reference (the same ops as the unfused path) elsewhere."""
-    from fastcifar.kernels.crop_flip import fused_crop_flip_erase
-
     kinds: list[str] = []
     if cfg.erasing_p > 0:
         kinds.append(cfg.erasing_value)
@@ -153,7 +148,6 @@ def build_mixer(cfg: AugmentCfg, num_classes: int) -> Mixer | None:
     """MixUp / CutMix on the normalised batch, or None when both are off (targets stay class indices)."""
     if not (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0):
         return None
-    from fastcifar.augment.mix import mix_batch
 
     def mixer(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return mix_batch(x, y, num_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_p, cfg.mix_switch_p, gen)

@@ -16,13 +16,20 @@ from typing import Any, Callable
 
 import torch
 
+from fastcifar.artifacts import peak_memory_mb
+from fastcifar.augment import build_mixer, build_train_transform
 from fastcifar.bench.env import environment, peak_tflops
 from fastcifar.bench.flops import flops_per_image, param_count
 from fastcifar.bench.nvml import NvmlProbe, empty
+from fastcifar.bench.seeds import seed_loader
 from fastcifar.bench.timing import cycle, measure_latency, measure_rate, quiet_workers
+from fastcifar.device import autocast
+from fastcifar.engine import build_engine
 from fastcifar.errors import first_line
+from fastcifar.loader import DeviceLoader
+from fastcifar.models import create_model
 from fastcifar.recipe import Recipe, ScheduleCfg
-from fastcifar.step import NonFiniteStep
+from fastcifar.step import EpochTotals, NonFiniteStep, build_step, make_scaler
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,13 +66,6 @@ class Plan:
                 for c in self.compiles for cl in self.channels_last]
 
 
-class _Console:
-    """StepRunner reports an out-of-memory retry through console.print; route it to the bench's log."""
-
-    def __init__(self, log: Callable[[str], Any]):
-        self.print = log
-
-
 @dataclass
 class _Ctx:
     store: Any
@@ -86,19 +86,7 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _runner(model: torch.nn.Module, recipe: Recipe, device: torch.device, dtype, log):
-    from fastcifar.optim import build_optimizer, build_scheduler
-    from fastcifar.step import StepRunner
-
-    opt = build_optimizer(recipe.optim, model.parameters(), device)
-    sched = build_scheduler(ScheduleCfg(name="constant"), recipe.optim, opt, 1, 1)  # constant: no end to reach
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
-    return StepRunner(model, opt, sched, scaler, recipe, device, dtype, _Console(log))
-
-
 def _model(ctx: _Ctx, name: str, channels_last: bool) -> torch.nn.Module:
-    from fastcifar.models import create_model
-
     torch.manual_seed(0)
     m = ctx.plan.recipe.model
     same = name == m.name  # the recipe's width / dropout belong to its own model, not to others benched beside it
@@ -109,9 +97,6 @@ def _model(ctx: _Ctx, name: str, channels_last: bool) -> torch.nn.Module:
 
 
 def _loader(ctx: _Ctx, batch: int, in_dtype: torch.dtype):
-    from fastcifar.augment import build_mixer, build_train_transform
-    from fastcifar.loader import DeviceLoader
-
     r, s = ctx.plan.recipe, ctx.store
     tf = build_train_transform(r.augment, r.data.mean, r.data.std, in_dtype)
     return DeviceLoader(s.train_images, s.train_labels, batch, tf, ctx.device, shuffle=True, seed=0,
@@ -127,13 +112,13 @@ def _train(ctx: _Ctx, cell: Cell, eager: torch.nn.Module, dtype) -> tuple[dict[s
     """End to end (loader + step) and model-only (a resident batch) training img/s, through the engine training
     uses (compile, CUDA graphs and weight EMA as the recipe asks). Returns the row fields, a sample batch and
     the engine (its eval_net is what inference is timed on)."""
-    from fastcifar.engine import build_engine
-
     plan, dev = ctx.plan, ctx.device
     recipe = _cell_recipe(plan.recipe, cell)
-    engine = build_engine(eager, recipe, dev, dtype, _Console(ctx.log))
-    runner = _runner(engine.net, recipe, dev, dtype, ctx.log)
-    runner.ema, runner.prepare = engine.ema, engine.prepare
+    engine = build_engine(eager, recipe, dev, dtype, lambda text: ctx.log(f"warning: {text}"))
+    # The training step itself, with the schedule held constant (a bench has no end of training to reach).
+    constant = replace(recipe, schedule=ScheduleCfg(name="constant"))
+    runner = build_step(engine.net, eager, constant, dev, dtype, steps_per_epoch=1, scaler=make_scaler(dtype, dev),
+                        ema=engine.ema, prepare=engine.prepare, log=ctx.log)
     # On CUDA the loader casts to the autocast dtype while normalising, as training does (make_loaders).
     loader = _loader(ctx, cell.batch, dtype if (dtype is not None and dev.type == "cuda") else torch.float32)
     totals = _totals(dev, runner)
@@ -171,15 +156,11 @@ def _train(ctx: _Ctx, cell: Cell, eager: torch.nn.Module, dtype) -> tuple[dict[s
 
 
 def _totals(device: torch.device, runner):
-    from fastcifar.step import EpochTotals
-
     return EpochTotals.zeros(device, runner.optimizer.param_groups[0]["lr"])
 
 
 def _infer(ctx: _Ctx, cell: Cell, model, dtype, sample: torch.Tensor) -> dict[str, Any]:
     """Inference img/s on a resident batch, then per-call latency at batch 1 and at the serving batch."""
-    from fastcifar.device import autocast
-
     plan, dev = ctx.plan, ctx.device
     serve = min(plan.serve_batch, len(sample))
     model.eval()
@@ -202,8 +183,6 @@ def _infer(ctx: _Ctx, cell: Cell, model, dtype, sample: torch.Tensor) -> dict[st
 def _cost(ctx: _Ctx, cell: Cell, sample: torch.Tensor, row: dict[str, Any]) -> dict:
     """Params, FLOPs per image, achieved TFLOP/s and MFU, peak memory. FLOPs are counted on a fresh eager copy:
     the timed model may be compiled or CUDA-graphed, and a graph replay shows the counter no ops."""
-    from fastcifar.artifacts import peak_memory_mb
-
     mem, source = peak_memory_mb(ctx.device)  # read before the copy below adds to it
     if ctx.device.type != "cuda":
         source += " of the whole process since start, not per cell (includes the resident store)"
@@ -219,13 +198,12 @@ def _cost(ctx: _Ctx, cell: Cell, sample: torch.Tensor, row: dict[str, Any]) -> d
 
 def _seeds_rate(ctx: _Ctx, cell: Cell):
     """The seeds' way for this model and batch: fp32, eager, NCHW weights, fed by the per-image DataLoader."""
-    from fastcifar.bench.seeds import seed_loader
-
     r, s, dev = ctx.plan.recipe, ctx.store, ctx.device
     model = _model(ctx, cell.model, channels_last=False)
     seeds = replace(r.train, batch_size=cell.batch, amp=False, compile=False, channels_last=False, cuda_graphs=False,
                     ema_decay=0.0)
-    runner = _runner(model, replace(r, train=seeds), dev, None, ctx.log)
+    runner = build_step(model, model, replace(r, train=seeds, schedule=ScheduleCfg(name="constant")), dev, None,
+                        steps_per_epoch=1, log=ctx.log)
     loader, impl = seed_loader(s.train_images, s.train_labels, cell.batch, r.augment, r.data.mean, r.data.std,
                                workers=ctx.plan.workers, seed=0, device=dev)
     batches, totals, n = cycle(loader), _totals(dev, runner), [0]

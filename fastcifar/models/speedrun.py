@@ -180,6 +180,11 @@ class SpeedrunNet(nn.Sequential):
         self.whiten.fit(x)
 
 
+def fit_whitening(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
+    """The registry's data-dependent init for speedrun_net: its frozen first conv whitens training patches."""
+    model.init_whitening(images, mean, std)
+
+
 def speedrun_net(*, num_classes: int, image_size: int, width: int = 0, dropout: float = 0.0) -> nn.Module:
     """airbench94-style net; width sets the first group (default 64), the other two are 4x it (256)."""
     w = width or 64

@@ -1,0 +1,49 @@
+"""A fold's loaders: training (the device loader, or the torchvision / DALI / FFCV backend), validation and test
+(always the device loader), over the rows of the store the fold's index sets name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastcifar.augment import build_eval_transform, build_mixer, build_train_transform
+from fastcifar.backends import make_loader
+from fastcifar.device import recipe_amp_dtype
+from fastcifar.loader import DeviceLoader, gather_images
+from fastcifar.recipe import Recipe
+from fastcifar.splits import Fold, take_per_class
+
+
+@dataclass
+class FoldData:
+    train: DeviceLoader
+    val: DeviceLoader
+    test: DeviceLoader | None
+
+
+def make_loaders(recipe: Recipe, store, fold: Fold, device: torch.device) -> FoldData:
+    labels = np.concatenate([store.train_labels, store.test_labels])
+    train_idx = fold.train
+    if recipe.data.train_subset:
+        train_idx = take_per_class(train_idx, labels, recipe.data.train_subset)
+    mean, std = recipe.data.mean, recipe.data.std
+    # On CUDA the batch is cast to the autocast dtype in the normalise step: half the bytes for the first conv.
+    dtype = recipe_amp_dtype(recipe.train, device) if device.type == "cuda" else None
+    train_tf = build_train_transform(recipe.augment, mean, std, dtype or torch.float32)
+    eval_tf = build_eval_transform(recipe.augment, mean, std, dtype or torch.float32)
+    mixer = build_mixer(recipe.augment, len(store.classes))
+    seed = recipe.train.seed * 1000 + fold.index
+
+    def loader(idx, tf, shuffle, batch, mix=None):
+        images = gather_images(store.train_images, store.test_images, idx)
+        return DeviceLoader(images, labels[idx], batch, tf, device, shuffle=shuffle, seed=seed, mixer=mix)
+
+    bs, ebs = recipe.train.batch_size, recipe.eval.batch_size
+    same = fold.test is not None and np.array_equal(fold.test, fold.val)
+    val = loader(fold.val, eval_tf, False, ebs)
+    test = val if same else (loader(fold.test, eval_tf, False, ebs) if fold.test is not None else None)
+    if recipe.train.loader != "device":  # torchvision / DALI / FFCV train; evaluation stays on the device loader
+        return FoldData(make_loader(recipe, store, train_idx, labels, device, seed=seed), val, test)
+    return FoldData(loader(train_idx, train_tf, True, bs, mixer), val, test)

@@ -330,6 +330,7 @@ def run_harness(args: argparse.Namespace) -> Path:
 
     from fastcifar.data import open_store
     from fastcifar.device import resolve_device
+    from fastcifar.preflight import resolve_stats
     from fastcifar.bench.env import environment
 
     console = Console(stderr=True)
@@ -345,6 +346,7 @@ def run_harness(args: argparse.Namespace) -> Path:
         raise FastCifarError("split.kind: the peer comparison needs 'official' (airbench trains on the 50k)")
     device = resolve_device(recipe.train.device)
     store = open_store(Path(recipe.data.store), verify=True)
+    recipe = resolve_stats(recipe, store)  # data.mean / data.std = "auto": the store's own statistics
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # airbench sets it at import; the same for both sides
     ours, airbench = compare(args, recipe, store, device, console)

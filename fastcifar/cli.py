@@ -18,9 +18,18 @@ def _parser() -> argparse.ArgumentParser:
                                 "and CIFAR-shaped data: prepare a store, train a recipe, evaluate, report.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    pr = sub.add_parser("prepare", help="convert a CIFAR source into a memory-mapped store")
-    pr.add_argument("--source", help="cifar-10-python.tar.gz, cifar-10-batches-py/, or an image-folder tree/archive "
-                                     "(default: $FASTCIFAR_SOURCE, else download the official archive)")
+    pr = sub.add_parser("prepare", help="convert a dataset (CIFAR-10/100, SVHN, an image folder) into a store")
+    pr.add_argument("--source", help="cifar-10-python.tar.gz, cifar-100-python.tar.gz (or their folders), a folder "
+                                     "with SVHN's train_32x32.mat + test_32x32.mat, or an image-folder tree/archive "
+                                     "(default: $FASTCIFAR_SOURCE, else download --dataset's official files)")
+    pr.add_argument("--dataset", choices=["auto", "cifar10", "cifar100", "svhn", "folder"], default="auto",
+                    help="what the source holds (default: decided by its content)")
+    pr.add_argument("--labels", choices=["fine", "coarse"], default="fine",
+                    help="CIFAR-100: the 100 fine classes or the 20 coarse superclasses (default fine)")
+    pr.add_argument("--size", type=int, default=0, metavar="N",
+                    help="image folders: resize every image to N x N (shorter side, centre crop, antialiased); "
+                         "without it all images must share one square size")
+    pr.add_argument("--extra", action="store_true", help="SVHN: add extra_32x32.mat (531k images) to training")
     pr.add_argument("--out", default=DEFAULT_STORE, help=f"store directory (default {DEFAULT_STORE})")
     pr.add_argument("--force", action="store_true", help="replace a fastcifar store built from another source (never "
                                                           "the source, a file, or a folder holding anything else)")
@@ -72,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args, console) -> None:
-    from fastcifar.data import prepare_store, resolve_source, verify_store
+    from fastcifar.data import ReadOptions, prepare_store, resolve_source, verify_store
     from fastcifar.lifecycle import stop_raises
 
     if args.verify:
@@ -87,11 +96,17 @@ def _prepare(args, console) -> None:
         out = default_beton(store) if args.out == DEFAULT_STORE else Path(os.path.expanduser(args.out))
         write_beton(store, out, log_fn=console.print)
         return
+    if args.size and not 8 <= args.size <= 1024:
+        raise FastCifarError(f"--size: must be in [8, 1024], got {args.size}")
+    options = ReadOptions(dataset=args.dataset, labels=args.labels, size=args.size, extra=args.extra)
     with stop_raises("prepare"):
-        source = resolve_source(args.source, Path(os.path.expanduser(args.cache)))
-        meta = prepare_store(source, Path(args.out), force=args.force, log=console.print)
+        source = resolve_source(args.source, Path(os.path.expanduser(args.cache)), args.dataset, args.extra)
+        meta = prepare_store(source, Path(args.out), force=args.force, log=console.print, options=options)
+    names = meta["classes"]
+    shown = ", ".join(names) if len(names) <= 12 else ", ".join(names[:10]) + f", ... ({len(names)} classes)"
+    stats = meta.get("stats", {})
     console.print(f"{args.out}: {meta['counts']['train']} train + {meta['counts']['test']} test images, "
-                  f"classes {', '.join(meta['classes'])}")
+                  f"classes {shown}" + (f"; mean {stats['mean']}, std {stats['std']}" if stats else ""))
 
 
 def _train(args, console) -> None:

@@ -318,7 +318,7 @@ def run_distributed(recipe: Recipe, run_dir: Path, console, *, resume: bool = Fa
     elif rank:
         console = Console(quiet=True)
     try:
-        store = check_inputs(recipe, run_dir if rank == 0 else None, resume, device)
+        recipe, store = check_inputs(recipe, run_dir if rank == 0 else None, resume, device)
         if folds_parallel:
             strategy = FoldsParallel(FoldBoard(FOLDS_PARALLEL_TIMEOUT))
             return drive(recipe, run_dir, console, store, device, strategy, resume=resume, hooks=hooks)

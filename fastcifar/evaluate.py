@@ -75,6 +75,8 @@ def load_trained_model(checkpoint: str | Path, device: torch.device):
         raise CheckpointError(f"{path}: checkpoint recipe refused ({e})") from None
     if not classes:
         raise CheckpointError(f"{path}: checkpoint lists no class names")
+    if "auto" in (recipe.data.mean, recipe.data.std):  # a run saves the numbers it normalised with
+        raise CheckpointError(f"{path}: checkpoint does not record its normalisation (data.mean / data.std)")
     try:
         model = build_model(recipe, len(classes), image_size, device, pretrained=False)
         model.load_state_dict(strip_compile_prefix(ckpt["model"]))  # also reads a compiled wrapper's keys

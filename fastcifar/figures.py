@@ -20,6 +20,8 @@ from matplotlib.ticker import MaxNLocator
 from .atomic import write_with
 
 DPI = 110
+CELL_TEXT_MAX = 30  # classes up to which the confusion matrix prints its numbers in the cells
+SAMPLE_ROWS = 20  # classes the sample grid shows at most
 GOOD, BAD = "#1a7f37", "#c62828"  # green / red titles for correct / wrong predictions
 
 
@@ -122,11 +124,15 @@ def _heatmap(fig, ax, values: np.ndarray, text: list[list[str]], classes: Sequen
         bar.update_ticks()
     k = len(classes)
     ticks = list(range(k))
-    ax.set_xticks(ticks, [label(c) for c in classes], rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(ticks, [label(c) for c in classes])
+    tick_size = 9 if k <= 20 else max(3.0, 300 / k)  # 100 classes: 3 pt names, each still under its own row
+    ax.set_xticks(ticks, [label(c) for c in classes], rotation=45 if k <= 20 else 90, ha="right",
+                  rotation_mode="anchor", fontsize=tick_size)
+    ax.set_yticks(ticks, [label(c) for c in classes], fontsize=tick_size)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
+    if k > CELL_TEXT_MAX:  # beyond ~30 classes numbers in the cells are unreadable; the colour carries them
+        return
     size = 9 if k <= 10 else max(4, 90 // k)
     mid = vmin + 0.5 * (vmax - vmin)
     for i in range(k):
@@ -141,7 +147,7 @@ def plot_confusion(confusion: list[list[int]], classes: Sequence[str], path: str
     cm = np.asarray(confusion, dtype=np.int64)
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)  # empty row -> 0, not NaN
-    side = max(4.5, 0.55 * len(classes) + 1.5)
+    side = min(max(4.5, 0.55 * len(classes) + 1.5), 16.0)  # 100 classes: 16 in, not 56
     fig = _figure(2 * side + 1.5, side)
     ax_n, ax_p = fig.subplots(1, 2)
     _heatmap(fig, ax_n, cm, [[str(v) for v in r] for r in cm.tolist()], classes, "counts", 0, max(int(cm.max()), 1),
@@ -156,16 +162,20 @@ def plot_confusion(confusion: list[list[int]], classes: Sequence[str], path: str
 
 def plot_samples(images: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: str | os.PathLike,
                  per_class: int = 8, seed: int = 0) -> Path:
-    """One row per class (name at the left) of per_class random images of that class."""
+    """One row per class (name at the left) of per_class random images of that class; with more than
+    SAMPLE_ROWS classes, that many classes evenly spread over the list (the title says how many of all)."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    k = len(classes)
-    fig = _figure(1.2 + per_class * 0.9, k * 0.9)
+    shown = np.unique(np.linspace(0, len(classes) - 1, min(len(classes), SAMPLE_ROWS)).round().astype(int))
+    k = len(shown)
+    fig = _figure(1.2 + per_class * 0.9, k * 0.9 + (0.4 if k < len(classes) else 0))
+    if k < len(classes):
+        fig.suptitle(f"{k} of {len(classes)} classes")
     axes = fig.subplots(k, per_class, squeeze=False)
-    for c in range(k):
+    for row, c in enumerate(shown):
         idx = np.flatnonzero(labels == c)
         pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else idx
-        for j, ax in enumerate(axes[c]):
+        for j, ax in enumerate(axes[row]):
             if j < len(pick):
                 _show(ax, images[pick[j]])
             else:
@@ -173,7 +183,7 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
                 ax.set_yticks([])
             for spine in ax.spines.values():
                 spine.set_visible(False)
-        axes[c][0].set_ylabel(_name(classes, c), rotation=0, ha="right", va="center", fontsize=10)
+        axes[row][0].set_ylabel(_name(classes, c), rotation=0, ha="right", va="center", fontsize=10)
     return _save(fig, path)
 
 

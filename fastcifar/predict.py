@@ -10,7 +10,7 @@ import torch
 
 from fastcifar.augment import build_eval_transform
 from fastcifar.data.archive import check_regular
-from fastcifar.data.readers import UnsupportedImage, to_rgb
+from fastcifar.data.images import UnsupportedImage, to_rgb
 from fastcifar.device import resolve_device
 from fastcifar.engine import tta_logits
 from fastcifar.errors import DataError, FastCifarError, first_line

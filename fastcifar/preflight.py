@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from fastcifar.augment import build_eval_transform, build_train_transform
 from fastcifar.backends import check_loader
 from fastcifar.backends.ffcv import check_beton, default_beton
-from fastcifar.data import open_store
+from fastcifar.data import open_store, store_stats
 from fastcifar.errors import DataError, FastCifarError, RecipeError, first_line
 from fastcifar.gradcam import get_layer
 from fastcifar.models import build_model, create_model
@@ -31,11 +32,24 @@ RESUMABLE_DIFFS = {"train.device", "train.threads"}
 BYTES_PER_PARAM = 16  # fp32 weights + gradients + two optimizer moments (Adam); SGD with momentum needs 12
 
 
-def check_inputs(recipe: Recipe, run_dir: Path | None = None, resume: bool = False, device=None):
-    """All pre-run checks; returns the opened (hash-verified) store. `run_dir`: also check the folder may hold
-    this run (new, empty, or this run with --resume on the same data)."""
-    check_loader(recipe)  # a missing DALI / FFCV extra, or an augment section the loader cannot express
+def resolve_stats(recipe: Recipe, store) -> Recipe:
+    """The recipe with data.mean / data.std = "auto" replaced by the store's training statistics."""
+    if recipe.data.mean != "auto" and recipe.data.std != "auto":
+        return recipe
+    stats = store_stats(store)
+    data = replace(recipe.data, mean=tuple(stats["mean"]) if recipe.data.mean == "auto" else recipe.data.mean,
+                   std=tuple(stats["std"]) if recipe.data.std == "auto" else recipe.data.std)
+    return replace(recipe, data=data)
+
+
+def check_inputs(recipe: Recipe, run_dir: Path | None = None, resume: bool = False,
+                 device=None) -> tuple[Recipe, Any]:
+    """All pre-run checks; returns the recipe with the store's statistics filled in (data.mean / data.std =
+    "auto") and the opened, hash-verified store. `run_dir`: also check the folder may hold this run (new,
+    empty, or this run with --resume on the same data)."""
     store = open_store(Path(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
+    recipe = resolve_stats(recipe, store)
+    check_loader(recipe)  # a missing DALI / FFCV extra, or an augment section the loader cannot express
     if len(store.classes) < 2:
         raise DataError(f"data.store: {store.path} holds {len(store.classes)} class; a classifier needs at least 2")
     check_model(recipe, store, device or torch.device("cpu"))
@@ -45,7 +59,7 @@ def check_inputs(recipe: Recipe, run_dir: Path | None = None, resume: bool = Fal
         check_beton(default_beton(store.path), store)
     if run_dir is not None:
         check_run_dir(run_dir, recipe, resume, store)
-    return store
+    return recipe, store
 
 
 def check_distributed(recipe: Recipe, world: int, device: torch.device, folds_parallel: bool) -> None:
@@ -189,11 +203,12 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, store) -> bool:
         return False
     if not resume:
         raise FastCifarError(f"{run_dir}: already holds a run; pass --resume to continue it, or --out NEW_DIR")
+    # The data first: other data also changes "auto" statistics, and that is not the recipe's doing.
+    check_same_data(trained_on(run_dir), data_identity(store), run_dir)
     diff = [k for k in recipe_diff(load_recipe(saved), recipe) if k not in RESUMABLE_DIFFS]
     if diff:
         raise RecipeError(f"{diff[0]}: differs from the run's saved {saved}; resume with that recipe "
                           f"(fastcifar train {saved} --out {run_dir} --resume)")
-    check_same_data(trained_on(run_dir), data_identity(store), run_dir)
     return True
 
 

@@ -52,13 +52,16 @@ def _check(ok: bool, key: str, msg: str) -> None:
 class DataCfg:
     store: str = "data/cifar10"  # a directory written by `fastcifar prepare`
     train_subset: int = 0  # >0: keep this many training images per class (smoke tests); 0 = all
-    mean: tuple[float, float, float] = CIFAR_MEAN
-    std: tuple[float, float, float] = CIFAR_STD
+    # Per-channel normalisation in [0, 1] units; "auto": the store's own training statistics (meta.json "stats",
+    # recorded by prepare). A run saves the numbers it used, so evaluation and predict apply the same ones.
+    mean: tuple[float, float, float] | Literal["auto"] = "auto"
+    std: tuple[float, float, float] | Literal["auto"] = "auto"
 
     def validate(self) -> None:
         _check(self.store != "", "data.store", "must name a prepared store directory")
         _check(self.train_subset >= 0, "data.train_subset", f"must be >= 0, got {self.train_subset}")
-        _check(all(s > 0 for s in self.std), "data.std", f"every value must be > 0, got {list(self.std)}")
+        _check(self.std == "auto" or all(s > 0 for s in self.std), "data.std",
+               f"every value must be > 0, got {self.std if self.std == 'auto' else list(self.std)}")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ FORMAT = {key: kind for key, _, _, kind in HEADLINE}
 LABEL = {key: label for key, label, _, _ in HEADLINE}
 FOLD_TABLE = ["accuracy", "precision", "recall", "specificity", "f1", "kappa", "balanced_accuracy", "auroc"]
 COMPARISON = "run comparison"
+PER_CLASS_ROWS = 20  # per-class rows at most: beyond, the best and worst halves
 ENV_KEYS = ["python", "platform", "torch", "torchvision", "numpy", "cpu_count", "torch_threads", "device", "gpu",
             "cuda", "git_commit"]
 
@@ -307,12 +308,18 @@ def _per_class_section(run: Run) -> list[str]:
         return []
     tables = [per_class(f.result) for f in run.folds]
     keys = [("accuracy", "pct"), ("precision", "num"), ("recall", "num"), ("f1", "num"), ("specificity", "num")]
-    rows = []
-    for i, name in enumerate(classes):
-        cells = [fmt(mean_std([_dig(t, key, i) for t in tables])[0], kind) for key, kind in keys]
-        rows.append([str(name), *cells])
+    means = [[mean_std([_dig(t, key, i) for t in tables])[0] for key, _ in keys] for i in range(len(classes))]
+    order = list(range(len(classes)))
+    note = []
+    if len(classes) > PER_CLASS_ROWS:  # 100 classes: the 10 best and the 10 worst by accuracy
+        ranked = sorted(order, key=lambda i: -1.0 if means[i][0] is None else means[i][0], reverse=True)
+        half = PER_CLASS_ROWS // 2
+        order = ranked[:half] + ranked[-half:]
+        note = [f"The {half} classes with the highest and the {half} with the lowest accuracy, of "
+                f"{len(classes)}.", ""]
+    rows = [[str(classes[i]), *(fmt(v, kind) for v, (_, kind) in zip(means[i], keys))] for i in order]
     what = f" (mean over {len(tables)} folds)" if len(tables) > 1 else ""
-    return [f"## Per-class metrics{what}", ""] + md_table(
+    return [f"## Per-class metrics{what}", "", *note] + md_table(
         ["class", "accuracy", "precision", "recall", "F1", "specificity"], rows)
 
 

@@ -137,7 +137,7 @@ def run_training(recipe: Recipe, run_dir: Path, console, *, resume: bool = False
                  hooks: Hooks | None = None) -> dict[str, Any]:
     """`fastcifar train` in one process: the pre-run checks, then the run."""
     device = resolve_device(recipe.train.device)
-    store = check_inputs(recipe, run_dir, resume, device)
+    recipe, store = check_inputs(recipe, run_dir, resume, device)
     return drive(recipe, run_dir, console, store, device, Solo(), resume=resume, hooks=hooks)
 
 

@@ -199,3 +199,57 @@ def png16(pixels: np.ndarray) -> bytes:
 
     header = struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+# --- CIFAR-100 and SVHN --------------------------------------------------------------------------------------------
+
+
+def write_cifar100(directory: str | Path, n_per_class: int = 2, fine: int = 6, coarse: int = 3, *,
+                   seed: int = 0, overrides: dict[str, bytes] | None = None) -> dict[str, Any]:
+    """A cifar-100-python folder (train, test, meta) with the official keys: 'data', 'fine_labels',
+    'coarse_labels', 'filenames' per split, 'fine_label_names' / 'coarse_label_names' in meta. Fine class c
+    belongs to coarse class c % coarse. Returns the expected arrays for fine and coarse labels."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    fine_names = [f"fine{i:02d}" for i in range(fine)]
+    coarse_names = [f"coarse{i}" for i in range(coarse)]
+    expected: dict[str, Any] = {"fine_classes": fine_names, "coarse_classes": coarse_names}
+    for split, n in (("train", n_per_class * 2), ("test", n_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(fine), n))
+        images = class_images(labels, fine, rng)
+        rows = images.transpose(0, 3, 1, 2).reshape(len(labels), 3072)
+        batch = {b"filenames": [f"{split}_{i}.png".encode() for i in range(len(labels))],
+                 b"batch_label": f"{split} batch".encode(), b"fine_labels": [int(v) for v in labels],
+                 b"coarse_labels": [int(v) % coarse for v in labels], b"data": rows}
+        (d / split).write_bytes(dumps_batch(batch))
+        expected[f"{split}_images"], expected[f"{split}_fine"] = images, labels.astype(np.int64)
+        expected[f"{split}_coarse"] = (labels % coarse).astype(np.int64)
+    meta = {b"fine_label_names": [n.encode() for n in fine_names],
+            b"coarse_label_names": [n.encode() for n in coarse_names]}
+    (d / "meta").write_bytes(dumps_batch(meta))
+    for name, data in (overrides or {}).items():
+        (d / name).write_bytes(data)
+    return expected
+
+
+def write_svhn(directory: str | Path, n_train: int = 40, n_test: int = 20, *, extra: int = 0, seed: int = 0,
+               compress: bool = False) -> dict[str, Any]:
+    """SVHN's .mat files as the publisher lays them out: X uint8 (32, 32, 3, N), y (N, 1) with digits 1..9 and
+    digit 0 stored as 10 (written with scipy, which the reader under test does not use)."""
+    import scipy.io
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    expected: dict[str, Any] = {}
+    for name, n in (("train", n_train), ("test", n_test), ("extra", extra)):
+        if not n:
+            continue
+        digits = np.arange(n) % 10
+        images = class_images(digits, 10, rng)
+        y = np.where(digits == 0, 10, digits).astype(np.uint8).reshape(-1, 1)
+        scipy.io.savemat(d / f"{name}_32x32.mat", {"X": images.transpose(1, 2, 3, 0), "y": y},
+                         do_compression=compress)
+        expected[f"{name}_images"], expected[f"{name}_labels"] = images, digits.astype(np.int64)
+    return expected

@@ -70,14 +70,13 @@ def test_refused_before_the_run_folder_exists(store, tmp_path, capsys, override,
 
 def test_images_too_small_for_the_model(tmp_path, capsys):
     src = tmp_path / "src"
-    make_image_folder(src, 4, 1, "png", classes=("a", "b"), size=2)
+    make_image_folder(src, 4, 1, "png", classes=("a", "b"), size=8)  # 8x8: the smallest prepare stores
     assert main(["prepare", "--source", str(src), "--out", str(tmp_path / "store")]) == 0
     recipe = write_recipe(tmp_path / "r.toml", tmp_path / "store", train={"batch_size": 4})
-    err = refused(capsys, ["train", str(recipe)], tmp_path / "run")
-    assert "model.name: cnn_bn cannot take the store's 2x2 images (Given input size:" in err
-    err = refused(capsys, ["train", str(recipe), "--set", 'model.name="resnet18"', "--set", "model.width=0"],
-                  tmp_path / "run")  # resnet18 pools adaptively, but the default reflect crop cannot pad 2 px
-    assert "augment.crop_padding: reflect padding 4 must be smaller than the image (2x2)" in err
+    err = refused(capsys, ["train", str(recipe), "--set", 'model.name="speedrun_net"'], tmp_path / "run")
+    assert "model.name: speedrun_net cannot take the store's 8x8 images (Given input size:" in err
+    err = refused(capsys, ["train", str(recipe), "--set", "augment.crop_padding=8"], tmp_path / "run")
+    assert "augment.crop_padding: reflect padding 8 must be smaller than the image (8x8)" in err
 
 
 def test_a_store_with_one_class_is_refused_at_prepare_and_at_train(tmp_path, capsys):

@@ -169,11 +169,12 @@ def test_trainer_seam_fits_whitening(store: Path, tiny) -> None:
     the whitening filters are the ones fitted to exactly the fold's training images."""
     from rich.console import Console
 
+    from fastcifar.preflight import resolve_stats
     from fastcifar.splits import make_folds
     from fastcifar.train import build_fold
 
-    recipe = tiny(model={"name": "speedrun_net", "width": 8}, data={"train_subset": 8})
     s = open_store(store)
+    recipe = resolve_stats(tiny(model={"name": "speedrun_net", "width": 8}, data={"train_subset": 8}), s)
     fold = make_folds(len(s.train_labels), np.concatenate([s.train_labels, s.test_labels]), recipe.split)[0]
     run = build_fold(recipe, s, fold, Path("unused"), torch.device("cpu"), Console(quiet=True))
     want = SpeedrunNet(widths=(8, 32, 32))

@@ -22,8 +22,9 @@ from fastcifar.bench.env import environment, peak_hbm_gbs
 from fastcifar.bench.presets import PRESETS, missing_ops
 from fastcifar.bench.seeds import seed_loader
 from fastcifar.bench.timing import cycle, measure_rate, quiet_workers
+from fastcifar.data import store_stats
 from fastcifar.errors import first_line
-from fastcifar.recipe import CIFAR_MEAN, CIFAR_STD, AugmentCfg
+from fastcifar.recipe import AugmentCfg
 
 LOADERS = ("fastcifar", "seeds", "dali", "ffcv")
 _LIBS = {"dali": "nvidia.dali", "ffcv": "ffcv"}
@@ -104,7 +105,8 @@ def run_loader_bench(store, device: torch.device, *, batch: int = 512, seconds: 
     """Every loader x preset; returns the JSON-ready result (environment, settings, rows)."""
     images, labels = store.train_images, store.train_labels
     batch = min(batch, len(labels))  # a training loader drops the ragged batch: keep one full batch possible
-    mean, std = CIFAR_MEAN, CIFAR_STD
+    stats = store_stats(store)  # the normalisation a run on this store uses (data.mean / data.std = "auto")
+    mean, std = tuple(stats["mean"]), tuple(stats["std"])
     settings = {"batch": batch, "seconds": seconds, "repeats": repeats, "warmup": warmup, "workers": workers,
                 "store": str(store.path), "images": int(len(labels))}
     in_bytes = int(np.prod(images.shape[1:]))

@@ -28,6 +28,7 @@ from fastcifar.engine import build_engine
 from fastcifar.errors import first_line
 from fastcifar.loader import DeviceLoader
 from fastcifar.models import create_model
+from fastcifar.preflight import resolve_stats
 from fastcifar.recipe import Recipe, ScheduleCfg
 from fastcifar.step import EpochTotals, NonFiniteStep, build_step, make_scaler
 
@@ -272,6 +273,7 @@ def run_model_bench(store, device: torch.device, plan: Plan, log: Callable[[str]
     """Every cell of the plan (skipping, with a note, those that would overrun plan.budget_s). `seeds_cache`
     shares the seeds' measurements between calls (the device suite runs several plans); `on_row` sees each row
     as it is finished (the suite saves after every cell, so a run cut short keeps what it measured)."""
+    plan = replace(plan, recipe=resolve_stats(plan.recipe, store))  # data.mean / std = "auto": the store's
     ctx = _Ctx(store, device, plan, log, num_classes=len(store.classes),
                seeds=seeds_cache if seeds_cache is not None else {})
     deadline = time.perf_counter() + plan.budget_s if plan.budget_s else None

@@ -1,29 +1,45 @@
-"""Turn a source Tree into arrays: the official python batches, or an image-folder (train/<class>/*, test/<class>/*).
+"""Turn a source Tree into arrays: CIFAR-10 / CIFAR-100 python pickles, SVHN .mat files (data.matfile), or an
+image folder train/<class>/*, test/<class>/* (data.images).
 
-Both readers validate everything they load and raise DataError naming the offending file, because the source is
+Every reader validates everything it loads and raises DataError naming the offending file, because the source is
 user-supplied (or downloaded) and a silent mis-read would only surface later as a nonsense accuracy.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from fastcifar.data.archive import Tree, one_line
+from fastcifar.data.archive import Tree
+from fastcifar.data.images import IMAGE_EXTS, image_root, read_image_folder
+from fastcifar.data.matfile import SVHN_FILES, read_svhn
 from fastcifar.data.safe_pickle import safe_loads
 from fastcifar.errors import DataError
 
-SPLITS = ("train", "test")
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_FILES = (*CIFAR_TRAIN_BATCHES, "test_batch", "batches.meta")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+CIFAR100_FILES = ("train", "test", "meta")  # inside cifar-100-python/
+DATASETS = ("auto", "cifar10", "cifar100", "svhn", "folder")
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """What `fastcifar prepare` was asked for beyond the source: recorded in the store's meta, so a store
+    prepared with other options is not mistaken for an up-to-date one."""
+
+    dataset: str = "auto"  # one of DATASETS; auto: decided by what the source holds
+    labels: str = "fine"  # CIFAR-100: "fine" (100 classes) or "coarse" (20 superclasses)
+    size: int = 0  # image folders: resize every image to size x size (0: all must already share one size)
+    extra: bool = False  # SVHN: add extra_32x32.mat to the training split
+
+    def as_dict(self) -> dict:
+        return {"dataset": self.dataset, "labels": self.labels, "size": self.size, "extra": self.extra}
 
 
 @dataclass
 class Dataset:
-    kind: str  # "cifar-python" | "image-folder"
+    kind: str  # "cifar-python" | "cifar100-python" | "svhn-mat" | "image-folder"
     classes: list[str]
     train_images: np.ndarray  # uint8 (N, H, W, 3)
     train_labels: np.ndarray  # int64 (N,)
@@ -33,24 +49,50 @@ class Dataset:
 
 
 def wanted(rel: str) -> bool:
-    """The archive members a reader may read: the official batch files and images; all else is never
+    """The archive members a reader may read: the official data files and images; all else is never
     decompressed (archive.read_tree)."""
     name = rel.rsplit("/", 1)[-1]
-    return name in CIFAR_FILES or name.lower().endswith(IMAGE_EXTS)
+    return (name in CIFAR_FILES or name in CIFAR100_FILES or name in SVHN_FILES
+            or name.lower().endswith(IMAGE_EXTS))
 
 
-def read_dataset(tree: Tree) -> Dataset:
-    """Decide the format by content, then read it."""
-    batch_paths = sorted((r for r in tree.files if r.rsplit("/", 1)[-1] == "data_batch_1"), key=len)
-    if batch_paths:
-        return read_cifar_python(tree, batch_paths[0][: -len("data_batch_1")])
-    root = _image_root(tree)
+def _find(tree: Tree, name: str) -> list[str]:
+    """Paths of files called `name`, shallowest first."""
+    return sorted((r for r in tree.files if r.rsplit("/", 1)[-1] == name), key=lambda r: (r.count("/"), r))
+
+
+def detect(tree: Tree) -> str:
+    """The dataset a source holds, by its content."""
+    if _find(tree, "data_batch_1"):
+        return "cifar10"
+    if any(_find(tree, n) for n in ("train", "meta")) and all(_find(tree, n) for n in CIFAR100_FILES):
+        return "cifar100"
+    if _find(tree, "train_32x32.mat"):
+        return "svhn"
+    if image_root(tree) is not None:
+        return "folder"
+    raise DataError(f"{tree.origin}: not a dataset fastcifar reads (found none of cifar-10-batches-py/data_batch_1, "
+                    "cifar-100-python/{train,test,meta}, train_32x32.mat + test_32x32.mat, or train/<class>/ and "
+                    "test/<class>/ image folders)")
+
+
+def read_dataset(tree: Tree, options: ReadOptions = ReadOptions()) -> Dataset:
+    """Read the source as options.dataset (decided by content when "auto")."""
+    dataset = detect(tree) if options.dataset == "auto" else options.dataset
+    if dataset == "cifar10":
+        paths = _find(tree, "data_batch_1")
+        if not paths:
+            raise DataError(f"{tree.origin}: --dataset cifar10 needs cifar-10-batches-py/data_batch_1 (not found)")
+        return read_cifar_python(tree, paths[0][: -len("data_batch_1")])
+    if dataset == "cifar100":
+        return read_cifar100(tree, options.labels)
+    if dataset == "svhn":
+        return _read_svhn(tree, options.extra)
+    root = image_root(tree)
     if root is None:
-        raise DataError(
-            f"{tree.origin}: not a CIFAR-10 source (found neither cifar-10-batches-py/data_batch_1 "
-            "nor train/<class>/ and test/<class>/ image folders)"
-        )
-    return read_image_folder(tree, root)
+        raise DataError(f"{tree.origin}: --dataset folder needs train/<class>/ and test/<class>/ image folders")
+    classes, train_x, train_y, test_x, test_y, notes = read_image_folder(tree, root, options.size)
+    return Dataset("image-folder", classes, train_x, train_y, test_x, test_y, notes=notes)
 
 
 # --- official python batches -------------------------------------------------------------------------------------
@@ -68,7 +110,7 @@ def read_cifar_python(tree: Tree, prefix: str) -> Dataset:
             f"{tree.where(prefix.rstrip('/'))}: cifar-10-batches-py is missing {', '.join(missing)} "
             f"(expected {', '.join(CIFAR_FILES)})"
         )
-    classes = _read_label_names(tree, prefix + "batches.meta")
+    classes = _read_names(tree, prefix + "batches.meta", "label_names")
     train = [_read_batch(tree, prefix + n, len(classes)) for n in CIFAR_TRAIN_BATCHES]
     test = _read_batch(tree, prefix + "test_batch", len(classes))
     return Dataset(
@@ -81,25 +123,26 @@ def read_cifar_python(tree: Tree, prefix: str) -> Dataset:
     )
 
 
-def _read_label_names(tree: Tree, rel: str) -> list[str]:
+def _read_names(tree: Tree, rel: str, key: str) -> list[str]:
     where = tree.where(rel)
     meta = safe_loads(tree.read(rel), where)
-    names = _get(meta, "label_names") if isinstance(meta, dict) else None
+    names = _get(meta, key) if isinstance(meta, dict) else None
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, (bytes, str)) for n in names):
-        raise DataError(f"{where}: wrong structure (expected a dict with a non-empty list 'label_names')")
+        raise DataError(f"{where}: wrong structure (expected a dict with a non-empty list '{key}')")
     out = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
     if len(set(out)) != len(out):
-        raise DataError(f"{where}: duplicate class names in label_names")
+        raise DataError(f"{where}: duplicate class names in {key}")
     return out
 
 
-def _read_batch(tree: Tree, rel: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """One batch -> (NHWC uint8 images, int64 labels)."""
+def _read_batch(tree: Tree, rel: str, num_classes: int, key: str = "labels") -> tuple[np.ndarray, np.ndarray]:
+    """One batch -> (NHWC uint8 images, int64 labels); `key`: the labels' name (CIFAR-100: fine_labels, ...)."""
     where = tree.where(rel)
     batch = safe_loads(tree.read(rel), where)
     if not isinstance(batch, dict):
-        raise DataError(f"{where}: wrong structure (expected a dict with 'data' and 'labels', got {type(batch).__name__})")
-    data, labels = _get(batch, "data"), _get(batch, "labels")
+        raise DataError(f"{where}: wrong structure (expected a dict with 'data' and '{key}', got "
+                        f"{type(batch).__name__})")
+    data, labels = _get(batch, "data"), _get(batch, key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{where}: wrong shapes (expected 'data' uint8 (N, 3072), got {got})")
@@ -110,7 +153,7 @@ def _read_batch(tree: Tree, rel: str, num_classes: int) -> tuple[np.ndarray, np.
     y = np.asarray(labels) if flat else np.asarray([])
     if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(data):
         raise DataError(
-            f"{where}: wrong shapes (expected 'labels' as {len(data)} ints, got {y.dtype} of shape {y.shape})"
+            f"{where}: wrong shapes (expected '{key}' as {len(data)} ints, got {y.dtype} of shape {y.shape})"
         )
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
         raise DataError(f"{where}: label out of range [0, {num_classes}) (min {y.min()}, max {y.max()})")
@@ -119,140 +162,33 @@ def _read_batch(tree: Tree, rel: str, num_classes: int) -> tuple[np.ndarray, np.
     return images, y.astype(np.int64)
 
 
-# --- image folders -----------------------------------------------------------------------------------------------
+# --- CIFAR-100 -----------------------------------------------------------------------------------------------------
 
 
-def _image_root(tree: Tree) -> str | None:
-    """'' if train/ and test/ sit at the top, 'top/' if under one top-level folder, None if neither."""
-    entries = [*tree.files, *tree.dirs]
-    tops = {e.split("/", 1)[0] for e in entries}
-    if tops & set(SPLITS):
-        return ""
-    if len(tops) == 1:
-        top = next(iter(tops))
-        if any(e.split("/")[1:2] and e.split("/")[1] in SPLITS for e in entries):
-            return top + "/"
-    return None
+def read_cifar100(tree: Tree, labels: str = "fine") -> Dataset:
+    """cifar-100-python/{train,test,meta}: 'data' (N, 3072) uint8 rows, 'fine_labels' / 'coarse_labels', and
+    'fine_label_names' / 'coarse_label_names' in meta."""
+    if labels not in ("fine", "coarse"):
+        raise DataError(f"--labels: must be fine or coarse, got {labels!r}")
+    found = {n: _find(tree, n) for n in CIFAR100_FILES}
+    missing = [n for n, paths in found.items() if not paths]
+    if missing:
+        raise DataError(f"{tree.origin}: cifar-100-python is missing {', '.join(missing)} (expected train, test, "
+                        "meta)")
+    classes = _read_names(tree, found["meta"][0], f"{labels}_label_names")
+    key = f"{labels}_labels"
+    train = _read_batch(tree, found["train"][0], len(classes), key)
+    test = _read_batch(tree, found["test"][0], len(classes), key)
+    return Dataset("cifar100-python", classes, *train, *test)
 
 
-def _collect(tree: Tree, root: str) -> dict[str, dict[str, list[str]]]:
-    """split -> class -> sorted image paths. Class folders come from dir entries and from any path beneath them."""
-    groups: dict[str, dict[str, list[str]]] = {}
-    for entry in [*tree.dirs, *tree.files]:
-        if not entry.startswith(root):
-            continue
-        parts = entry[len(root) :].split("/")
-        if parts[0] in SPLITS:
-            split = groups.setdefault(parts[0], {})
-            # A loose file directly under train/ is not a class; anything deeper implies a class folder.
-            if len(parts) >= 3 or (len(parts) == 2 and entry in tree.dirs):
-                files = split.setdefault(parts[1], [])
-                if len(parts) == 3 and entry in tree.files and parts[2].lower().endswith(IMAGE_EXTS):
-                    files.append(entry)
-    for split in groups.values():
-        for files in split.values():
-            files.sort()
-    return groups
-
-
-def read_image_folder(tree: Tree, root: str) -> Dataset:
-    groups = _collect(tree, root)
-    for s in SPLITS:
-        if not groups.get(s):
-            raise DataError(
-                f"{tree.where(root + s)}: missing {s}/ folder with class subfolders "
-                "(expected train/<class>/*.png|jpg and test/<class>/*.png|jpg)"
-            )
-    classes = sorted(groups["train"])
-    if set(groups["test"]) != set(classes):
-        only_train = sorted(set(classes) - set(groups["test"]))
-        only_test = sorted(set(groups["test"]) - set(classes))
-        raise DataError(
-            f"{tree.where(root.rstrip('/'))}: train/ and test/ have different classes "
-            f"(only in train: {only_train}, only in test: {only_test})"
-        )
-    for s in SPLITS:
-        for c in classes:
-            if not groups[s][c]:
-                raise DataError(f"{tree.where(f'{root}{s}/{c}')}: empty class folder (no .png/.jpg/.jpeg files)")
-    decoder = _Decoder(tree)
-    arrays = {}
-    for s in SPLITS:
-        paths = [p for c in classes for p in groups[s][c]]
-        labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(groups[s][c]) for c in classes])
-        arrays[s] = (decoder.decode_all(paths), labels)
-    done = decoder.composited
-    notes = [f"{len(done)} images had transparency and were composited onto black (first: {done[0]})"] if done else []
-    return Dataset("image-folder", classes, *arrays["train"], *arrays["test"], notes=notes)
-
-
-class _Decoder:
-    """Decodes images with PIL, enforcing one common size across the whole source."""
-
-    def __init__(self, tree: Tree) -> None:
-        self.tree = tree
-        self.first: str | None = None
-        self.shape: tuple[int, ...] | None = None
-        self.composited: list[str] = []  # images whose transparency was composited onto black (to_rgb)
-
-    def decode_all(self, paths: list[str]) -> np.ndarray:
-        out: np.ndarray | None = None
-        for i, rel in enumerate(paths):
-            img = self.decode(rel)
-            if out is None:  # allocate once the (common) size is known
-                out = np.empty((len(paths), *img.shape), np.uint8)
-            out[i] = img
-        assert out is not None  # callers guarantee non-empty class folders
-        return out
-
-    def decode(self, rel: str) -> np.ndarray:
-        from PIL import Image  # deferred: importing PIL is not free and only image folders need it
-
-        try:
-            # formats=...: only let PIL's PNG/JPEG parsers see untrusted bytes, not every plugin it ships.
-            with Image.open(io.BytesIO(self.tree.read(rel)), formats=["PNG", "JPEG"]) as im:
-                arr, alpha = to_rgb(im)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise DataError(f"{self.tree.where(rel)}: truncated or corrupt image ({one_line(e)})") from None
-        except UnsupportedImage as e:
-            raise DataError(f"{self.tree.where(rel)}: {e}") from None
-        if alpha:
-            self.composited.append(self.tree.where(rel))
-        if self.shape is None:
-            self.first, self.shape = rel, arr.shape
-        elif arr.shape != self.shape:
-            h, w = arr.shape[:2]
-            raise DataError(
-                f"{self.tree.where(rel)}: image is {w}x{h} but {self.tree.where(self.first or '')} is "
-                f"{self.shape[1]}x{self.shape[0]} (all images must have the same size)"
-            )
-        return arr
-
-
-class UnsupportedImage(Exception):
-    """An image mode with no faithful 8-bit RGB conversion."""
-
-
-SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's modes for 16-bit greyscale PNGs
-
-
-def to_rgb(im) -> tuple[np.ndarray, bool]:
-    """uint8 (H, W, 3) of a PIL image and whether it had (non-opaque) transparency.
-
-    16-bit greyscale is scaled to 8 bits (PIL's own convert clips it: everything above 255 turns white), and
-    transparency is composited onto black (alpha-premultiplied; PIL's convert would just drop the alpha,
-    showing whatever colour hides under transparent pixels). 16-bit RGB(A) PNGs open as 8-bit RGB(A) already.
-    """
-    if im.mode in SIXTEEN_BIT:
-        a = np.asarray(im).astype(np.int64)
-        if a.size and (a.min() < 0 or a.max() > 65535):
-            raise UnsupportedImage(f"{im.mode} image with values outside 0..65535; convert it to 8-bit RGB")
-        g = ((a * 255 + 32767) // 65535).astype(np.uint8)
-        return np.repeat(g[..., None], 3, axis=2), False
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
-        rgba = np.asarray(im.convert("RGBA"))
-        alpha = rgba[..., 3:].astype(np.uint32)
-        if alpha.min(initial=255) == 255:
-            return np.ascontiguousarray(rgba[..., :3]), False
-        return ((rgba[..., :3] * alpha + 127) // 255).astype(np.uint8), True
-    return np.asarray(im if im.mode == "RGB" else im.convert("RGB")), False
+def _read_svhn(tree: Tree, extra: bool) -> Dataset:
+    need = ["train_32x32.mat", "test_32x32.mat"] + (["extra_32x32.mat"] if extra else [])
+    paths = {n: _find(tree, n) for n in need}
+    missing = [n for n, p in paths.items() if not p]
+    if missing:
+        raise DataError(f"{tree.origin}: SVHN needs {', '.join(need)} (missing {', '.join(missing)})")
+    files = {n: tree.read(p[0]) for n, p in paths.items()}
+    train_x, train_y, test_x, test_y, classes = read_svhn(files, {n: tree.where(p[0]) for n, p in paths.items()},
+                                                         extra)
+    return Dataset("svhn-mat", classes, train_x, train_y, test_x, test_y)

@@ -17,32 +17,56 @@ from fastcifar.errors import DataError
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
 CACHE_NAME = "cifar-10-python.tar.gz"
+SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+# dataset -> (folder in the cache or "" for the archive itself, [(url, file name, md5), ...]): the publishers' files
+OFFICIAL: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
+    "cifar10": ("", [(OFFICIAL_URL, CACHE_NAME, OFFICIAL_MD5)]),
+    "cifar100": ("", [("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz",
+                       "eb9058c3a382ffc7106e4002c42a8d85")]),
+    "svhn": ("svhn", [(SVHN_URL + "train_32x32.mat", "train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
+                      (SVHN_URL + "test_32x32.mat", "test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3")]),
+}
+SVHN_EXTRA = (SVHN_URL + "extra_32x32.mat", "extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7")
 _CHUNK = 1 << 20
 
 
-def resolve_source(source: str | os.PathLike | None, cache_dir: str | Path) -> Path:
-    """The path to prepare from: `source`, else $FASTCIFAR_SOURCE, else the (cached) official download."""
+def resolve_source(source: str | os.PathLike | None, cache_dir: str | Path, dataset: str = "auto",
+                   extra: bool = False) -> Path:
+    """The path to prepare from: `source`, else $FASTCIFAR_SOURCE, else the (cached) official download of
+    `dataset` (auto: CIFAR-10; SVHN: a folder holding its .mat files; an image folder has none)."""
     if source is not None:
         return _existing(Path(source).expanduser(), "source")
     env = os.environ.get("FASTCIFAR_SOURCE")
     if env:
         return _existing(Path(env).expanduser(), "FASTCIFAR_SOURCE")
-    url = os.environ.get("FASTCIFAR_URL") or OFFICIAL_URL
-    md5 = (os.environ.get("FASTCIFAR_MD5") or OFFICIAL_MD5).lower()
-    dest = Path(cache_dir) / CACHE_NAME
+    name = "cifar10" if dataset == "auto" else dataset
+    if name not in OFFICIAL:
+        raise DataError(f"--dataset {name}: has no official download; pass --source PATH to the images")
+    folder, files = OFFICIAL[name]
+    if name == "cifar10":  # FASTCIFAR_URL / FASTCIFAR_MD5: a mirror of the CIFAR-10 archive
+        files = [(os.environ.get("FASTCIFAR_URL") or OFFICIAL_URL, CACHE_NAME,
+                  (os.environ.get("FASTCIFAR_MD5") or OFFICIAL_MD5).lower())]
+    if name == "svhn" and extra:
+        files = [*files, SVHN_EXTRA]
+    where = Path(cache_dir) / folder if folder else Path(cache_dir)
+    for url, file_name, md5 in files:
+        _cached_or_download(url, where / file_name, md5)
+    return where if folder else where / files[0][1]
+
+
+def _cached_or_download(url: str, dest: Path, md5: str) -> None:
     # A cached copy is reused only if it still matches: a half-written or tampered file is fetched again.
     if dest.is_file() and file_digest(dest, "md5") == md5:
-        return dest
+        return
     if dest.exists() or dest.is_symlink():  # downloads land only after their md5 matched: this one is not ours
-        raise DataError(f"{dest}: exists and is not the archive fastcifar downloads (md5 differs); move it away, "
+        raise DataError(f"{dest}: exists and is not the file fastcifar downloads (md5 differs); move it away, "
                         "or pass --source PATH")
     _download(url, dest, md5)
-    return dest
 
 
 def _existing(path: Path, what: str) -> Path:
     if not path.exists():
-        raise DataError(f"{path}: {what} does not exist (pass --source PATH to a CIFAR-10 archive or folder)")
+        raise DataError(f"{path}: {what} does not exist (pass --source PATH to a dataset archive or folder)")
     return path
 
 
@@ -65,7 +89,7 @@ def _download(url: str, dest: Path, md5: str) -> None:
                 os.fsync(f.fileno())
         except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors; bad URLs are ValueErrors
             raise DataError(
-                f"no CIFAR-10 source: downloading {url} failed ({one_line(e)}); pass --source PATH, "
+                f"no data source: downloading {url} failed ({one_line(e)}); pass --source PATH, "
                 "or set FASTCIFAR_SOURCE=PATH, or allow the download (network access to the URL, or FASTCIFAR_URL)"
             ) from None
         got = h.hexdigest()

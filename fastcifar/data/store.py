@@ -19,7 +19,7 @@ import numpy as np
 
 from fastcifar.atomic import current_umask, fsync_dir, write_json, write_with
 from fastcifar.data.archive import check_regular, one_line, read_tree
-from fastcifar.data.readers import Dataset, read_dataset, wanted
+from fastcifar.data.readers import Dataset, ReadOptions, read_dataset, wanted
 from fastcifar.data.sources import file_digest, source_sha256
 from fastcifar.errors import DataError
 from fastcifar.lifecycle import signals_deferred
@@ -44,7 +44,8 @@ class Store:
 STORE_FILES = frozenset({*(f"{n}.npy" for n in ARRAYS), META, MARKERS["store"]})
 
 
-def prepare_store(source: Path, out: Path, *, force: bool = False, log: Callable[[str], Any] = print) -> dict:
+def prepare_store(source: Path, out: Path, *, force: bool = False, log: Callable[[str], Any] = print,
+                  options: ReadOptions = ReadOptions()) -> dict:
     """Build the store at `out` from `source`; a no-op if `out` already holds a valid store of the same source.
 
     `out` may be new, an empty folder, or a fastcifar store (`force` replaces one of another source); anything
@@ -57,12 +58,13 @@ def prepare_store(source: Path, out: Path, *, force: bool = False, log: Callable
     _check_not_source(source, real_out, out)
     clean_stale_temp_dirs(real_out, log)
     src_hash = source_sha256(source)
-    existing = _existing_store(real_out, out, src_hash, force)
+    src_meta = {"path": str(source), "sha256": src_hash, "options": options.as_dict()}
+    existing = _existing_store(real_out, out, src_meta, force)
     if existing is not None:
         log(f"{out}: up to date (prepared from {source})")
         return existing
     log(f"reading {source}")
-    data = read_dataset(read_tree(source, wanted))
+    data = read_dataset(read_tree(source, wanted), options)
     if len(data.classes) < 2:
         raise DataError(f"{source}: holds {len(data.classes)} class ({', '.join(data.classes)}); a classifier "
                         "needs at least 2")
@@ -72,7 +74,7 @@ def prepare_store(source: Path, out: Path, *, force: bool = False, log: Callable
     tmp = Path(tempfile.mkdtemp(prefix=f".{real_out.name}.tmp-{os.getpid()}-", dir=real_out.parent))
     try:
         write_marker(tmp, "store")  # first: a killed prepare's temp folder is then recognisably ours
-        meta = _write_store(tmp, data, {"path": str(source), "kind": data.kind, "sha256": src_hash})
+        meta = _write_store(tmp, data, {**src_meta, "kind": data.kind})
         with signals_deferred():
             _swap_in(tmp, real_out)
     except BaseException:
@@ -98,8 +100,9 @@ def is_store_dir(path: Path) -> bool:
         all((path / n).is_file() and not (path / n).is_symlink() for n in names)
 
 
-def _existing_store(real_out: Path, out: Path, src_hash: str, force: bool) -> dict | None:
-    """Meta of a valid store of this same source at `out`; None if `out` is free or may be replaced."""
+def _existing_store(real_out: Path, out: Path, src_meta: dict, force: bool) -> dict | None:
+    """Meta of a valid store of this same source (and options) at `out`; None if `out` is free or may be
+    replaced."""
     if not real_out.exists():
         return None
     if not real_out.is_dir():
@@ -114,11 +117,13 @@ def _existing_store(real_out: Path, out: Path, src_hash: str, force: bool) -> di
         meta = verify_store(real_out)
     except DataError:
         meta = None
-    if meta is not None and meta.get("source", {}).get("sha256") == src_hash:
+    source = meta.get("source", {}) if meta is not None else {}
+    same_options = source.get("options", ReadOptions().as_dict()) == src_meta["options"]
+    if source.get("sha256") == src_meta["sha256"] and same_options:
         return meta
     if not force:
-        raise DataError(f"{out}: holds a fastcifar store of another source (or a damaged one); pass --force to "
-                        "replace it")
+        what = "other prepare options" if source.get("sha256") == src_meta["sha256"] else "another source"
+        raise DataError(f"{out}: holds a fastcifar store of {what} (or a damaged one); pass --force to replace it")
     return None
 
 
@@ -144,6 +149,7 @@ def _write_store(tmp: Path, data: Dataset, source_meta: dict) -> dict:
             "test": np.bincount(data.test_labels, minlength=k).tolist(),
         },
         "shapes": {n: list(a.shape) for n, a in arrays.items()},
+        "stats": channel_stats(data.train_images),
         "dtypes": {n: a.dtype.str for n, a in arrays.items()},
         "sha256": sha,
         "source": source_meta,
@@ -177,6 +183,29 @@ def _swap_in(tmp: Path, out: Path) -> None:
     fsync_dir(out.parent)
     if old is not None:  # a checked fastcifar store (is_store_dir), moved aside above
         shutil.rmtree(old, ignore_errors=True)
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> dict[str, list[float]]:
+    """Per-channel mean and std of uint8 (N, H, W, C) images in [0, 1] units (what data.mean / data.std take),
+    accumulated in float64 chunk by chunk (a 50k store never becomes one float array)."""
+    total = np.zeros(images.shape[-1]) if images.ndim == 4 else np.zeros(3)
+    squares, count = total.copy(), 0
+    for start in range(0, len(images), chunk):
+        x = np.asarray(images[start:start + chunk], dtype=np.float64).reshape(-1, images.shape[-1]) / 255.0
+        total += x.sum(0)
+        squares += (x * x).sum(0)
+        count += len(x)
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(squares / max(count, 1) - mean * mean, 0.0))
+    return {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}
+
+
+def store_stats(store: "Store") -> dict[str, list[float]]:
+    """The store's training mean / std: recorded at prepare time, or computed now for a store from before."""
+    stats = store.meta.get("stats")
+    ok = isinstance(stats, dict) and all(isinstance(stats.get(k), list) and len(stats[k]) == 3 and
+                                         all(isinstance(v, (int, float)) for v in stats[k]) for k in ("mean", "std"))
+    return stats if ok else channel_stats(store.train_images)
 
 
 # --- reading ------------------------------------------------------------------------------------------------------

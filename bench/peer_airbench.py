@@ -148,9 +148,8 @@ def _with_epochs(recipe: Recipe, epochs: int) -> Recipe:
 
 def run_ours(recipe: Recipe, store, device: torch.device, console) -> dict[str, float]:
     """One timed run of `recipe` through the trainer's own fold (official split) and a final test evaluation."""
-    from rich.progress import Progress
-
     from fastcifar.evaluate import evaluate
+    from fastcifar.progress import RunProgress
     from fastcifar.splits import make_folds
     from fastcifar.state import TrainState
     from fastcifar.train import Hooks, build_fold, first_stage, fit
@@ -166,7 +165,7 @@ def run_ours(recipe: Recipe, store, device: torch.device, console) -> dict[str, 
         hooks = Hooks(on_step=lambda e, s: marks.append(("steps_done", clock.mark())) if s == last else None,
                       on_epoch_end=lambda e: marks.append(("epoch_end", clock.mark())))
         marks.append(("start", clock.mark()))
-        with Progress(disable=True) as progress:
+        with RunProgress(console, 1) as progress:
             fit(run, state, hooks, progress)
         t_eval = clock.mark()
         # The final model (not the best-on-test checkpoint), as airbench reports, evaluated the way the trainer

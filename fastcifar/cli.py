@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                          "to --out (default <store>.beton), for train.loader = \"ffcv\"")
 
     tr = sub.add_parser("train", help="train a recipe")
-    tr.add_argument("recipe", help="a TOML recipe, e.g. recipes/quickstart.toml")
+    tr.add_argument("recipe", help="a TOML recipe file, or a built-in recipe's name (fastcifar recipes)")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a recipe value (type-checked); repeatable")
     tr.add_argument("--out", help="run directory: new, empty, or a fastcifar run (default runs/<recipe name>)")
@@ -68,8 +68,16 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default="report.md", help="comparison file when several runs are given "
                                                        "(default ./report.md; one run writes RUN/report.md)")
 
+    ex = sub.add_parser("export", help="a checkpoint as ONNX or TorchScript, its evaluation built in")
+    ex.add_argument("checkpoint", help="e.g. runs/quickstart/checkpoints/best.pt")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    ex.add_argument("--out", help="output file (default: beside the checkpoint, best.onnx / best.torchscript.pt)")
+    ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+
+    sub.add_parser("recipes", help="list the built-in recipes (usable by name: fastcifar train quickstart)")
+
     pd = sub.add_parser("predict", help="top-k classes of image files (PNG/JPEG, any size) under a checkpoint")
-    pd.add_argument("checkpoint", help="e.g. runs/quickstart/checkpoints/best.pt")
+    pd.add_argument("checkpoint", help="e.g. runs/quickstart/checkpoints/best.pt, or a file of fastcifar export")
     pd.add_argument("images", nargs="+", metavar="IMAGE")
     pd.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     pd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -157,6 +165,25 @@ def _predict(args, console) -> None:
     print_predictions(results, console)
 
 
+def _export(args, console) -> None:
+    from fastcifar.export import export
+
+    export(args.checkpoint, args.format, args.out, args.opset, log=console.print)
+
+
+def _recipes(args, console) -> None:
+    from rich.table import Table
+
+    from fastcifar.recipe import builtin_recipes, recipe_summary
+
+    table = Table(title="built-in recipes: fastcifar train NAME")
+    table.add_column("name")
+    table.add_column("what")
+    for name, text in builtin_recipes().items():
+        table.add_row(name, recipe_summary(text))
+    console.print(table)
+
+
 def _bench(args, console) -> None:
     from fastcifar.bench.command import run_bench
 
@@ -185,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         {"prepare": _prepare, "train": _train, "sweep": _sweep, "eval": _eval, "report": _report,
-         "predict": _predict, "bench": _bench}[args.command](args, console)
+         "predict": _predict, "export": _export, "recipes": _recipes, "bench": _bench}[args.command](args, console)
     except FastCifarError as e:
         print(f"fastcifar: error: {error_line(str(e))}", file=sys.stderr)
         return e.exit_code

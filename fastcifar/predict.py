@@ -15,6 +15,7 @@ from fastcifar.device import resolve_device
 from fastcifar.engine import tta_logits
 from fastcifar.errors import DataError, FastCifarError, first_line
 from fastcifar.evaluate import load_trained_model
+from fastcifar.export import looks_exported, read_export, run_exported
 
 BATCH = 256  # images per forward pass: bounds memory when many files (or augment.resize = 224) are given
 
@@ -56,11 +57,20 @@ def predict(checkpoint: Path, images: list[Path], top_k: int = 3, device_name: s
         raise FastCifarError(f"--top-k: must be >= 1, got {top_k}")
     if not images:
         raise DataError("no image files given")
+    if looks_exported(Path(checkpoint)):  # an ONNX / TorchScript file from `fastcifar export`
+        probs, classes = _exported_probs(Path(checkpoint), images)
+    else:
+        probs, classes = _checkpoint_probs(Path(checkpoint), images, device_name)
+    top_p, top_i = probs.topk(min(top_k, len(classes)), dim=1)
+    return [{"image": str(path), "top": [(classes[i], float(p)) for p, i in zip(ps.tolist(), idx.tolist())]}
+            for path, ps, idx in zip(images, top_p, top_i)]
+
+
+def _checkpoint_probs(checkpoint: Path, images: list[Path], device_name: str) -> tuple[torch.Tensor, list[str]]:
     device = resolve_device(device_name)
     model, recipe, classes, image_size = load_trained_model(checkpoint, device)
     # Every file is read before the model runs, so a bad one fails the command before any output.
     pixels = torch.stack([read_image(p, image_size) for p in images])
-    k = min(top_k, len(classes))
     probs = []
     # fp32, no autocast: a handful of images costs nothing, and the probabilities are then reproducible.
     with torch.no_grad():
@@ -68,9 +78,15 @@ def predict(checkpoint: Path, images: list[Path], top_k: int = 3, device_name: s
             x = preprocess(pixels[start:start + BATCH].to(device), recipe)
             # the recipe's test-time augmentation (eval.tta), as validation and `fastcifar eval` apply it
             probs.append(torch.softmax(tta_logits(model, x, recipe.eval.tta), dim=1).cpu())
-    top_p, top_i = torch.cat(probs).topk(k, dim=1)
-    return [{"image": str(path), "top": [(classes[i], float(p)) for p, i in zip(ps.tolist(), idx.tolist())]}
-            for path, ps, idx in zip(images, top_p, top_i)]
+    return torch.cat(probs), classes
+
+
+def _exported_probs(path: Path, images: list[Path]) -> tuple[torch.Tensor, list[str]]:
+    """The export has normalisation and TTA inside: it takes the uint8 NHWC pixels as they are read."""
+    meta = read_export(path)
+    nhwc = torch.stack([read_image(p, int(meta["image_size"])) for p in images]).permute(0, 2, 3, 1).numpy()
+    logits = [torch.from_numpy(run_exported(path, nhwc[s:s + BATCH])) for s in range(0, len(nhwc), BATCH)]
+    return torch.softmax(torch.cat(logits).float(), dim=1), [str(c) for c in meta["classes"]]
 
 
 def print_predictions(results: list[dict[str, Any]], console) -> None:

@@ -26,6 +26,7 @@ from fastcifar.models import build_model, create_model
 from fastcifar.ownership import check_own_dir, legacy_run
 from fastcifar.recipe import Recipe, load_recipe, recipe_diff
 from fastcifar.splits import make_folds, take_per_class
+from fastcifar.tblog import check_tensorboard
 
 # Keys that may differ when a run is resumed: where it runs does not change what it computes.
 RESUMABLE_DIFFS = {"train.device", "train.threads"}
@@ -50,6 +51,7 @@ def check_inputs(recipe: Recipe, run_dir: Path | None = None, resume: bool = Fal
     store = open_store(Path(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
     recipe = resolve_stats(recipe, store)
     check_loader(recipe)  # a missing DALI / FFCV extra, or an augment section the loader cannot express
+    check_tensorboard(recipe)
     if len(store.classes) < 2:
         raise DataError(f"data.store: {store.path} holds {len(store.classes)} class; a classifier needs at least 2")
     check_model(recipe, store, device or torch.device("cpu"))

@@ -7,6 +7,7 @@ type, and every section's invariants in `validate()`. All errors are RecipeError
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import re
 import sys
@@ -85,16 +86,16 @@ class SplitCfg:
 
 @dataclass(frozen=True)
 class ModelCfg:
-    name: str = "cnn_bn"
+    name: str = "cnn_bn"  # a registered model, or "timm:<name>" for any timm model (extra [timm])
     width: int = 0  # 0 = the model's default width
     dropout: float = 0.0
     pretrained: str = ""  # a local state-dict file; weights are never downloaded
 
     def validate(self) -> None:
-        from fastcifar.models import model_names  # late: keeps recipe loading light
+        from fastcifar.models import known_model, model_names  # late: keeps recipe loading light
 
-        _check(self.name in model_names(), "model.name",
-               f"unknown model '{self.name}' (choose from {', '.join(model_names())})")
+        _check(known_model(self.name), "model.name",
+               f"unknown model '{self.name}' (choose from {', '.join(model_names())}, or timm:<name>)")
         _check(self.width >= 0, "model.width", f"must be >= 0, got {self.width}")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
 
@@ -228,6 +229,10 @@ class TrainCfg:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip that step
     max_skipped_steps: int = 100  # skip mode gives up after this many skipped steps in one fold
     oom_retry: bool = False  # on out-of-memory, retry the batch as 2, 4, ... micro-batches (same effective batch)
+    # Where the metrics go: metrics.csv is always written (the report reads it); "tensorboard" adds one event
+    # folder per fold (FOLD/tensorboard; extra [tensorboard]), step-level every log_every steps.
+    log: tuple[Literal["csv", "tensorboard"], ...] = ("csv",)
+    log_every: int = 50  # steps between step-level TensorBoard points (each costs one read of the device)
     # -- input pipeline --------------------------------------------------------------------------------------
     loader: Literal["device", "torchvision", "dali", "ffcv"] = "device"  # device: resident store + batched aug
     workers: int = 4  # DataLoader worker processes (loader = "torchvision" only)
@@ -251,6 +256,7 @@ class TrainCfg:
         _check(0 <= self.threads <= 4096, "train.threads", f"must be in [0, 4096], got {self.threads}")
         _check(self.max_skipped_steps >= 1, "train.max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")
         _check(0 <= self.workers <= 1024, "train.workers", f"must be in [0, 1024], got {self.workers}")
+        _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
 
 
@@ -297,6 +303,14 @@ class Recipe:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {len(typing.get_args(tp))} numbers"
+    return getattr(tp, "__name__", str(tp))
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` (parsed TOML) against annotation `tp`; return it in the field's Python type."""
     origin = typing.get_origin(tp)
@@ -310,7 +324,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except RecipeError:
                 pass
-        raise RecipeError(f"{key}: expected {tp}, got {_short(value)}")
+        raise RecipeError(f"{key}: expected {' or '.join(map(_describe, typing.get_args(tp)))}, got {_short(value)}")
+    if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):  # a list of any length
+        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {_short(value)}")
+        return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         args = typing.get_args(tp)
         _check(isinstance(value, (list, tuple)) and len(value) == len(args), key,
@@ -385,12 +402,30 @@ def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, An
     return out
 
 
+def builtin_recipes() -> dict[str, str]:
+    """name -> TOML text of the recipes installed with fastcifar (the package fastcifar.recipes)."""
+    folder = importlib.resources.files("fastcifar.recipes")
+    return {p.name[:-len(".toml")]: p.read_text(encoding="utf-8") for p in sorted(folder.iterdir(), key=str)
+            if p.name.endswith(".toml")}
+
+
+def recipe_summary(text: str) -> str:
+    """A recipe's first comment line: what it is, in one line."""
+    return next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """A recipe file, or a built-in recipe by name ("quickstart" or "quickstart.toml") when no such file exists."""
     path = Path(path)
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
+        if not path.exists() and path.parent == Path(".") and path.name.removesuffix(".toml") in builtin_recipes():
+            text = builtin_recipes()[path.name.removesuffix(".toml")]
+        else:
+            text = path.read_text(encoding="utf-8")
+        table = tomllib.loads(text)
     except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found") from None
+        raise RecipeError(f"{path}: recipe file not found (built-in recipes: {', '.join(builtin_recipes())})") \
+            from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: not valid TOML ({e})") from None
     except RecursionError:  # tomllib recurses once per nesting level of arrays / inline tables

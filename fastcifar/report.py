@@ -349,13 +349,31 @@ def _figures_section(run: Run) -> list[str]:
     return (["## Figures", ""] + out) if out else []
 
 
+def _headline_line(run: Run) -> list[str]:
+    """What a reader came for, first: the accuracy, mean ± std over the folds."""
+    accs = [headline(f.result)["accuracy"] for f in run.folds]
+    mean, std = mean_std(accs)
+    split = split_of(run.folds[0].result)
+    spread = f" ± {fmt(std, 'pct')} over {len(accs)} folds" if len(accs) > 1 else ""
+    return [f"**{split} accuracy: {fmt(mean, 'pct')}{spread}**", ""]
+
+
+def _collapsed(section: list[str]) -> list[str]:
+    """A section folded away under its title (GitHub and most viewers render <details>)."""
+    title = section[0].lstrip("# ")
+    return ["<details>", f"<summary>{title}</summary>", "", *section[1:], "</details>", ""]
+
+
 def render_report(run: Run) -> str:
-    lines = [f"# {run.name}", "", f"Run directory: `{run.dir}`", ""]
-    for section in (_env_section, _recipe_section, _timing_section, _metrics_section, _per_class_section):
-        lines += section(run)
+    """The headline accuracy first; environment and resolved recipe folded away under it; then timing and the
+    results (metric table, folds, curves and confusion matrices, per-class metrics). Everything that differs
+    between two runs of the same numbers (paths, environment, times) stays above "## Final metrics"."""
+    lines = [f"# {run.name}", "", *_headline_line(run), f"Run directory: `{run.dir}`", ""]
+    lines += _collapsed(_env_section(run)) + _collapsed(_recipe_section(run)) + _timing_section(run)
+    lines += _metrics_section(run)
     if len(run.folds) > 1:
         lines += _kfold_section(run)
-    lines += _figures_section(run)
+    lines += _figures_section(run) + _per_class_section(run)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

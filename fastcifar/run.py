@@ -15,9 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from rich.text import Text
 
 from fastcifar.atomic import write_json, write_text
 from fastcifar.artifacts import FIGURES
@@ -26,6 +24,7 @@ from fastcifar.errors import first_line
 from fastcifar.lifecycle import GracefulStop, RunLock
 from fastcifar.ownership import remove_atomic_temps, write_marker
 from fastcifar.preflight import check_inputs, check_run_dir, data_identity
+from fastcifar.progress import RunProgress
 from fastcifar.recipe import Recipe, recipe_to_toml
 from fastcifar.report import write_report
 from fastcifar.splits import make_folds
@@ -87,11 +86,6 @@ def _folds_table(summary: dict[str, Any], console) -> str:
     return "\n".join(lines) + "\n"
 
 
-class RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:,.0f} img/s" if task.speed else "-- img/s")
-
-
 def configure_runtime(recipe: Recipe) -> None:
     """Process-wide switches a recipe asks for; set here, at run start, never at import."""
     if recipe.train.threads:
@@ -116,21 +110,20 @@ def train_folds(recipe: Recipe, store, run_dir: Path, device: torch.device, cons
     folds = make_folds(len(store.train_labels), labels, recipe.split)
     if recipe.split.kind == "kfold" and recipe.split.fold >= 0:
         folds = [folds[recipe.split.fold]]
-    results = []
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        RateColumn(), TimeElapsedColumn(), console=console, transient=True,
-                        disable=not console.is_terminal)
-    with progress:
-        for fold in strategy.folds(folds):
-            fold_dir = run_dir / f"fold{fold.index}" if recipe.split.kind == "kfold" else run_dir
-            done = fold_dir / "result.json"
-            if resuming and done.exists():
-                results.append(json.loads(done.read_text()))
-                console.print(f"fold {fold.index}: finished earlier, kept ({done})")
-                continue
+    results, todo = [], []
+    for fold in strategy.folds(folds):
+        fold_dir = run_dir / f"fold{fold.index}" if recipe.split.kind == "kfold" else run_dir
+        done = fold_dir / "result.json"
+        if resuming and done.exists():
+            results.append(json.loads(done.read_text()))
+            console.print(f"fold {fold.index}: finished earlier, kept ({done})")
+        else:
+            todo.append((fold, fold_dir))
+    with RunProgress(console, len(todo)) as progress:
+        for fold, fold_dir in todo:
             results.append(train_one_fold(recipe, store, fold, fold_dir, device, console, resuming, hooks,
                                           progress, stop, strategy))
-    return results
+    return sorted(results, key=lambda r: r["fold"])
 
 
 def run_training(recipe: Recipe, run_dir: Path, console, *, resume: bool = False,

@@ -16,7 +16,7 @@ import csv
 import io
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,10 +36,12 @@ from fastcifar.metrics import compute_metrics
 from fastcifar.models import build_model, init_from_data
 from fastcifar.recipe import Recipe
 from fastcifar.splits import Fold
+from fastcifar.progress import RunProgress
 from fastcifar.state import EarlyStopping, TrainState
 from fastcifar.step import (EpochTotals, NonFiniteError, NonFiniteStep, StepRunner, build_step, make_scaler,
                             set_trainable)
 from fastcifar.strategy import Solo
+from fastcifar.tblog import FoldLog
 
 CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "img_per_s",
               "skipped_steps"]
@@ -72,6 +74,7 @@ class FoldRun:
     scaler: torch.amp.GradScaler | None
     step: StepRunner | None = None
     partial: EpochTotals | None = None  # the interrupted epoch's totals, after a mid-epoch resume
+    tb: FoldLog = field(default_factory=lambda: FoldLog(Path(), None, False))  # TensorBoard; off by default
     warmup_left: int = 0  # steps still timed as warm-up (engine.StepClock)
 
     @property
@@ -187,8 +190,10 @@ def resume_fold(run: FoldRun) -> TrainState | None:
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def fit(run: FoldRun, state: TrainState, hooks: Hooks, progress, stop=None) -> None:
+def fit(run: FoldRun, state: TrainState, hooks: Hooks, progress: RunProgress, stop=None) -> None:
     tr, early = run.recipe.train, EarlyStopping(run.recipe.eval.metric, run.recipe.train.early_stopping_patience)
+    steps = len(run.data.train)
+    progress.start_fold(run.fold.index, tr.epochs, state.epoch, steps, run.data.train.position)
     while state.epoch < tr.epochs and not state.stopped_early:
         epoch = state.epoch
         if state.stage == 1 and epoch >= run.recipe.finetune.head_epochs:
@@ -198,6 +203,7 @@ def fit(run: FoldRun, state: TrainState, hooks: Hooks, progress, stop=None) -> N
         totals = run.strategy.reduce(train_epoch(run, state, epoch, hooks, progress, stop))
         row = run.strategy.agree(validate(run, epoch, totals))
         end_epoch(run, state, early, row)
+        run.tb.epoch((epoch + 1) * steps, row)
         run.say(f"fold {run.fold.index} epoch {row['epoch']:>3}/{tr.epochs}  train loss {row['train_loss']:.4f} "
                 f"acc {row['train_acc']:.2%}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  "
                 f"lr {row['lr']:.3g}  {row['epoch_time_s']:.1f}s  {row['img_per_s']:,.0f} img/s"
@@ -209,14 +215,14 @@ def fit(run: FoldRun, state: TrainState, hooks: Hooks, progress, stop=None) -> N
                     f"{tr.early_stopping_patience} epochs (best epoch {state.best_epoch})")
 
 
-def train_epoch(run: FoldRun, state: TrainState, epoch: int, hooks: Hooks, progress, stop) -> EpochTotals:
+def train_epoch(run: FoldRun, state: TrainState, epoch: int, hooks: Hooks, progress: RunProgress,
+                stop) -> EpochTotals:
     """Train until the epoch ends, or until a signal asks to stop (then checkpoint mid-epoch and raise)."""
     totals = run.partial or EpochTotals.zeros(run.device, run.step.optimizer.param_groups[0]["lr"])
     run.partial = None
     loader = run.data.train
     run.model.train()
-    task = progress.add_task(f"epoch {epoch + 1}/{run.recipe.train.epochs}", total=loader.num_images,
-                             completed=loader.position * loader.batch_size)
+    progress.start_epoch(epoch, run.recipe.train.epochs, loader.num_images, loader.position * loader.batch_size)
     clock = StepClock(run.warmup_left, lambda: sync(run.device))
     clock.start()
     try:
@@ -224,7 +230,8 @@ def train_epoch(run: FoldRun, state: TrainState, epoch: int, hooks: Hooks, progr
             step, seen = loader.position - 1, totals.seen
             run.step.step(x, y, totals, step)
             clock.step_done(totals.seen - seen)
-            progress.advance(task, len(y))
+            progress.step(loader.position, len(y))
+            run.tb.step(epoch * len(loader) + step, totals, run.step.optimizer.param_groups[0]["lr"])
             if hooks.on_step:
                 hooks.on_step(epoch, step)
             if stop is not None and stop.requested:
@@ -236,7 +243,7 @@ def train_epoch(run: FoldRun, state: TrainState, epoch: int, hooks: Hooks, progr
     except NonFiniteStep as e:
         raise _non_finite(run, state, e, epoch) from None
     finally:
-        progress.remove_task(task)
+        progress.end_epoch()
     _book_time(run, state, totals, clock)
     return totals
 
@@ -337,6 +344,7 @@ def finish_fold(run: FoldRun, state: TrainState) -> dict[str, Any]:
     write_json(run.dir / "result.json", result)  # before the figures: a figure can never cost the result
     if run.recipe.eval.figures:
         _figures(run, state, result, final, final_loader, plain)
+    run.tb.finish(run.recipe, result, run.dir)
     return result
 
 
@@ -355,9 +363,14 @@ def _figures(run: FoldRun, state: TrainState, result: dict[str, Any], final, loa
 
 
 def train_one_fold(recipe: Recipe, store, fold: Fold, fold_dir: Path, device: torch.device, console,
-                   resuming: bool, hooks: Hooks, progress, stop, strategy: Solo) -> dict[str, Any]:
+                   resuming: bool, hooks: Hooks, progress: RunProgress, stop, strategy: Solo) -> dict[str, Any]:
     """One fold from its parts to its result (the run driver calls this for each of its folds)."""
     run = build_fold(recipe, store, fold, fold_dir, device, console, strategy)
     state = (resume_fold(run) if resuming else None) or TrainState(stage=first_stage(recipe))
-    fit(run, state, hooks, progress, stop)
-    return strategy.finish_fold(lambda: finish_fold(run, state), fold.index)
+    steps_done = state.epoch * len(run.data.train) + run.data.train.position
+    run.tb = FoldLog(fold_dir, recipe, strategy.writes_fold, purge_step=FoldLog.purge_after(steps_done))
+    try:
+        fit(run, state, hooks, progress, stop)
+        return strategy.finish_fold(lambda: finish_fold(run, state), fold.index)
+    finally:
+        run.tb.close()

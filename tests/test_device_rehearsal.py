@@ -5,38 +5,14 @@ environment block, and that nothing the call needed was written anywhere else.""
 
 import json
 import os
-import shutil
-import site
 import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
+from boxes import box_python, tree_copy
 from synth import make_archive, make_image_folder
 
-REPO = Path(__file__).resolve().parents[1]
 # What the call may leave in the tree: the store it prepares, build and cache output (none of it is a result).
 BYPRODUCTS = ("data/cifar10-suite/", "fastcifar.egg-info/", "build/", ".pytest_cache/")
-
-
-def _tree_copy(dest: Path) -> None:
-    """Tracked files plus untracked ones git does not ignore, as the device tool copies a working tree."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-
-
-def _box_python(venv: Path) -> Path:
-    """A venv that sees this interpreter's packages through a .pth line (torch, pip, setuptools, ...) but not
-    their .pth hooks, so this checkout's editable install stays invisible, as on the box."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    purelib = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
-    (purelib / "box-packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    return venv / "bin" / "python"
 
 
 def _files(root: Path) -> set[str]:
@@ -45,7 +21,7 @@ def _files(root: Path) -> set[str]:
 
 def test_device_call_rehearsal_brings_every_result_back_in_out(tmp_path):
     tree, out = tmp_path / "tree", tmp_path / "out"
-    _tree_copy(tree)
+    tree_copy(tree)
     src = tmp_path / "images"
     make_image_folder(src, 12, 4, "png")  # 10 classes of 32 px, as airbench and speedrun94 need
     (tree / "carry" / "data").mkdir(parents=True)
@@ -53,7 +29,7 @@ def test_device_call_rehearsal_brings_every_result_back_in_out(tmp_path):
     out.mkdir()
     before = _files(tree)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON", "VIRTUAL_ENV"))}
-    env.update(OUT=str(out), BENCH_QUICK="1", PIP_NO_INDEX="1", PYTHON=str(_box_python(tmp_path / "box")),
+    env.update(OUT=str(out), BENCH_QUICK="1", PIP_NO_INDEX="1", PYTHON=str(box_python(tmp_path / "box")),
                OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", "bench/device_suite.sh"], cwd=tree, env=env, capture_output=True, text=True,
                           timeout=420)

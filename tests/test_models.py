@@ -53,7 +53,7 @@ def test_efficientnet_num_classes() -> None:
 
 
 def test_unknown_name() -> None:
-    with pytest.raises(RecipeError, match=r"^model\.name: unknown model 'nope' \(choose from softmax, mlp, .*speedrun_net\)$"):
+    with pytest.raises(RecipeError, match=r"^model\.name: unknown model .nope. \(choose from softmax, mlp, .*speedrun_net, or timm:<name>\)$"):
         create_model("nope")
 
 

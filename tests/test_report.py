@@ -1,6 +1,7 @@
 """report: report.md from hand-written run directories (new, k-fold, old-style), comparisons, errors."""
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -184,3 +185,15 @@ def test_summary_only_and_in_progress_runs(tmp_path):
     (d2 / "metrics.csv").write_text("epoch,img_per_s,epoch_time_s\n1,500,2.5\n2,oops,2.5\n")
     text = write_report(d2).read_text()
     assert text.startswith("# running\n") and _row(text, "0")[1:5] == ["2", "–", "5.0", "500"]
+
+
+def test_results_come_first_and_the_environment_is_collapsed(kfold):
+    text = write_report(kfold).read_text()
+    lines = text.splitlines()
+    assert lines[2] == "**val accuracy: 85.00% ± 5.00% over 3 folds**"  # line 3, before anything else
+    order = [text.index(s) for s in ("<details>\n<summary>Environment</summary>", "<summary>Recipe</summary>",
+                                     "## Timing", "## Final metrics", "## Folds", "## Figures",
+                                     "## Per-class metrics")]
+    assert order == sorted(order)
+    folded = re.sub(r"<details>.*?</details>", "", text[: text.index("## Final metrics")], flags=re.S)
+    assert len(folded.splitlines()) <= 20  # unfolded (3 folds: title, headline, timing table), within a screen

@@ -49,11 +49,12 @@ def add_bench_parser(sub) -> None:
 
 def _check(args) -> None:
     from fastcifar.errors import RecipeError
-    from fastcifar.models import model_names
+    from fastcifar.models import known_model, model_names
 
     for name in args.model or []:
-        if name not in model_names():
-            raise RecipeError(f"--model: unknown model {name!r} (choose from {', '.join(model_names())})")
+        if not known_model(name):
+            raise RecipeError(f"--model: unknown model {name!r} (choose from {', '.join(model_names())}, or "
+                              "timm:<name>)")
     minimum = {"--batch": (args.batch or [], 1), "--repeats": ([args.repeats], 1), "--workers": ([args.workers], 0),
                "--warmup": ([args.warmup], 0),
                "--serve-batch": ([args.serve_batch] if args.serve_batch is not None else [], 1)}

@@ -17,6 +17,7 @@ from ..errors import RecipeError
 from .resnet import efficientnet_b2, load_pretrained, resnet9, resnet18, resnet34, tv_resnet18, tv_resnet34
 from .small import cnn, cnn_bn, mlp, softmax
 from .speedrun import fit_whitening, speedrun_net
+from .timm_models import is_timm, timm_model
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     f.__name__: f for f in (softmax, mlp, cnn, cnn_bn, resnet9, resnet18, resnet34,
@@ -34,16 +35,22 @@ def model_names() -> list[str]:
     return list(MODELS)
 
 
+def known_model(name: str) -> bool:
+    """A registered model, or "timm:<name>" (checked against timm's own list when the model is built)."""
+    return name in MODELS or is_timm(name)
+
+
 def create_model(name: str, *, num_classes: int = 10, image_size: int = 32, width: int = 0,
                  dropout: float = 0.0, pretrained: str = "") -> nn.Module:
     """Build a registered model; `pretrained` is a local state-dict file ("" = random init), never a download."""
-    if name not in MODELS:
-        raise RecipeError(f"model.name: unknown model {name!r} (choose from {', '.join(MODELS)})")
+    if not known_model(name):
+        raise RecipeError(f"model.name: unknown model {name!r} (choose from {', '.join(MODELS)}, or timm:<name>)")
     if width < 0:
         raise RecipeError(f"model.width: must be >= 0 (0 = default), got {width}")
     if not 0.0 <= dropout < 1.0:
         raise RecipeError(f"model.dropout: must be in [0, 1), got {dropout}")
-    model = MODELS[name](num_classes=num_classes, image_size=image_size, width=width, dropout=dropout)
+    size = dict(num_classes=num_classes, image_size=image_size, width=width, dropout=dropout)
+    model = timm_model(name, **size) if is_timm(name) else MODELS[name](**size)
     if pretrained:
         load_pretrained(model, pretrained, name)
     return model

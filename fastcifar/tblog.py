@@ -1,0 +1,95 @@
+"""TensorBoard logging (train.log = [..., "tensorboard"], extra [tensorboard]) through torch.utils.tensorboard.
+
+One event folder per fold, FOLD_DIR/tensorboard, written only by the process that writes the fold. Every scalar
+sits on one step axis, the optimizer step, so a resumed fold opens its writer with purge_step = the step it
+resumes at: TensorBoard then drops what the interrupted process logged after its checkpoint, and the resumed
+run appends without duplicate steps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastcifar.errors import RecipeError
+from fastcifar.recipe import Recipe
+
+MISSING = ('train.log: "tensorboard" needs the tensorboard package, which is not installed: '
+           "pip install 'fastcifar[tensorboard]'")
+
+
+def check_tensorboard(recipe: Recipe) -> None:
+    if "tensorboard" in recipe.train.log and importlib.util.find_spec("tensorboard") is None:
+        raise RecipeError(MISSING)
+
+
+class FoldLog:
+    """TensorBoard writer of one fold; every method is a no-op when TensorBoard is off or this process does not
+    write the fold."""
+
+    def __init__(self, fold_dir: Path, recipe: Recipe | None, enabled: bool, purge_step: int = 0):
+        self.writer, self.every = None, recipe.train.log_every if recipe is not None else 1
+        self._last: tuple[float, int] | None = None  # (loss sum, images) at the last step-level point
+        if enabled and "tensorboard" in recipe.train.log:
+            from torch.utils.tensorboard import SummaryWriter  # an optional extra: imported only when asked for
+
+            self.writer = SummaryWriter(str(fold_dir / "tensorboard"), purge_step=purge_step or None)
+
+    @staticmethod
+    def purge_after(steps_done: int) -> int:
+        """The purge step of a fold resumed after `steps_done` optimizer steps: points are logged at the count of
+        steps done, so everything up to steps_done is the checkpoint's and kept (0: a fresh fold, no purge)."""
+        return steps_done + 1 if steps_done else 0
+
+    def step(self, global_step: int, totals, lr: float) -> None:
+        """Every log_every steps: the mean training loss over those steps (one host read) and the lr."""
+        if self.writer is None or (global_step + 1) % self.every:
+            return
+        loss_sum, seen = float(totals.loss_sum), int(totals.seen)
+        last_sum, last_seen = self._last if self._last and self._last[1] <= seen else (0.0, 0)
+        if seen > last_seen:
+            self.writer.add_scalar("step/train_loss", (loss_sum - last_sum) / (seen - last_seen), global_step + 1)
+        self.writer.add_scalar("step/lr", lr, global_step + 1)
+        self._last = (loss_sum, seen)
+
+    def epoch(self, global_step: int, row: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        self._last = None  # the next epoch's totals start from zero
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "epoch_time_s"):
+            self.writer.add_scalar(f"epoch/{key}", row[key], global_step)
+        self.writer.flush()
+
+    def finish(self, recipe: Recipe, result: dict[str, Any], fold_dir: Path) -> None:
+        """The hyper-parameters with the fold's final metrics (the HParams view), and the report's figures."""
+        if self.writer is None:
+            return
+        metrics = {f"hparam/{k}": float(result[k]) for k in ("val_acc", "val_loss", "test_acc", "test_loss")
+                   if isinstance(result.get(k), (int, float))}
+        self.writer.add_hparams(_flat(recipe.to_dict()), metrics, run_name=".")
+        from PIL import Image  # the figures are PNGs written by fastcifar.figures
+
+        for rel in result.get("figures", []):
+            with Image.open(fold_dir / rel) as im:
+                self.writer.add_image(f"figures/{Path(rel).stem}", np.asarray(im.convert("RGB")),
+                                      dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}; lists become strings (HParams takes scalars only)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(list(v))
+    return out

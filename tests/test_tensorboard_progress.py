@@ -1,0 +1,98 @@
+"""TensorBoard event files read back with TensorBoard's own reader (including a resumed run without duplicate
+steps), and the progress lines a run prints when its output is not a terminal."""
+
+import importlib.util
+import io
+import re
+
+import pytest
+from rich.console import Console
+
+import fastcifar.progress
+from fastcifar.cli import main
+from fastcifar.recipe import recipe_to_toml
+from fastcifar.run import run_training
+from resume import interrupt_at
+
+pytest.importorskip("tensorboard")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+QUIET = Console(quiet=True)
+STEPS = 7  # 240 training images of the tiny store at batch 32, ragged batch dropped
+
+
+def _events(run) -> EventAccumulator:
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def _steps(acc: EventAccumulator, tag: str) -> list[int]:
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_event_files_hold_steps_epochs_hparams_and_figures(tiny, tmp_path):
+    recipe = tiny(train={"epochs": 2, "log": ["csv", "tensorboard"], "log_every": 2}, eval={"figures": True})
+    summary = run_training(recipe, tmp_path / "run", QUIET)
+    acc = _events(tmp_path / "run")
+    tags = acc.Tags()
+    assert _steps(acc, "epoch/val_acc") == [STEPS, 2 * STEPS]
+    assert [e.value for e in acc.Scalars("epoch/val_acc")][-1] == pytest.approx(summary["val_acc_mean"], abs=0.05)
+    assert _steps(acc, "step/train_loss") == [2, 4, 6, 8, 10, 12, 14]  # every 2nd optimizer step, both epochs
+    assert {"epoch/train_loss", "epoch/img_per_s", "step/lr"} <= set(tags["scalars"])
+    assert {"figures/confusion", "figures/curves"} <= set(tags["images"])
+    hparams = acc.PluginTagToContent("hparams")  # the HParams view's session and its final metrics
+    assert "_hparams_/session_start_info" in hparams
+    assert "hparam/test_acc" in tags["scalars"]
+
+
+def test_a_resumed_run_appends_without_duplicate_steps(tiny, tmp_path):
+    recipe = tiny(train={"epochs": 3, "log": ["csv", "tensorboard"], "log_every": 1})
+    run_training(recipe, tmp_path / "full", QUIET)
+    with pytest.raises(KeyboardInterrupt):  # killed in epoch 2, after its step 5: steps 8..13 are logged
+        run_training(recipe, tmp_path / "cut", QUIET, hooks=interrupt_at(1, 5))
+    run_training(recipe, tmp_path / "cut", QUIET, resume=True)  # resumes at the end of epoch 1 (step 7)
+    full, cut = _events(tmp_path / "full"), _events(tmp_path / "cut")
+    for tag in ("step/train_loss", "epoch/val_acc"):
+        assert _steps(cut, tag) == _steps(full, tag)  # purged and re-logged: one point per step
+    assert [e.value for e in cut.Scalars("epoch/val_acc")] == [e.value for e in full.Scalars("epoch/val_acc")]
+
+
+def test_tensorboard_without_the_package_is_one_line_before_the_run(tiny, tmp_path, capsys, monkeypatch):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(recipe_to_toml(tiny(train={"log": ["csv", "tensorboard"]})))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorboard" else real(n, *a))
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "train.log: \"tensorboard\" needs the tensorboard package" in err and "fastcifar[tensorboard]" in err
+    assert not (tmp_path / "run").exists()
+
+
+LINE = re.compile(r"^fold (\d) epoch (\d)/2 step (\d+)/(\d+)  [\d,]+ img/s  ETA epoch (\S+), run (\S+)$")
+
+
+def test_progress_lines_when_output_is_not_a_terminal(tiny, tmp_path, monkeypatch):
+    """Every step prints (interval 0) and a fake clock ticks 1 s per reading, so a step takes 1 s and the ETAs
+    are exact: the steps left in the epoch, and in the run with the second fold included."""
+    import fastcifar.run
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(fastcifar.progress, "LINE_EVERY_S", 0.0)
+    monkeypatch.setattr(fastcifar.run, "RunProgress",
+                        lambda console, folds: fastcifar.progress.RunProgress(console, folds, clock=lambda: next(ticks)))
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    run_training(tiny(split={"kind": "kfold", "k": 2}, train={"epochs": 2}), tmp_path / "run", console)
+    lines = [m.groups() for m in map(LINE.match, out.getvalue().splitlines()) if m]
+    steps = int(lines[0][3])  # 120 training images a fold at batch 32: 3 steps
+    assert len(lines) == 2 * 2 * steps  # folds x epochs x steps
+    for fold, epoch, step, _, eta_epoch, eta_run in lines:
+        done = (int(epoch) - 1) * steps + int(step)  # steps of this fold so far
+        assert _seconds(eta_epoch) == steps - int(step)
+        assert _seconds(eta_run) == 2 * steps - done + (2 * steps if fold == "0" else 0)
+
+
+def _seconds(text: str) -> int:
+    h, m, s = map(int, text.split(":"))
+    return 3600 * h + 60 * m + s

@@ -17,7 +17,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastcifar", description="A high-throughput PyTorch trainer for CIFAR-10 "
                                 "and CIFAR-shaped data: prepare a store, train a recipe, evaluate, report.")
     sub = p.add_subparsers(dest="command", required=True)
+    _prepare_parser(sub)
+    _train_parsers(sub)
+    _result_parsers(sub)
+    from fastcifar.bench.command import add_bench_parser  # `bench` and `bench loader` (fastcifar/bench/)
 
+    add_bench_parser(sub)
+    return p
+
+
+def _prepare_parser(sub) -> None:
     pr = sub.add_parser("prepare", help="convert a dataset (CIFAR-10/100, SVHN, an image folder) into a store")
     pr.add_argument("--source", help="cifar-10-python.tar.gz, cifar-100-python.tar.gz (or their folders), a folder "
                                      "with SVHN's train_32x32.mat + test_32x32.mat, or an image-folder tree/archive "
@@ -39,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="beton: write the prepared store at --source (default data/cifar10) as an FFCV .beton "
                          "to --out (default <store>.beton), for train.loader = \"ffcv\"")
 
+
+def _train_parsers(sub) -> None:
     tr = sub.add_parser("train", help="train a recipe")
     tr.add_argument("recipe", help="a TOML recipe file, or a built-in recipe's name (fastcifar recipes)")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -57,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="change the baseline itself; repeatable")
     sw.add_argument("--out", help="sweep directory (default runs/<recipe name>-sweep)")
+    sub.add_parser("recipes", help="list the built-in recipes (usable by name: fastcifar train quickstart)")
 
+
+def _result_parsers(sub) -> None:
     ev = sub.add_parser("eval", help="test accuracy and per-class table of a checkpoint")
     ev.add_argument("checkpoint")
     ev.add_argument("--data", help="store directory (default: the one in the checkpoint's recipe)")
@@ -74,18 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", help="output file (default: beside the checkpoint, best.onnx / best.torchscript.pt)")
     ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
 
-    sub.add_parser("recipes", help="list the built-in recipes (usable by name: fastcifar train quickstart)")
-
     pd = sub.add_parser("predict", help="top-k classes of image files (PNG/JPEG, any size) under a checkpoint")
     pd.add_argument("checkpoint", help="e.g. runs/quickstart/checkpoints/best.pt, or a file of fastcifar export")
     pd.add_argument("images", nargs="+", metavar="IMAGE")
     pd.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     pd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-
-    from fastcifar.bench.command import add_bench_parser  # `bench` and `bench loader` (fastcifar/bench/)
-
-    add_bench_parser(sub)
-    return p
 
 
 def _prepare(args, console) -> None:

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-import math
 import re
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from fastcifar.errors import RecipeError
+from fastcifar.typed_toml import build, check, short, show_key, toml_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,27 +24,10 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 NAME = re.compile(r"\w[\w.+-]{0,99}")  # one plain path component: runs/<name> never leaves runs/
 SEED_MAX = 2**32 - 1  # train.seed * 1000 + fold must stay a 64-bit generator seed; numpy wants it >= 0
-INT_MAX = 2**63 - 1  # every integer key: torch and numpy take at most 64-bit integers
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _show(name: str) -> str:
-    """A key as typed if it is a plain name, else quoted (keeps a newline in a key from breaking the line)."""
-    return name if re.fullmatch(r"[\w.+\-\[\]]+", name) else repr(name)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """repr of a value for an error line: a 10 MB string is shown by its start, never whole."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise RecipeError(f"{key}: {msg}")
 
 
 @dataclass(frozen=True)
@@ -59,9 +40,9 @@ class DataCfg:
     std: tuple[float, float, float] | Literal["auto"] = "auto"
 
     def validate(self) -> None:
-        _check(self.store != "", "data.store", "must name a prepared store directory")
-        _check(self.train_subset >= 0, "data.train_subset", f"must be >= 0, got {self.train_subset}")
-        _check(self.std == "auto" or all(s > 0 for s in self.std), "data.std",
+        check(self.store != "", "data.store", "must name a prepared store directory")
+        check(self.train_subset >= 0, "data.train_subset", f"must be >= 0, got {self.train_subset}")
+        check(self.std == "auto" or all(s > 0 for s in self.std), "data.std",
                f"every value must be > 0, got {self.std if self.std == 'auto' else list(self.std)}")
 
 
@@ -75,12 +56,12 @@ class SplitCfg:
     seed: int = 0  # the split is a function of this seed only, so every run sees the same folds
 
     def validate(self) -> None:
-        _check(0 <= self.seed <= SEED_MAX, "split.seed", f"must be in [0, {SEED_MAX}], got {self.seed}")
-        _check(0.0 < self.val_fraction < 1.0, "split.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
-        _check(self.k >= 2, "split.k", f"must be >= 2, got {self.k}")
-        _check(-1 <= self.fold < self.k, "split.fold",
+        check(0 <= self.seed <= SEED_MAX, "split.seed", f"must be in [0, {SEED_MAX}], got {self.seed}")
+        check(0.0 < self.val_fraction < 1.0, "split.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        check(self.k >= 2, "split.k", f"must be >= 2, got {self.k}")
+        check(-1 <= self.fold < self.k, "split.fold",
                f"must be in [-1, {self.k - 1}] (-1 = all folds, k = {self.k}), got {self.fold}")
-        _check(self.kind != "official" or self.pool == "train", "split.pool",
+        check(self.kind != "official" or self.pool == "train", "split.pool",
                "must be 'train' when split.kind = 'official' (the official split has a fixed test set)")
 
 
@@ -94,10 +75,10 @@ class ModelCfg:
     def validate(self) -> None:
         from fastcifar.models import known_model, model_names  # late: keeps recipe loading light
 
-        _check(known_model(self.name), "model.name",
+        check(known_model(self.name), "model.name",
                f"unknown model '{self.name}' (choose from {', '.join(model_names())}, or timm:<name>)")
-        _check(self.width >= 0, "model.width", f"must be >= 0, got {self.width}")
-        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        check(self.width >= 0, "model.width", f"must be >= 0, got {self.width}")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
@@ -131,30 +112,30 @@ class AugmentCfg:
     mix_switch_p: float = 0.5  # with both on: probability that a mixed batch uses CutMix rather than MixUp
 
     def validate(self) -> None:
-        _check(0 <= self.crop_padding <= 16, "augment.crop_padding", f"must be in [0, 16], got {self.crop_padding}")
-        _check(0 <= self.translate <= 16, "augment.translate", f"must be in [0, 16], got {self.translate}")
-        _check(0.0 <= self.rotation <= 180.0, "augment.rotation", f"must be in [0, 180], got {self.rotation}")
+        check(0 <= self.crop_padding <= 16, "augment.crop_padding", f"must be in [0, 16], got {self.crop_padding}")
+        check(0 <= self.translate <= 16, "augment.translate", f"must be in [0, 16], got {self.translate}")
+        check(0.0 <= self.rotation <= 180.0, "augment.rotation", f"must be in [0, 180], got {self.rotation}")
         b, c, s, h = self.color_jitter
-        _check(min(b, c, s) >= 0 and 0.0 <= h <= 0.5, "augment.color_jitter",
+        check(min(b, c, s) >= 0 and 0.0 <= h <= 0.5, "augment.color_jitter",
                f"brightness, contrast, saturation must be >= 0 and hue in [0, 0.5], got {[b, c, s, h]}")
-        _check(self.resize == 0 or 8 <= self.resize <= 512, "augment.resize",
+        check(self.resize == 0 or 8 <= self.resize <= 512, "augment.resize",
                f"must be 0 (off) or in [8, 512], got {self.resize}")
-        _check(self.randaugment_num_ops >= 0, "augment.randaugment_num_ops", "must be >= 0")
-        _check(self.randaugment_num_bins >= 2, "augment.randaugment_num_bins", "must be >= 2")
-        _check(0 <= self.randaugment_magnitude < self.randaugment_num_bins, "augment.randaugment_magnitude",
+        check(self.randaugment_num_ops >= 0, "augment.randaugment_num_ops", "must be >= 0")
+        check(self.randaugment_num_bins >= 2, "augment.randaugment_num_bins", "must be >= 2")
+        check(0 <= self.randaugment_magnitude < self.randaugment_num_bins, "augment.randaugment_magnitude",
                f"must be in [0, randaugment_num_bins - 1 = {self.randaugment_num_bins - 1}]")
-        _check(not (self.randaugment and self.trivialaugment), "augment.trivialaugment",
+        check(not (self.randaugment and self.trivialaugment), "augment.trivialaugment",
                "cannot be on together with augment.randaugment (pick one)")
-        _check(0.0 <= self.erasing_p <= 1.0, "augment.erasing_p", f"must be in [0, 1], got {self.erasing_p}")
+        check(0.0 <= self.erasing_p <= 1.0, "augment.erasing_p", f"must be in [0, 1], got {self.erasing_p}")
         lo, hi = self.erasing_scale
-        _check(0.0 < lo <= hi < 1.0, "augment.erasing_scale", f"must satisfy 0 < lo <= hi < 1, got {[lo, hi]}")
+        check(0.0 < lo <= hi < 1.0, "augment.erasing_scale", f"must satisfy 0 < lo <= hi < 1, got {[lo, hi]}")
         lo, hi = self.erasing_ratio
-        _check(0.0 < lo <= hi, "augment.erasing_ratio", f"must satisfy 0 < lo <= hi, got {[lo, hi]}")
-        _check(self.cutout >= 0, "augment.cutout", f"must be >= 0, got {self.cutout}")
-        _check(self.mixup_alpha >= 0, "augment.mixup_alpha", f"must be >= 0, got {self.mixup_alpha}")
-        _check(self.cutmix_alpha >= 0, "augment.cutmix_alpha", f"must be >= 0, got {self.cutmix_alpha}")
-        _check(0.0 <= self.mix_p <= 1.0, "augment.mix_p", f"must be in [0, 1], got {self.mix_p}")
-        _check(0.0 <= self.mix_switch_p <= 1.0, "augment.mix_switch_p", f"must be in [0, 1], got {self.mix_switch_p}")
+        check(0.0 < lo <= hi, "augment.erasing_ratio", f"must satisfy 0 < lo <= hi, got {[lo, hi]}")
+        check(self.cutout >= 0, "augment.cutout", f"must be >= 0, got {self.cutout}")
+        check(self.mixup_alpha >= 0, "augment.mixup_alpha", f"must be >= 0, got {self.mixup_alpha}")
+        check(self.cutmix_alpha >= 0, "augment.cutmix_alpha", f"must be >= 0, got {self.cutmix_alpha}")
+        check(0.0 <= self.mix_p <= 1.0, "augment.mix_p", f"must be in [0, 1], got {self.mix_p}")
+        check(0.0 <= self.mix_switch_p <= 1.0, "augment.mix_switch_p", f"must be in [0, 1], got {self.mix_switch_p}")
 
 
 @dataclass(frozen=True)
@@ -167,11 +148,11 @@ class OptimCfg:
     betas: tuple[float, float] = (0.9, 0.999)
 
     def validate(self) -> None:
-        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
-        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(all(0.0 <= b < 1.0 for b in self.betas), "optim.betas", f"must be in [0, 1), got {list(self.betas)}")
-        _check(not self.nesterov or (self.name == "sgd" and self.momentum > 0), "optim.nesterov",
+        check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(all(0.0 <= b < 1.0 for b in self.betas), "optim.betas", f"must be in [0, 1), got {list(self.betas)}")
+        check(not self.nesterov or (self.name == "sgd" and self.momentum > 0), "optim.nesterov",
                "needs optim.name = 'sgd' and optim.momentum > 0")
 
 
@@ -189,15 +170,15 @@ class ScheduleCfg:
     gamma: float = 0.1
 
     def validate(self) -> None:
-        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
-        _check(self.name != "onecycle" or self.warmup_epochs == 0, "schedule.warmup_epochs",
+        check(self.warmup_epochs >= 0, "schedule.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        check(self.name != "onecycle" or self.warmup_epochs == 0, "schedule.warmup_epochs",
                "must be 0 with onecycle (use schedule.pct_start)")
-        _check(self.max_lr >= 0, "schedule.max_lr", f"must be >= 0, got {self.max_lr}")
-        _check(0.0 < self.pct_start < 1.0, "schedule.pct_start", f"must be in (0, 1), got {self.pct_start}")
-        _check(self.div_factor > 0 and self.final_div_factor > 0, "schedule.div_factor", "factors must be > 0")
-        _check(self.min_lr >= 0, "schedule.min_lr", f"must be >= 0, got {self.min_lr}")
-        _check(self.step_epochs >= 1, "schedule.step_epochs", f"must be >= 1, got {self.step_epochs}")
-        _check(0.0 < self.gamma <= 1.0, "schedule.gamma", f"must be in (0, 1], got {self.gamma}")
+        check(self.max_lr >= 0, "schedule.max_lr", f"must be >= 0, got {self.max_lr}")
+        check(0.0 < self.pct_start < 1.0, "schedule.pct_start", f"must be in (0, 1), got {self.pct_start}")
+        check(self.div_factor > 0 and self.final_div_factor > 0, "schedule.div_factor", "factors must be > 0")
+        check(self.min_lr >= 0, "schedule.min_lr", f"must be >= 0, got {self.min_lr}")
+        check(self.step_epochs >= 1, "schedule.step_epochs", f"must be >= 1, got {self.step_epochs}")
+        check(0.0 < self.gamma <= 1.0, "schedule.gamma", f"must be in (0, 1], got {self.gamma}")
 
 
 @dataclass(frozen=True)
@@ -208,8 +189,8 @@ class FinetuneCfg:
     head_lr: float = 1e-3  # stage 1 learning rate (constant)
 
     def validate(self) -> None:
-        _check(self.head_epochs >= 0, "finetune.head_epochs", f"must be >= 0, got {self.head_epochs}")
-        _check(self.head_lr > 0, "finetune.head_lr", f"must be > 0, got {self.head_lr}")
+        check(self.head_epochs >= 0, "finetune.head_epochs", f"must be >= 0, got {self.head_epochs}")
+        check(self.head_lr > 0, "finetune.head_lr", f"must be > 0, got {self.head_lr}")
 
 
 @dataclass(frozen=True)
@@ -245,19 +226,19 @@ class TrainCfg:
     sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun
 
     def validate(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing",
+        check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing",
                f"must be in [0, 1), got {self.label_smoothing}")
-        _check(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {self.grad_clip}")
-        _check(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
-        _check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
-        _check(0 <= self.seed <= SEED_MAX, "train.seed", f"must be in [0, {SEED_MAX}], got {self.seed}")
-        _check(0 <= self.threads <= 4096, "train.threads", f"must be in [0, 4096], got {self.threads}")
-        _check(self.max_skipped_steps >= 1, "train.max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")
-        _check(0 <= self.workers <= 1024, "train.workers", f"must be in [0, 1024], got {self.workers}")
-        _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
-        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        check(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        check(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
+        check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        check(0 <= self.seed <= SEED_MAX, "train.seed", f"must be in [0, {SEED_MAX}], got {self.seed}")
+        check(0 <= self.threads <= 4096, "train.threads", f"must be in [0, 4096], got {self.threads}")
+        check(self.max_skipped_steps >= 1, "train.max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")
+        check(0 <= self.workers <= 1024, "train.workers", f"must be in [0, 1024], got {self.workers}")
+        check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)
@@ -270,7 +251,7 @@ class EvalCfg:
     # the image and its mirror ("flip"), plus 1-pixel shifts of both ("flip_translate", the speedruns' TTA)
 
     def validate(self) -> None:
-        _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -287,13 +268,13 @@ class Recipe:
     finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
 
     def validate(self) -> None:
-        _check(NAME.fullmatch(self.name) is not None, "name", "must be one plain folder name (letters, digits and "
-               f"_ . + -, not starting with . or -, at most 100 characters), got {_short(self.name)}")
+        check(NAME.fullmatch(self.name) is not None, "name", "must be one plain folder name (letters, digits and "
+               f"_ . + -, not starting with . or -, at most 100 characters), got {short(self.name)}")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()
-        _check(self.finetune.head_epochs < self.train.epochs, "finetune.head_epochs",
+        check(self.finetune.head_epochs < self.train.epochs, "finetune.head_epochs",
                f"must be < train.epochs ({self.train.epochs}) so stage 2 has epochs, got {self.finetune.head_epochs}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -303,70 +284,8 @@ class Recipe:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _describe(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " or ".join(map(repr, typing.get_args(tp)))
-    if typing.get_origin(tp) is tuple:
-        return f"a list of {len(typing.get_args(tp))} numbers"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` (parsed TOML) against annotation `tp`; return it in the field's Python type."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        _check(value in choices, key, f"must be one of {', '.join(map(repr, choices))}, got {_short(value)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except RecipeError:
-                pass
-        raise RecipeError(f"{key}: expected {' or '.join(map(_describe, typing.get_args(tp)))}, got {_short(value)}")
-    if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):  # a list of any length
-        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {_short(value)}")
-        return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is tuple:
-        args = typing.get_args(tp)
-        _check(isinstance(value, (list, tuple)) and len(value) == len(args), key,
-               f"expected a list of {len(args)} numbers, got {_short(value)}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        _check(isinstance(value, bool), key, f"expected true or false, got {_short(value)}")
-        return value
-    if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {_short(value)}")
-        _check(-INT_MAX <= value <= INT_MAX, key, f"must fit in 64 bits, got {_short(value)}")
-        return value
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _check(ok, key, f"expected a number, got {_short(value)}")
-        _check(math.isfinite(value), key, f"must be finite, got {_short(value)}")
-        return float(value)
-    if tp is str:
-        _check(isinstance(value, str), key, f"expected a string, got {_short(value)}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        _check(isinstance(value, dict), key, f"expected a table [{key}], got {_short(value)}")
-        return _build(tp, value, key)
-    raise RecipeError(f"{key}: unsupported field type {tp}")  # a programming error, but keep it one line
-
-
-def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in table.items():
-        key = f"{prefix}.{_show(k)}" if prefix else _show(k)
-        _check(k in names, key, f"unknown key (known keys: {', '.join(sorted(names))})")
-        kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)
-
-
 def recipe_from_dict(table: dict[str, Any]) -> Recipe:
-    recipe = _build(Recipe, table, "")
+    recipe = build(Recipe, table, "")
     recipe.validate()
     return recipe
 
@@ -378,7 +297,7 @@ def _parse_override_value(text: str) -> Any:
     except tomllib.TOMLDecodeError:
         return text
     except RecursionError:  # [[[[...]]]] nested thousands deep
-        raise RecipeError(f"--set {_short(text)}: nested too deeply") from None
+        raise RecipeError(f"--set {short(text)}: nested too deeply") from None
 
 
 def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -394,10 +313,10 @@ def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, An
             out[parts[0]] = _parse_override_value(text.strip())
             continue
         if len(parts) != 2:
-            raise RecipeError(f"{_show(path)}: expected section.key (two levels), got {len(parts)} levels")
+            raise RecipeError(f"{show_key(path)}: expected section.key (two levels), got {len(parts)} levels")
         section = out.setdefault(parts[0], {})
         if not isinstance(section, dict):
-            raise RecipeError(f"{_show(parts[0])}: is not a section")
+            raise RecipeError(f"{show_key(parts[0])}: is not a section")
         section[parts[1]] = _parse_override_value(text.strip())
     return out
 
@@ -439,28 +358,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 # ---------------------------------------------------------------------------------------------- saving
 
 
-def _toml_char(c: str) -> str:
-    """A character inside a TOML basic string: quote, backslash and control characters escaped (a raw newline
-    in a value would make the saved recipe unreadable, and with it the printed resume command)."""
-    if c in '"\\':
-        return "\\" + c
-    if ord(c) < 0x20 or ord(c) == 0x7F:
-        return f"\\u{ord(c):04x}"
-    return c
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + "".join(_toml_char(c) for c in v) + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
 def recipe_to_toml(recipe: Recipe) -> str:
     """The resolved recipe, every key explicit, so a run directory says exactly what ran."""
     lines = []
@@ -469,10 +366,10 @@ def recipe_to_toml(recipe: Recipe) -> str:
         if isinstance(v, dict):
             sections.append((k, v))
         else:
-            lines.append(f"{k} = {_toml_value(v)}")
+            lines.append(f"{k} = {toml_value(v)}")
     for name, table in sections:
         lines.append(f"\n[{name}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in table.items())
     return "\n".join(lines) + "\n"
 
 

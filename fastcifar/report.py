@@ -6,18 +6,13 @@ built anywhere. Keys newer than the oldest run format are optional: a missing va
 
 from __future__ import annotations
 
-import csv
-import json
-import math
-import re
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from fastcifar.atomic import write_text
-from fastcifar.errors import FastCifarError, first_line
 from fastcifar.ownership import MARKERS, MD_MARKER, check_output_file, has_marker, legacy_run, md_ours
+from fastcifar.runfiles import Fold, ReportError, Run, dig, load_run, num  # noqa: F401 - the report API too
 
 DASH = "–"
 FIGURES = ["curves.png", "confusion.png", "samples.png", "predictions.png", "mistakes.png", "gradcam.png"]
@@ -44,140 +39,19 @@ ENV_KEYS = ["python", "platform", "torch", "torchvision", "numpy", "cpu_count", 
             "cuda", "git_commit"]
 
 
-class ReportError(FastCifarError):
-    """A run directory that is missing or empty, or a file in it that cannot be parsed."""
-
-
-@dataclass
-class Fold:
-    index: int
-    dir: Path
-    result: dict[str, Any]
-    rows: list[dict[str, float | None]]  # metrics.csv, one dict per epoch
-
-
-@dataclass
-class Run:
-    dir: Path
-    name: str  # the recipe's name
-    env: dict[str, Any]
-    summary: dict[str, Any]
-    recipe_text: str | None
-    folds: list[Fold]
-    kfold: bool
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def _num(v: Any) -> float | None:
-    """A finite number, else None: JSON from older or damaged runs may hold null, strings or NaN."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    return float(v) if math.isfinite(v) else None
-
-
-def _dig(d: Any, *path: Any) -> Any:
-    """d[path[0]][path[1]]..., or None where any step is missing or of the wrong type."""
-    for key in path:
-        if isinstance(d, dict) and isinstance(key, str):
-            d = d.get(key)
-        elif isinstance(d, list) and isinstance(key, int) and 0 <= key < len(d):
-            d = d[key]
-        else:
-            return None
-    return d
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
-        raise ReportError(f"{path}: corrupt JSON ({first_line(e)[:120]})") from None
-    except RecursionError:
-        raise ReportError(f"{path}: corrupt JSON (nested too deeply)") from None
-    if not isinstance(obj, dict):
-        raise ReportError(f"{path}: corrupt JSON (expected an object, got {type(obj).__name__})")
-    return obj
-
-
-def _read_csv(path: Path) -> list[dict[str, float | None]]:
-    if not path.is_file():
-        return []
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except (csv.Error, ValueError) as e:
-        raise ReportError(f"{path}: corrupt CSV ({e})") from None
-
-    def number(text: Any) -> float | None:
-        try:
-            return _num(float(text))
-        except (TypeError, ValueError):
-            return None
-
-    return [{k: number(v) for k, v in row.items() if k is not None} for row in rows]
-
-
-def _fold_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    """k-fold runs keep each fold in foldN/; other splits keep their single fold in the run directory."""
-    found = []
-    for d in run_dir.glob("fold*"):
-        m = re.fullmatch(r"fold(\d+)", d.name)
-        if m and d.is_dir() and ((d / "result.json").is_file() or (d / "metrics.csv").is_file()):
-            found.append((int(m.group(1)), d))
-    return sorted(found)
-
-
-def load_run(run_dir: Path) -> Run:
-    run_dir = Path(run_dir)
-    not_run = ReportError(f"{run_dir}: not a run directory (no metrics.csv or result.json)")
-    if not run_dir.is_dir():
-        raise not_run
-    summary = _read_json(run_dir / "summary.json") or {}
-    listed = summary.get("folds") if isinstance(summary.get("folds"), list) else []
-    from_summary = {_num(r.get("fold")): r for r in listed if isinstance(r, dict)}
-    dirs = _fold_dirs(run_dir)
-    kfold = bool(dirs)
-    if not dirs and ((run_dir / "result.json").is_file() or (run_dir / "metrics.csv").is_file()):
-        dirs = [(0, run_dir)]
-    folds = []
-    for index, d in dirs:
-        result = _read_json(d / "result.json") or from_summary.get(index, {})
-        folds.append(Fold(int(_num(result.get("fold")) or index), d, result, _read_csv(d / "metrics.csv")))
-    if not folds:  # a summary without its fold files still tells the headline numbers
-        folds = [Fold(i, run_dir, r, []) for i, r in enumerate(from_summary.values())]
-        kfold = len(folds) > 1
-    if not folds:
-        raise not_run
-    recipe_path = run_dir / "recipe.toml"
-    recipe_text = recipe_path.read_text(encoding="utf-8", errors="replace") if recipe_path.is_file() else None
-    name = summary.get("recipe")
-    if not isinstance(name, str) and recipe_text:
-        m = re.search(r'^name\s*=\s*"([^"]*)"', recipe_text, re.M)
-        name = m.group(1) if m else None
-    return Run(run_dir, name if isinstance(name, str) else run_dir.resolve().name,
-               _read_json(run_dir / "env.json") or {}, summary, recipe_text, folds, kfold)
-
-
-# ---------------------------------------------------------------------------------------------- numbers
-
-
 def split_of(result: dict[str, Any]) -> str:
-    split = _dig(result, "metrics", "split")
+    split = dig(result, "metrics", "split")
     return split if isinstance(split, str) else ("test" if "test_acc" in result else "val")
 
 
 def headline(result: dict[str, Any]) -> dict[str, float | None]:
     """The final metrics of one fold; older runs (no "metrics") fall back to test, else validation, acc/loss."""
-    out = {key: _num(_dig(result, "metrics", *path)) for key, _, path, _ in HEADLINE}
+    out = {key: num(dig(result, "metrics", *path)) for key, _, path, _ in HEADLINE}
     prefix = "test" if "test_acc" in result else "val"
     if out["accuracy"] is None:
-        out["accuracy"] = _num(result.get(f"{prefix}_acc"))
+        out["accuracy"] = num(result.get(f"{prefix}_acc"))
     if out["log_loss"] is None:
-        out["log_loss"] = _num(result.get(f"{prefix}_loss"))
+        out["log_loss"] = num(result.get(f"{prefix}_loss"))
     return out
 
 
@@ -185,13 +59,13 @@ def fold_timing(fold: Fold) -> dict[str, float | None]:
     r, rows = fold.result, fold.rows
     times = [t for t in (row.get("epoch_time_s") for row in rows) if t is not None]
     rates = [t for t in (row.get("img_per_s") for row in rows) if t is not None]
-    train_time = _num(r.get("train_time_s"))
-    return {"epochs_run": _num(r.get("epochs_run")) if "epochs_run" in r else (float(len(rows)) if rows else None),
-            "best_epoch": _num(r.get("best_epoch")),
+    train_time = num(r.get("train_time_s"))
+    return {"epochs_run": num(r.get("epochs_run")) if "epochs_run" in r else (float(len(rows)) if rows else None),
+            "best_epoch": num(r.get("best_epoch")),
             "train_time_s": train_time if train_time is not None else (sum(times) if times else None),
             "img_per_s": statistics.fmean(rates) if rates else None,
-            "inference_ms": _num(r.get("inference_ms_per_image")), "params": _num(r.get("params")),
-            "peak_memory_mb": _num(r.get("peak_memory_mb")), "compile_s": _num(r.get("compile_time_s"))}
+            "inference_ms": num(r.get("inference_ms_per_image")), "params": num(r.get("params")),
+            "peak_memory_mb": num(r.get("peak_memory_mb")), "compile_s": num(r.get("compile_time_s"))}
 
 
 def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -275,7 +149,7 @@ def _timing_section(run: Run) -> list[str]:
 def _metrics_section(run: Run) -> list[str]:
     per_fold = [headline(f.result) for f in run.folds]
     split = split_of(run.folds[0].result)
-    n = _num(_dig(run.folds[0].result, "metrics", "n"))
+    n = num(dig(run.folds[0].result, "metrics", "n"))
     title = f"## Final metrics ({split} set" + (f", {n:,.0f} images" if n is not None and len(per_fold) == 1
                                                  else "") + ")"
     if len(per_fold) == 1:
@@ -296,9 +170,9 @@ def per_class(result: dict[str, Any]) -> dict[str, list[float | None]]:
     for key, path in [("accuracy", ("per_class_accuracy",)), ("precision", ("precision", "per_class")),
                       ("recall", ("recall", "per_class")), ("f1", ("f1", "per_class")),
                       ("specificity", ("specificity", "per_class"))]:
-        out[key] = [_num(_dig(result, "metrics", *path, i)) for i in range(len(classes))]
+        out[key] = [num(dig(result, "metrics", *path, i)) for i in range(len(classes))]
     if all(v is None for v in out["accuracy"]):  # older runs: the per-class accuracy of the evaluated split
-        out["accuracy"] = [_num(_dig(result, f"{prefix}_per_class_acc", i)) for i in range(len(classes))]
+        out["accuracy"] = [num(dig(result, f"{prefix}_per_class_acc", i)) for i in range(len(classes))]
     return out
 
 
@@ -308,7 +182,7 @@ def _per_class_section(run: Run) -> list[str]:
         return []
     tables = [per_class(f.result) for f in run.folds]
     keys = [("accuracy", "pct"), ("precision", "num"), ("recall", "num"), ("f1", "num"), ("specificity", "num")]
-    means = [[mean_std([_dig(t, key, i) for t in tables])[0] for key, _ in keys] for i in range(len(classes))]
+    means = [[mean_std([dig(t, key, i) for t in tables])[0] for key, _ in keys] for i in range(len(classes))]
     order = list(range(len(classes)))
     note = []
     if len(classes) > PER_CLASS_ROWS:  # 100 classes: the 10 best and the 10 worst by accuracy
@@ -327,10 +201,10 @@ def _kfold_section(run: Run) -> list[str]:
     """The fold table with mean and std rows, and each fold's confusion matrix."""
     header = ["fold", "best epoch"] + [LABEL[k].replace(" (macro)", "").replace(" (mean)", "") for k in FOLD_TABLE]
     per_fold = [(f, headline(f.result)) for f in run.folds]
-    rows = [[str(f.index), fmt(_num(f.result.get("best_epoch")), "int")] + [fmt(m[k], FORMAT[k]) for k in FOLD_TABLE]
+    rows = [[str(f.index), fmt(num(f.result.get("best_epoch")), "int")] + [fmt(m[k], FORMAT[k]) for k in FOLD_TABLE]
             for f, m in per_fold]
     for stat, pick in (("mean", 0), ("std", 1)):
-        best = mean_std([_num(f.result.get("best_epoch")) for f, _ in per_fold])[pick]
+        best = mean_std([num(f.result.get("best_epoch")) for f, _ in per_fold])[pick]
         rows.append([f"**{stat}**", fmt(best, "num" if stat == "std" else "s")]
                     + [fmt(mean_std([m[k] for _, m in per_fold])[pick], FORMAT[k]) for k in FOLD_TABLE])
     links = [f"[fold {f.index}]({_rel(run, f.dir / 'figures' / 'confusion.png')})"

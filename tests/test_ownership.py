@@ -11,14 +11,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import tiny_table
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from synth import make_image_folder
 
-from conftest import tiny_table
 from fastcifar.cli import main
 from fastcifar.data import prepare_store
-from fastcifar.recipe import RecipeError, _toml_value, load_recipe, recipe_from_dict, recipe_to_toml
-from synth import make_image_folder
+from fastcifar.recipe import RecipeError, load_recipe, recipe_from_dict, recipe_to_toml
+from fastcifar.typed_toml import toml_value
 
 CLASSES = ("cat", "dog")
 
@@ -223,7 +224,7 @@ def _command(kind: str, out: str, name: str, force: bool) -> list[str]:
         return ["prepare", "--source", "src"] + (["--out", out] if out != "-" else []) + ["--force"] * force
     if kind == "report":
         return ["report", "run", "run", "--out", "cmp.md" if out == "-" else out]
-    text = Path("r.toml").read_text().replace('name = "tiny"', f"name = {_toml_value(name)}", 1)
+    text = Path("r.toml").read_text().replace('name = "tiny"', f"name = {toml_value(name)}", 1)
     Path("r.toml").write_text(text)
     where = ["--out", out] if out != "-" else []
     if kind == "sweep":

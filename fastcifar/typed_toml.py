@@ -1,0 +1,120 @@
+"""TOML values checked against dataclass annotations, and written back: the machinery under fastcifar.recipe.
+
+check_value(value, annotation, key) accepts what a field's type admits (bool, int within 64 bits, finite float,
+str, Literal choices, fixed-length and variable-length tuples, unions, nested dataclasses) and raises RecipeError
+naming the dotted key otherwise; build(cls, table, prefix) builds a dataclass from a table, refusing unknown keys;
+toml_value(v) writes a value back as TOML, escaping what TOML requires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from typing import Any, Literal
+
+from fastcifar.errors import RecipeError
+
+INT_MAX = 2**63 - 1  # every integer key: torch and numpy take at most 64-bit integers
+
+
+def show_key(name: str) -> str:
+    """A key as typed if it is a plain name, else quoted (keeps a newline in a key from breaking the line)."""
+    return name if re.fullmatch(r"[\w.+\-\[\]]+", name) else repr(name)
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """repr of a value for an error line: a 10 MB string is shown by its start, never whole."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise RecipeError(f"{key}: {msg}")
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {len(typing.get_args(tp))} numbers"
+    return getattr(tp, "__name__", str(tp))
+
+
+def check_value(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` (parsed TOML) against annotation `tp`; return it in the field's Python type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        check(value in choices, key, f"must be one of {', '.join(map(repr, choices))}, got {short(value)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return check_value(value, option, key)
+            except RecipeError:
+                pass
+        raise RecipeError(f"{key}: expected {' or '.join(map(_describe, typing.get_args(tp)))}, got {short(value)}")
+    if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):  # a list of any length
+        check(isinstance(value, (list, tuple)), key, f"expected a list, got {short(value)}")
+        return tuple(check_value(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        check(isinstance(value, (list, tuple)) and len(value) == len(args), key,
+               f"expected a list of {len(args)} numbers, got {short(value)}")
+        return tuple(check_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        check(isinstance(value, bool), key, f"expected true or false, got {short(value)}")
+        return value
+    if tp is int:
+        check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {short(value)}")
+        check(-INT_MAX <= value <= INT_MAX, key, f"must fit in 64 bits, got {short(value)}")
+        return value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        check(ok, key, f"expected a number, got {short(value)}")
+        check(math.isfinite(value), key, f"must be finite, got {short(value)}")
+        return float(value)
+    if tp is str:
+        check(isinstance(value, str), key, f"expected a string, got {short(value)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        check(isinstance(value, dict), key, f"expected a table [{key}], got {short(value)}")
+        return build(tp, value, key)
+    raise RecipeError(f"{key}: unsupported field type {tp}")  # a programming error, but keep it one line
+
+
+def build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in table.items():
+        key = f"{prefix}.{show_key(k)}" if prefix else show_key(k)
+        check(k in names, key, f"unknown key (known keys: {', '.join(sorted(names))})")
+        kwargs[k] = check_value(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _toml_char(c: str) -> str:
+    """A character inside a TOML basic string: quote, backslash and control characters escaped (a raw newline
+    in a value would make the saved recipe unreadable, and with it the printed resume command)."""
+    if c in '"\\':
+        return "\\" + c
+    if ord(c) < 0x20 or ord(c) == 0x7F:
+        return f"\\u{ord(c):04x}"
+    return c
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + "".join(_toml_char(c) for c in v) + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")

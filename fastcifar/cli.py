@@ -45,8 +45,9 @@ def _prepare_parser(sub) -> None:
     pr.add_argument("--cache", default=os.path.join("~", ".cache", "fastcifar"), help="download directory")
     pr.add_argument("--verify", metavar="DIR", help="re-check the hashes of an existing store and exit")
     pr.add_argument("--format", choices=["store", "beton"], default="store",
-                    help="beton: write the prepared store at --source (default data/cifar10) as an FFCV .beton "
-                         "to --out (default <store>.beton), for train.loader = \"ffcv\"")
+                    help="beton: also write the store as an FFCV .beton beside it (<out>.beton), for train.loader "
+                         "= \"ffcv\"; --source may be any source prepare takes, or a prepared store (then --out, if "
+                         "given, names the .beton)")
 
 
 def _train_parsers(sub) -> None:
@@ -97,6 +98,7 @@ def _result_parsers(sub) -> None:
 
 def _prepare(args, console) -> None:
     from fastcifar.data import ReadOptions, prepare_store, resolve_source, verify_store
+    from fastcifar.data.store import is_store_dir
     from fastcifar.lifecycle import stop_raises
 
     if args.verify:
@@ -104,12 +106,16 @@ def _prepare(args, console) -> None:
         console.print(f"{args.verify}: ok ({meta['counts']['train']} train, {meta['counts']['test']} test images, "
                       f"{len(meta['classes'])} classes, hashes match)")
         return
-    if args.format == "beton":
+    if args.format == "beton":  # before any work: the store alone would not be what was asked for
+        from fastcifar.backends.ffcv import require_ffcv
+
+        require_ffcv("prepare --format beton")
+    given = Path(os.path.expanduser(args.source or DEFAULT_STORE))
+    if args.format == "beton" and given.is_dir() and is_store_dir(given):  # a prepared store: its .beton only
         from fastcifar.backends.ffcv import default_beton, write_beton
 
-        store = Path(os.path.expanduser(args.source or DEFAULT_STORE))
-        out = default_beton(store) if args.out == DEFAULT_STORE else Path(os.path.expanduser(args.out))
-        write_beton(store, out, log_fn=console.print)
+        out = default_beton(given) if args.out == DEFAULT_STORE else Path(os.path.expanduser(args.out))
+        write_beton(given, out, log_fn=console.print)
         return
     if args.size and not 8 <= args.size <= 1024:
         raise FastCifarError(f"--size: must be in [8, 1024], got {args.size}")
@@ -122,6 +128,10 @@ def _prepare(args, console) -> None:
     stats = meta.get("stats", {})
     console.print(f"{args.out}: {meta['counts']['train']} train + {meta['counts']['test']} test images, "
                   f"classes {shown}" + (f"; mean {stats['mean']}, std {stats['std']}" if stats else ""))
+    if args.format == "beton":  # any source: the store first (above), then its .beton beside it
+        from fastcifar.backends.ffcv import default_beton, write_beton
+
+        write_beton(Path(args.out), default_beton(Path(args.out)), log_fn=console.print)
 
 
 def _train(args, console) -> None:

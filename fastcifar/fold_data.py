@@ -23,7 +23,7 @@ class FoldData:
     test: DeviceLoader | None
 
 
-def make_loaders(recipe: Recipe, store, fold: Fold, device: torch.device) -> FoldData:
+def make_loaders(recipe: Recipe, store, fold: Fold, device: torch.device, log=print) -> FoldData:
     labels = np.concatenate([store.train_labels, store.test_labels])
     train_idx = fold.train
     if recipe.data.train_subset:
@@ -45,5 +45,5 @@ def make_loaders(recipe: Recipe, store, fold: Fold, device: torch.device) -> Fol
     val = loader(fold.val, eval_tf, False, ebs)
     test = val if same else (loader(fold.test, eval_tf, False, ebs) if fold.test is not None else None)
     if recipe.train.loader != "device":  # torchvision / DALI / FFCV train; evaluation stays on the device loader
-        return FoldData(make_loader(recipe, store, train_idx, labels, device, seed=seed), val, test)
+        return FoldData(make_loader(recipe, store, train_idx, labels, device, seed=seed, log=log), val, test)
     return FoldData(loader(train_idx, train_tf, True, bs, mixer), val, test)

@@ -105,7 +105,7 @@ def build_fold(recipe: Recipe, store, fold: Fold, fold_dir: Path, device: torch.
                strategy: Solo | None = None) -> FoldRun:
     strategy = strategy or Solo()
     torch.manual_seed(recipe.train.seed * 1000 + fold.index)  # the same init for a fresh and a resumed run
-    data = make_loaders(recipe, store, fold, device)
+    data = make_loaders(recipe, store, fold, device, log=console.print)
     strategy.adopt_loader(data.train)
     image_size = int(store.train_images.shape[1])
     model = build_model(recipe, len(store.classes), image_size, device)

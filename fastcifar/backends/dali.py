@@ -35,6 +35,16 @@ def dali_available() -> bool:
         return False
 
 
+def refuse_inexact_draws(cfg: AugmentCfg) -> None:
+    """DALI draws RandAugment / TrivialAugmentWide from its own RNG, which no checkpoint can hold: a resumed run
+    could not redraw them, so such a recipe is refused before it starts (the device loader redraws exactly)."""
+    for key, on in (("randaugment", cfg.randaugment), ("trivialaugment", cfg.trivialaugment)):
+        if on:
+            raise RecipeError(f'augment.{key}: train.loader = "dali" draws it from DALI\'s own RNG, which a '
+                              'checkpoint cannot hold (a resumed run would not redraw it); use train.loader = '
+                              '"device"')
+
+
 def require_dali() -> None:
     """One-line RecipeError naming the extra when DALI is not importable."""
     if not dali_available():
@@ -164,8 +174,8 @@ class DaliLoader(StateLoader):
         return (rows, *(params[k] for k in self.param_names))
 
     def _build(self):
-        from nvidia.dali import pipeline_def
         import nvidia.dali.fn as fn
+        from nvidia.dali import pipeline_def
 
         gpu = self.device.type == "cuda"
         auto_aug = self.train and (self.cfg.randaugment or self.cfg.trivialaugment)

@@ -55,7 +55,7 @@ def default_beton(store_dir: str | os.PathLike) -> Path:
     return p.with_name(p.name + ".beton")
 
 
-def _write_rows(path: Path, images_of, labels: np.ndarray, workers: int) -> None:
+def write_rows(path: Path, images_of, labels: np.ndarray, workers: int) -> None:
     """Write rows images_of(i), labels[i] to `path` via a temp file beside it (a crash leaves no half file)."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -97,7 +97,7 @@ def write_beton(store_dir: str | os.PathLike, out: str | os.PathLike, *, workers
         return store.train_images[i] if i < n_train else store.test_images[i - n_train]
 
     log_fn(f"writing {out}: {len(labels)} images from {store.path}")
-    _write_rows(out, image, labels, workers)
+    write_rows(out, image, labels, workers)
     write_json(_sidecar(out), {"store": str(store.path), "sha256": store.meta["sha256"], "count": len(labels)})
     log_fn(f"wrote {out} ({out.stat().st_size / 2 ** 20:.0f} MB)")
     return out
@@ -229,7 +229,7 @@ def make_ffcv_loader(images_nhwc_uint8: np.ndarray, labels: np.ndarray, batch_si
     if beton is None:
         tmpdir = tempfile.TemporaryDirectory(prefix="fastcifar-ffcv-")
         beton = Path(tmpdir.name) / "rows.beton"
-        _write_rows(beton, lambda i: images_nhwc_uint8[i], np.asarray(labels), workers)
+        write_rows(beton, lambda i: images_nhwc_uint8[i], np.asarray(labels), workers)
         indices = np.arange(len(labels))
     idx = np.arange(len(labels)) if indices is None else np.asarray(indices)
     loader = FfcvLoader(Path(beton), idx, images_nhwc_uint8, labels, batch_size, cfg, mean, std, device,

@@ -37,7 +37,8 @@ def add_bench_parser(sub) -> None:
                                                  "(default 2 on CPU/MPS, 3 on CUDA)")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats per phase (default 3)")
     b.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per phase (default 3)")
-    b.add_argument("--workers", type=int, default=4, help="the seeds' DataLoader workers (default 4, as the seeds)")
+    b.add_argument("--workers", type=int, default=4, help="the seeds' and torchvision's DataLoader workers, DALI's and "
+                                                          "FFCV's threads (fitted to the cores; default 4)")
     b.add_argument("--serve-batch", type=int, help="serving batch for latency (default 32 on CPU/MPS, 256 on CUDA)")
     b.add_argument("--budget", type=float, metavar="S", help="global wall-clock budget; cells that would not fit "
                                                              "are skipped with a note")

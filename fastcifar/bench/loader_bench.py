@@ -12,12 +12,15 @@ import gc
 import importlib
 import importlib.util
 import inspect
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from fastcifar.backends import fitted_workers
 from fastcifar.bench.env import environment, peak_hbm_gbs
 from fastcifar.bench.presets import PRESETS, missing_ops
 from fastcifar.bench.seeds import seed_loader
@@ -68,8 +71,10 @@ def _bandwidth(row: dict[str, Any], device: torch.device, in_bytes: int) -> dict
     return {"bytes_per_img": per_img, "gb_s": gbs, "hbm_peak_gb_s": peak, "hbm_frac": gbs / peak if peak else None}
 
 
-def _backend_maker(kind: str, images, labels, batch: int, cfg: AugmentCfg, mean, std, device, workers: int):
-    """(maker, None) for an installed DALI / FFCV backend, else (None, the one-line reason)."""
+def _backend_maker(kind: str, images, labels, batch: int, cfg: AugmentCfg, mean, std, device, workers: int,
+                   shared: dict):
+    """(maker, None) for an installed DALI / FFCV backend, else (None, the one-line reason). `shared` keeps what
+    every preset reuses: FFCV's .beton of the rows, written once per bench run."""
     module = f"fastcifar.backends.{kind}"
     try:
         if importlib.util.find_spec(module) is None:
@@ -82,8 +87,22 @@ def _backend_maker(kind: str, images, labels, batch: int, cfg: AugmentCfg, mean,
     if fn is None:
         return None, f"n/a ({module} has no make_{kind}_loader)"
     params = inspect.signature(fn).parameters
+    workers = fitted_workers(workers, kind, log=lambda _: None)  # the settings record what was asked
     extra = {k: v for k, v in dict(train=True, workers=workers, seed=0, device=device).items() if k in params}
+    if kind == "ffcv":
+        extra.update(beton=_shared_beton(shared, images, labels, workers), indices=np.arange(len(labels)))
     return (lambda: fn(images, labels, batch, cfg, mean, std, **extra)), None
+
+
+def _shared_beton(shared: dict, images, labels, workers: int) -> Path:
+    """The bench's one .beton of the store's rows, in a temporary folder that run_loader_bench removes."""
+    if "beton" not in shared:
+        from fastcifar.backends.ffcv import write_rows
+
+        shared["tmp"] = tempfile.TemporaryDirectory(prefix="fastcifar-bench-ffcv-")
+        shared["beton"] = Path(shared["tmp"].name) / "rows.beton"
+        write_rows(shared["beton"], lambda i: images[i], np.asarray(labels), workers)
+    return shared["beton"]
 
 
 def _row(loader: str, preset: str, batch: int, make, reason: str | None, device, settings, in_bytes) -> dict:
@@ -110,7 +129,23 @@ def run_loader_bench(store, device: torch.device, *, batch: int = 512, seconds: 
     settings = {"batch": batch, "seconds": seconds, "repeats": repeats, "warmup": warmup, "workers": workers,
                 "store": str(store.path), "images": int(len(labels))}
     in_bytes = int(np.prod(images.shape[1:]))
-    rows, seeds_impl = [], None
+    rows, seeds_impl, shared = [], None, {}
+    try:
+        _all_rows(rows, shared, presets, loaders, images, labels, batch, mean, std, device, workers, settings,
+                  in_bytes, log)
+    finally:
+        if "tmp" in shared:
+            shared["tmp"].cleanup()
+    seeds_impl = shared.get("seeds_impl")
+    _ratios(rows)
+    settings["seeds_impl"] = seeds_impl
+    return {"kind": "fastcifar-bench", "what": "loader", "version": 1, "environment": environment(device),
+            "settings": settings, "rows": rows}
+
+
+def _all_rows(rows, shared, presets, loaders, images, labels, batch, mean, std, device, workers, settings, in_bytes,
+              log) -> None:
+    warmup = settings["warmup"]
     for name in presets or list(PRESETS):
         cfg = PRESETS[name]
         for loader in loaders:
@@ -119,13 +154,12 @@ def run_loader_bench(store, device: torch.device, *, batch: int = 512, seconds: 
                 make, reason = _fastcifar_maker(images, labels, batch, cfg, mean, std, device)
             elif loader == "seeds":
                 def make(cfg=cfg):
-                    nonlocal seeds_impl
-                    built, seeds_impl = seed_loader(images, labels, batch, cfg, mean, std, workers=workers, seed=0,
-                                                    device=device)
+                    built, shared["seeds_impl"] = seed_loader(images, labels, batch, cfg, mean, std, workers=workers,
+                                                              seed=0, device=device)
                     return built
                 reason = None
             else:
-                make, reason = _backend_maker(loader, images, labels, batch, cfg, mean, std, device, workers)
+                make, reason = _backend_maker(loader, images, labels, batch, cfg, mean, std, device, workers, shared)
             # The seeds' warm-up starts the workers and drains their first prefetch (2 batches per worker queued
             # ahead), so the timed repeats see the steady state; capped at `seconds` of wall time.
             s = dict(settings, warmup=max(warmup, 2 * workers + 1) if loader == "seeds" else warmup)
@@ -134,10 +168,6 @@ def run_loader_bench(store, device: torch.device, *, batch: int = 512, seconds: 
             rows.append(row)
             shown = f"{row['img_s']:,.0f} img/s" if row["img_s"] else row["note"]
             log(f"loader {loader:<9} {name:<30} {shown}  ({time.perf_counter() - t0:.1f} s)")
-    _ratios(rows)
-    settings["seeds_impl"] = seeds_impl
-    return {"kind": "fastcifar-bench", "what": "loader", "version": 1, "environment": environment(device),
-            "settings": settings, "rows": rows}
 
 
 def _fastcifar_maker(images, labels, batch, cfg: AugmentCfg, mean, std, device):

@@ -1,0 +1,78 @@
+"""DALI and FFCV end to end through the CLI at default settings: train (workers fitted to the machine), stop by a
+signal mid-epoch, --resume to the end; prepare --format beton from a raw source; refusals before the run."""
+
+import importlib.util
+import os
+import signal
+
+import pytest
+
+import fastcifar.run
+from conftest import tiny_table
+from fastcifar.cli import main
+from fastcifar.recipe import recipe_from_dict, recipe_to_toml
+from fastcifar.train import Hooks
+from synth import make_image_folder
+
+HAVE = {kind: importlib.util.find_spec(lib) is not None for kind, lib in (("dali", "nvidia.dali"), ("ffcv", "ffcv"))}
+
+
+def _recipe(path, store, loader: str, **augment):
+    # train.workers stays at its default (4): the fitting to this machine's cores is part of what is tested
+    table = tiny_table(store, train={"epochs": 2, "loader": loader}, augment={"erasing_p": 0.25, **augment})
+    path.write_text(recipe_to_toml(recipe_from_dict(table)))
+    return path
+
+
+def _stop_at(monkeypatch, epoch: int, step: int) -> None:
+    """The CLI's run gets a SIGTERM after (epoch, step), as from `kill`: the trainer checkpoints and exits."""
+    def on_step(e, s):
+        if (e, s) == (epoch, step):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(fastcifar.run, "Hooks", lambda: Hooks(on_step=on_step))
+
+
+@pytest.fixture
+def raw_source(tmp_path):
+    make_image_folder(tmp_path / "images", 24, 8, "png")
+    return tmp_path / "images"
+
+
+@pytest.mark.parametrize("loader", ["dali", "ffcv"])
+def test_train_stop_and_resume_through_the_cli_at_default_settings(loader, raw_source, tmp_path, capsys,
+                                                                   monkeypatch):
+    if not HAVE[loader]:
+        pytest.skip(f"{loader} is not installed (pip install 'fastcifar[{loader}]')")
+    store = tmp_path / "store"
+    fmt = ["--format", "beton"] if loader == "ffcv" else []
+    assert main(["prepare", "--source", str(raw_source), "--out", str(store), *fmt]) == 0  # a raw source
+    assert (tmp_path / "store.beton").is_file() == (loader == "ffcv")
+    recipe = _recipe(tmp_path / "r.toml", store, loader)
+    _stop_at(monkeypatch, 1, 2)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 128 + signal.SIGTERM
+    out = capsys.readouterr()
+    cores = os.cpu_count() or 1
+    if cores < 4:
+        assert f"train.workers: 4 {loader.upper()} threads asked, this machine has {cores} cores" in out.out
+    assert "stopped by SIGTERM in fold 0 epoch 2" in out.err
+    monkeypatch.undo()
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--resume"]) == 0
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and "resumed" in capsys.readouterr().out
+
+
+def test_refusals_come_before_the_run_folder(raw_source, store, tmp_path, capsys, monkeypatch):
+    import fastcifar.backends.dali as dali
+    import fastcifar.backends.ffcv as ffcv
+
+    monkeypatch.setattr(dali, "require_dali", lambda *a: None)  # as if both were installed: the checks after
+    monkeypatch.setattr(ffcv, "require_ffcv", lambda *a: None)
+    cases = [("dali", {"randaugment": True}, "augment.randaugment: train.loader = \"dali\" draws it from DALI's own"),
+             ("ffcv", {"flip_mode": "alternate"}, "augment.flip_mode: \"alternate\" needs each image's index"),
+             ("ffcv", {}, "no FFCV file for train.loader = \"ffcv\"")]
+    for loader, augment, why in cases:
+        recipe = _recipe(tmp_path / "r.toml", store, loader, **augment)
+        assert main(["train", str(recipe), "--out", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1 and not (tmp_path / "never").exists()

@@ -9,12 +9,13 @@ Data: both sides read OUR prepared store. airbench's CifarLoader reads `<dir>/tr
 downloads CIFAR-10 through torchvision when they are missing, so we write those files from the store (the
 format torchvision's CIFAR10 gives it: uint8 NHWC images, int64 labels, class names). No network is needed.
 
-airbench: imported if installed, else straight from the carried pure-Python wheel in bench/wheels/ (built with
-`pip download airbench==0.1.8 --no-deps -d bench/wheels && pip wheel --no-deps --no-build-isolation
-bench/wheels/airbench-0.1.8.tar.gz -w bench/wheels`; install offline with `pip install --no-deps --no-index
-bench/wheels/airbench-0.1.8-py3-none-any.whl`). It hard-requires CUDA (make_net94 calls .cuda(), its train()
-times with torch.cuda.Event), so on a CPU only our side runs, plus a check that airbench's own loader reads
-the adapted data.
+airbench: imported if installed (it is in the [dev] extra), else straight from the carried pure-Python wheel in
+bench/wheels/ (bench/stage_device.sh builds it). airbench is written for CUDA (make_net94 calls .half().cuda(),
+its train() times with torch.cuda.Event); on a CPU the harness runs airbench's own training unchanged in fp32
+under airbench_on_cpu(), which keeps .half()/.cuda() on the CPU and stands in CPU timers for the CUDA events,
+never editing airbench. `--epochs N` trains both sides N epochs:
+
+    python bench/peer_airbench.py --device cpu --epochs 3 --n 3 --set train.amp=false --set train.compile=false
 
 Timing (CUDA events on a GPU, perf_counter on a CPU), each side warmed up once first (a 1-epoch run and a
 TTA eval: compile, cuDNN autotuning and allocator growth stay out), data preparation never timed:
@@ -173,13 +174,16 @@ def run_ours(recipe: Recipe, store, device: torch.device, console) -> dict[str, 
         test = evaluate(run.engine.eval_net, run.data.test, device, run.dtype, len(store.classes),
                         **run.eval_kwargs)
         t_done = clock.mark()
+        plain = evaluate(run.engine.eval_net, run.data.test, device, run.dtype, len(store.classes),
+                         **{**run.eval_kwargs, "tta": "none"})  # untimed: the accuracy without TTA
     train_s = overhead_s = 0.0
     for (_, a), (kind, b) in zip(marks, marks[1:]):  # start, (steps_done, epoch_end) per epoch
         if kind == "steps_done":
             train_s += clock.seconds(a, b)
         else:
             overhead_s += clock.seconds(a, b)
-    return {"acc": float(test["acc"]), "train_s": train_s, "fit_overhead_s": overhead_s,
+    return {"acc": float(test["acc"]), "acc_no_tta": float(plain["acc"]), "train_s": train_s,
+            "fit_overhead_s": overhead_s,
             "eval_s": clock.seconds(t_eval, t_done), "params": sum(p.numel() for p in run.model.parameters()),
             # the trainer's own warm-up clock: ~one step's time when the warm-up run left nothing to compile
             "compile_time_s": float(state.compile_time_s)}
@@ -209,21 +213,55 @@ def airbench_loaders(ab, data_dir: Path, device: torch.device, batch_size: int):
     train = ab.CifarLoader(str(data_dir), train=True, batch_size=batch_size, aug=AB_HYP["aug"], altflip=True,
                            gpu=gpu)
     test = ab.CifarLoader(str(data_dir), train=False, batch_size=2000, gpu=gpu)
+    if device.type != "cuda":  # fp16 convolutions are GPU-only: airbench's fp32 twin on the CPU
+        train.images, test.images = train.images.float(), test.images.float()
     return train, test
 
 
-def run_airbench(ab, data_dir: Path, device: torch.device, epochs: float, batch_size: int) -> dict[str, float]:
-    """One timed airbench94 run (its own train94 and evaluate, untouched but for the test loader)."""
+class _CpuEvent:
+    """torch.cuda.Event's timing interface over perf_counter, for airbench's train() on a CPU."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.t = 0.0
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: "_CpuEvent") -> float:
+        return 1000.0 * (end.t - self.t)
+
+
+@contextlib.contextmanager
+def airbench_on_cpu() -> Iterator[None]:
+    """airbench's own training on a CPU, airbench untouched: while active, Module.half() and .cuda() return the
+    module as it is (make_net94 builds fp16 on CUDA), and torch.cuda.Event / synchronize are CPU stand-ins."""
+    saved = (torch.nn.Module.half, torch.nn.Module.cuda, torch.cuda.Event, torch.cuda.synchronize)
+    torch.nn.Module.half = torch.nn.Module.cuda = lambda self, *a, **k: self
+    torch.cuda.Event, torch.cuda.synchronize = _CpuEvent, lambda *a, **k: None
+    try:
+        yield
+    finally:
+        torch.nn.Module.half, torch.nn.Module.cuda, torch.cuda.Event, torch.cuda.synchronize = saved
+
+
+def run_airbench(ab, data_dir: Path, device: torch.device, epochs: float, batch_size: int,
+                 seed: int = 0) -> dict[str, float]:
+    """One timed airbench94 run (its own train94 and evaluate, untouched but for the test loader; on a CPU in
+    fp32 under airbench_on_cpu). airbench draws from torch's global generator: seeded here per run."""
     ab_utils = importlib.import_module("airbench.utils")
     train_loader, test_loader = airbench_loaders(ab, data_dir, device, batch_size)  # data prep: not timed
     clock = Clock(device)
-    with _prebuilt_test_loader(ab_utils, test_loader):
+    torch.manual_seed(seed)
+    with _prebuilt_test_loader(ab_utils, test_loader), \
+            (airbench_on_cpu() if device.type != "cuda" else contextlib.nullcontext()):
         t0 = clock.mark()
         model = ab.train94(train_loader, epochs=epochs, verbose=False)
         t1 = clock.mark()
-    acc = ab.evaluate(model, test_loader, tta_level=AB_HYP["tta_level"])
-    t2 = clock.mark()
-    return {"acc": float(acc), "train_s": clock.seconds(t0, t1), "eval_s": clock.seconds(t1, t2)}
+        acc = ab.evaluate(model, test_loader, tta_level=AB_HYP["tta_level"])
+        t2 = clock.mark()
+        plain = ab.evaluate(model, test_loader, tta_level=0)  # untimed: the accuracy without TTA
+    return {"acc": float(acc), "acc_no_tta": float(plain), "train_s": clock.seconds(t0, t1),
+            "eval_s": clock.seconds(t1, t2)}
 
 
 def check_airbench_loader(ab, data_dir: Path, batch_size: int) -> dict[str, Any]:
@@ -267,11 +305,9 @@ def _airbench_runner(args, store, device: torch.device, per_class: int,
     batch = min(args.ab_batch_size, n_train)  # as our loader does: airbench drops a ragged last batch
     info: dict[str, Any] = {"version": AIRBENCH_VERSION, "variant": "airbench94", "epochs": args.ab_epochs,
                             "batch_size": batch, "train_images": n_train, "tta_level": AB_HYP["tta_level"]}
-    if device.type != "cuda":  # what can be checked here: airbench's own loader reads the adapted data
-        info["loader_check"] = check_airbench_loader(ab, data_dir, batch)
-        return {**info, "status": "not run: airbench 0.1.8 requires CUDA (make_net94 calls .cuda(); train() "
-                                  "times with torch.cuda.Event)"}, None
-    return {**info, "status": "ok"}, lambda epochs: run_airbench(ab, data_dir, device, epochs, batch)
+    if device.type != "cuda":
+        info["mode"] = "fp32 on the CPU (airbench_on_cpu: .half()/.cuda() kept on the CPU, CPU timing events)"
+    return {**info, "status": "ok"}, lambda epochs, seed=0: run_airbench(ab, data_dir, device, epochs, batch, seed)
 
 
 def _log(console, label: str, i: int, n: int, run: dict[str, float]) -> None:
@@ -283,14 +319,15 @@ def compare(args, recipe: Recipe, store, device: torch.device, console) -> tuple
     hits both alike); our run i uses seed train.seed + i, airbench draws from torch's global generator."""
     with tempfile.TemporaryDirectory(prefix="peer-airbench-") as work:
         airbench, ab_run = _airbench_runner(args, store, device, recipe.data.train_subset, Path(work))
-        if ab_run is not None:
-            ab_run(1.0)  # warm-up: cuDNN autotuning (airbench turns cudnn.benchmark on), allocator growth
-        run_ours(_with_epochs(recipe, 1), store, device, console)  # warm-up: the same, plus compile
+        if device.type == "cuda":  # a CPU has no autotuning, allocator growth or (here) compile to warm up
+            if ab_run is not None:
+                ab_run(1.0)  # warm-up: cuDNN autotuning (airbench turns cudnn.benchmark on), allocator growth
+            run_ours(_with_epochs(recipe, 1), store, device, console)  # warm-up: the same, plus compile
         ab_runs, our_runs = [], []
         t0 = time.perf_counter()
         for i in range(args.n):
             if ab_run is not None:
-                ab_runs.append(ab_run(args.ab_epochs))
+                ab_runs.append(ab_run(args.ab_epochs, recipe.train.seed + i))
                 _log(console, "airbench", i, args.n, ab_runs[-1])
             our_runs.append(run_ours(_with_seed(recipe, recipe.train.seed + i), store, device, console))
             _log(console, "ours", i, args.n, our_runs[-1])
@@ -299,9 +336,9 @@ def compare(args, recipe: Recipe, store, device: torch.device, console) -> tuple
                 console.print(f"budget: stopping after {i + 1} of {args.n} pairs ({args.budget:.0f} s)")
                 break
     if ab_runs:
-        airbench.update(runs=ab_runs, **stats(ab_runs, ("acc", "train_s", "eval_s")))
+        airbench.update(runs=ab_runs, **stats(ab_runs, ("acc", "acc_no_tta", "train_s", "eval_s")))
     ours = {"status": "ok", "runs": our_runs, "params": our_runs[0]["params"],
-            **stats(our_runs, ("acc", "train_s", "eval_s", "fit_overhead_s"))}
+            **stats(our_runs, ("acc", "acc_no_tta", "train_s", "eval_s", "fit_overhead_s"))}
     return ours, airbench
 
 
@@ -314,6 +351,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--tiny", action="store_true", help=f"{TINY_PER_CLASS} images per class, 1 epoch, n = 1, width 16: a CPU smoke run")
     p.add_argument("--ab-epochs", type=float, default=AB_HYP["epochs"])
+    p.add_argument("--epochs", type=int, default=0,
+                   help="train both sides this many epochs (sets train.epochs and --ab-epochs; 0 = their defaults)")
     p.add_argument("--ab-batch-size", type=int, default=AB_HYP["batch_size"])
     p.add_argument("--wheels", default=str(ROOT / "bench" / "wheels"))
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
@@ -339,6 +378,9 @@ def run_harness(args: argparse.Namespace) -> Path:
         overrides = [f"data.train_subset={TINY_PER_CLASS}", *TINY_SETS, *overrides]
     if args.store:
         overrides.append(f'data.store="{args.store}"')
+    if args.epochs:  # the same number of epochs on both sides
+        overrides.append(f"train.epochs={args.epochs}")
+        args.ab_epochs = float(args.epochs)
     overrides.append(f'train.device="{args.device}"')
     recipe = load_recipe(args.recipe, overrides)
     if recipe.split.kind != "official":
@@ -362,6 +404,10 @@ def run_harness(args: argparse.Namespace) -> Path:
         total = lambda side: side["train_s_mean"] + side["eval_s_mean"]  # noqa: E731
         result["ratio_ours_over_airbench"] = total(ours) / total(airbench)
         result["acc_delta_ours_minus_airbench"] = ours["acc_mean"] - airbench["acc_mean"]
+        result["acc_no_tta_delta_ours_minus_airbench"] = ours["acc_no_tta_mean"] - airbench["acc_no_tta_mean"]
+        # training time per epoch, ours / airbench (airbench's includes building its net and fitting the whitening)
+        result["epoch_time_ratio"] = ((ours["train_s_mean"] / recipe.train.epochs)
+                                      / (airbench["train_s_mean"] / args.ab_epochs))
     stem = f"{result['date'][:10]}-{result['device']}-speedrun" + ("-tiny" if args.tiny else "")
     out = Path(args.out_dir) / f"{stem}.json"
     write_json(out, result)

@@ -92,6 +92,8 @@ def _graph_refusal(recipe: Recipe, device: torch.device, distributed: bool) -> s
         return "train.oom_retry splits batches into micro-batches of other shapes than the captured one"
     if recipe.finetune.head_epochs:
         return "finetune.head_epochs changes the trainable parameters between stages"
+    if recipe.model.whiten_bias_epochs:
+        return "model.whiten_bias_epochs freezes a parameter mid-run, after capture"
     if distributed:
         return "DistributedDataParallel's gradient hooks run outside a captured graph"
     return None

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from fastcifar.errors import RecipeError
 from fastcifar.recipe import OptimCfg, ScheduleCfg
 
 
@@ -22,6 +23,8 @@ def update_kernel(cls: type[torch.optim.Optimizer], device: torch.device) -> dic
 
 
 def build_optimizer(cfg: OptimCfg, params, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.name == "muon":
+        return MuonFilters(*conv_filters(list(params)), cfg, device)
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name]
     kernel = update_kernel(cls, device)
     if cfg.name == "sgd":
@@ -50,10 +53,120 @@ def build_scheduler(cfg: ScheduleCfg, optim_cfg: OptimCfg, optimizer: torch.opti
     total = steps_per_epoch * epochs
     if cfg.name == "onecycle":
         # Cycling momentum needs a momentum to cycle: plain SGD without momentum keeps it at 0.
-        cycle = optim_cfg.name != "sgd" or optim_cfg.momentum > 0
+        cycle = cfg.cycle_momentum and (optim_cfg.name not in ("sgd", "muon") or optim_cfg.momentum > 0)
+        # Each group peaks at its own base lr times max_lr / lr (Muon's filters have their own base lr).
+        peak = (cfg.max_lr or optim_cfg.lr) / optim_cfg.lr
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.max_lr or optim_cfg.lr, total_steps=total, pct_start=cfg.pct_start,
+            optimizer, max_lr=[g["lr"] * peak for g in optimizer.param_groups], total_steps=total,
+            pct_start=cfg.pct_start,
             anneal_strategy=cfg.anneal, div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
             cycle_momentum=cycle)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch, total, optim_cfg.lr))
+
+
+# ---------------------------------------------------------------------------------------------- Muon
+
+
+class MuonFilters(torch.optim.Optimizer):
+    """optim.name = "muon": torch.optim.Muon on the conv filters, SGD on every other parameter, as one optimizer
+    (one state dict, one set of param groups for the lr schedule: Muon's group first, then SGD's).
+
+    Muon takes 2-D parameters only; a conv filter (out, in, k, k) is handed to it as a 2-D view (out, in*k*k) of
+    the same storage, so Muon's in-place update is the filter's. Before each step the views get the filters'
+    gradients (views too: nothing is copied), after the clipping and non-finite checks that read them.
+    """
+
+    def __init__(self, filters: list[torch.nn.Parameter], rest: list[torch.nn.Parameter], cfg: OptimCfg,
+                 device: torch.device):
+        if not hasattr(torch.optim, "Muon"):
+            raise RecipeError(f'optim.name: "muon" needs torch.optim.Muon (torch 2.9 or newer), this is '
+                              f"torch {torch.__version__}")
+        self.filters = filters
+        self.nhwc = [not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last) for p in filters]
+        self.views = [torch.nn.Parameter(_matrix(p.detach(), nhwc)) for p, nhwc in zip(filters, self.nhwc)]
+        if not filters:
+            raise RecipeError('optim.name: "muon" found no conv filters in the model; use "sgd"')
+        self.muon = torch.optim.Muon(self.views, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
+                                     weight_decay=cfg.muon_weight_decay)
+        # torch.optim refuses an empty parameter list: a model of conv filters only gets a placeholder group
+        self.sgd = torch.optim.SGD(rest or [torch.nn.Parameter(torch.zeros(0))], lr=cfg.lr, momentum=cfg.momentum,
+                                   nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                                   **update_kernel(torch.optim.SGD, device))
+        super().__init__([{"params": self.views}], {"lr": cfg.lr, "momentum": cfg.momentum})
+        # The schedulers scale every group's lr and momentum: Muon's and SGD's groups are the ones stepped.
+        self.param_groups = self.muon.param_groups + self.sgd.param_groups
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for view, p, nhwc in zip(self.views, self.filters, self.nhwc):
+            # the gradient in the filter's column order (a copy only if its layout differs)
+            view.grad = None if p.grad is None else (p.grad.permute(0, 2, 3, 1) if nhwc else p.grad).reshape(
+                view.shape)
+        self.muon.step()
+        return self.sgd.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.sgd.zero_grad(set_to_none)
+        for p in [*self.filters, *self.views]:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "sgd": self.sgd.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.sgd.load_state_dict(state["sgd"])
+        self.param_groups = self.muon.param_groups + self.sgd.param_groups
+
+
+def _matrix(t: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    """A conv filter bank (out, in, k, k) as a 2-D view of its storage: (out, in*k*k), or (out, k*k*in) for
+    channels-last filters, a column permutation, which Muon's orthogonalisation commutes with."""
+    if nhwc:
+        return t.permute(0, 2, 3, 1).view(t.shape[0], -1)
+    if not t.is_contiguous():
+        raise RecipeError('optim.name: "muon" needs contiguous or channels-last conv filters')
+    return t.view(t.shape[0], -1)
+
+
+def conv_filters(params: list[torch.nn.Parameter]) -> tuple[list, list]:
+    """(4-D conv filters, everything else), each in the order given."""
+    filters = [p for p in params if p.ndim == 4]
+    return filters, [p for p in params if p.ndim != 4]
+
+
+# ---------------------------------------------------------------------------------------------- Lookahead
+
+
+class Lookahead:
+    """airbench's Lookahead over a model's parameters and float buffers: every `every` optimizer steps,
+    slow += (1 - d) (w - slow) and w = slow, with d = decay * (t / total) ** power (t: steps done); at the last
+    step w = slow. The slow copy and the step count are the state a checkpoint keeps."""
+
+    def __init__(self, model: torch.nn.Module, every: int, decay: float, power: float, total_steps: int):
+        self.every, self.decay, self.power, self.total = every, decay, power, max(total_steps, 1)
+        self.tensors = [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
+        self.slow = [t.detach().clone() for t in self.tensors]
+        self.steps = 0
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.steps >= self.total:
+            d = 1.0  # the run ends on the slow weights
+        elif self.steps % self.every == 0:
+            d = self.decay * (self.steps / self.total) ** self.power
+        else:
+            return
+        for slow, t in zip(self.slow, self.tensors):
+            slow.lerp_(t.detach(), 1.0 - d)
+            t.detach().copy_(slow)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "slow": [s.clone() for s in self.slow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        for slow, saved in zip(self.slow, state["slow"]):
+            slow.copy_(saved)

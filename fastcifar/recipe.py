@@ -43,7 +43,7 @@ class DataCfg:
         check(self.store != "", "data.store", "must name a prepared store directory")
         check(self.train_subset >= 0, "data.train_subset", f"must be >= 0, got {self.train_subset}")
         check(self.std == "auto" or all(s > 0 for s in self.std), "data.std",
-               f"every value must be > 0, got {self.std if self.std == 'auto' else list(self.std)}")
+              f"every value must be > 0, got {self.std if self.std == 'auto' else list(self.std)}")
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,9 @@ class SplitCfg:
         check(0.0 < self.val_fraction < 1.0, "split.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         check(self.k >= 2, "split.k", f"must be >= 2, got {self.k}")
         check(-1 <= self.fold < self.k, "split.fold",
-               f"must be in [-1, {self.k - 1}] (-1 = all folds, k = {self.k}), got {self.fold}")
+              f"must be in [-1, {self.k - 1}] (-1 = all folds, k = {self.k}), got {self.fold}")
         check(self.kind != "official" or self.pool == "train", "split.pool",
-               "must be 'train' when split.kind = 'official' (the official split has a fixed test set)")
+              "must be 'train' when split.kind = 'official' (the official split has a fixed test set)")
 
 
 @dataclass(frozen=True)
@@ -71,14 +71,20 @@ class ModelCfg:
     width: int = 0  # 0 = the model's default width
     dropout: float = 0.0
     pretrained: str = ""  # a local state-dict file; weights are never downloaded
+    # speedrun nets: train the whitening layer's bias for the first n epochs only, then freeze it (airbench: 3);
+    # 0 = trained throughout
+    whiten_bias_epochs: int = 0
 
     def validate(self) -> None:
         from fastcifar.models import known_model, model_names  # late: keeps recipe loading light
 
         check(known_model(self.name), "model.name",
-               f"unknown model '{self.name}' (choose from {', '.join(model_names())}, or timm:<name>)")
+              f"unknown model '{self.name}' (choose from {', '.join(model_names())}, or timm:<name>)")
         check(self.width >= 0, "model.width", f"must be >= 0, got {self.width}")
         check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        check(self.whiten_bias_epochs >= 0, "model.whiten_bias_epochs", f"must be >= 0, got {self.whiten_bias_epochs}")
+        check(not self.whiten_bias_epochs or self.name.startswith("speedrun_net"), "model.whiten_bias_epochs",
+              f"applies to the speedrun nets (their whitening layer), not {self.name}")
 
 
 @dataclass(frozen=True)
@@ -117,15 +123,15 @@ class AugmentCfg:
         check(0.0 <= self.rotation <= 180.0, "augment.rotation", f"must be in [0, 180], got {self.rotation}")
         b, c, s, h = self.color_jitter
         check(min(b, c, s) >= 0 and 0.0 <= h <= 0.5, "augment.color_jitter",
-               f"brightness, contrast, saturation must be >= 0 and hue in [0, 0.5], got {[b, c, s, h]}")
+              f"brightness, contrast, saturation must be >= 0 and hue in [0, 0.5], got {[b, c, s, h]}")
         check(self.resize == 0 or 8 <= self.resize <= 512, "augment.resize",
-               f"must be 0 (off) or in [8, 512], got {self.resize}")
+              f"must be 0 (off) or in [8, 512], got {self.resize}")
         check(self.randaugment_num_ops >= 0, "augment.randaugment_num_ops", "must be >= 0")
         check(self.randaugment_num_bins >= 2, "augment.randaugment_num_bins", "must be >= 2")
         check(0 <= self.randaugment_magnitude < self.randaugment_num_bins, "augment.randaugment_magnitude",
-               f"must be in [0, randaugment_num_bins - 1 = {self.randaugment_num_bins - 1}]")
+              f"must be in [0, randaugment_num_bins - 1 = {self.randaugment_num_bins - 1}]")
         check(not (self.randaugment and self.trivialaugment), "augment.trivialaugment",
-               "cannot be on together with augment.randaugment (pick one)")
+              "cannot be on together with augment.randaugment (pick one)")
         check(0.0 <= self.erasing_p <= 1.0, "augment.erasing_p", f"must be in [0, 1], got {self.erasing_p}")
         lo, hi = self.erasing_scale
         check(0.0 < lo <= hi < 1.0, "augment.erasing_scale", f"must satisfy 0 < lo <= hi < 1, got {[lo, hi]}")
@@ -140,20 +146,39 @@ class AugmentCfg:
 
 @dataclass(frozen=True)
 class OptimCfg:
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    # muon: torch.optim.Muon on the conv filters (each flattened to a matrix), SGD with lr / momentum /
+    # nesterov / weight_decay below on everything else (BatchNorm shifts, biases, the classifier)
+    name: Literal["sgd", "adam", "adamw", "muon"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
+    muon_lr: float = 0.02  # Muon's own learning rate for the conv filters (scaled by the schedule like lr)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    # Lookahead (airbench's): every lookahead_every steps the weights and float buffers are pulled to a slow
+    # copy that follows them, slow += (1 - d) (w - slow), w = slow, with d = lookahead_decay * (t / T) ^
+    # lookahead_power rising over the run (t steps done of T); at the last step the weights become the slow
+    # copy. 0 = off; airbench94: every 5 steps, decay 0.95^5 = 0.774, power 3.
+    lookahead_every: int = 0
+    lookahead_decay: float = 0.95**5
+    lookahead_power: float = 3.0
 
     def validate(self) -> None:
         check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
         check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         check(all(0.0 <= b < 1.0 for b in self.betas), "optim.betas", f"must be in [0, 1), got {list(self.betas)}")
-        check(not self.nesterov or (self.name == "sgd" and self.momentum > 0), "optim.nesterov",
-               "needs optim.name = 'sgd' and optim.momentum > 0")
+        check(not self.nesterov or (self.name in ("sgd", "muon") and self.momentum > 0), "optim.nesterov",
+              "needs optim.name = 'sgd' or 'muon' and optim.momentum > 0")
+        check(self.muon_lr > 0, "optim.muon_lr", f"must be > 0, got {self.muon_lr}")
+        check(0.0 <= self.muon_momentum < 1.0, "optim.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
+        check(self.muon_weight_decay >= 0, "optim.muon_weight_decay", f"must be >= 0, got {self.muon_weight_decay}")
+        check(self.lookahead_every >= 0, "optim.lookahead_every", f"must be >= 0, got {self.lookahead_every}")
+        check(0.0 <= self.lookahead_decay <= 1.0, "optim.lookahead_decay",
+              f"must be in [0, 1], got {self.lookahead_decay}")
+        check(self.lookahead_power >= 0, "optim.lookahead_power", f"must be >= 0, got {self.lookahead_power}")
 
 
 @dataclass(frozen=True)
@@ -163,6 +188,9 @@ class ScheduleCfg:
     max_lr: float = 0.0  # onecycle peak; 0 = optim.lr
     pct_start: float = 0.25
     anneal: Literal["cos", "linear"] = "cos"
+    # onecycle: cycle momentum 0.95 -> 0.85 -> 0.95 against the lr (torch's default); false keeps optim.momentum
+    # throughout, as airbench does
+    cycle_momentum: bool = True
     div_factor: float = 25.0
     final_div_factor: float = 1e4
     min_lr: float = 0.0  # cosine floor
@@ -172,7 +200,7 @@ class ScheduleCfg:
     def validate(self) -> None:
         check(self.warmup_epochs >= 0, "schedule.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         check(self.name != "onecycle" or self.warmup_epochs == 0, "schedule.warmup_epochs",
-               "must be 0 with onecycle (use schedule.pct_start)")
+              "must be 0 with onecycle (use schedule.pct_start)")
         check(self.max_lr >= 0, "schedule.max_lr", f"must be >= 0, got {self.max_lr}")
         check(0.0 < self.pct_start < 1.0, "schedule.pct_start", f"must be in (0, 1), got {self.pct_start}")
         check(self.div_factor > 0 and self.final_div_factor > 0, "schedule.div_factor", "factors must be > 0")
@@ -216,7 +244,9 @@ class TrainCfg:
     log_every: int = 50  # steps between step-level TensorBoard points (each costs one read of the device)
     # -- input pipeline --------------------------------------------------------------------------------------
     loader: Literal["device", "torchvision", "dali", "ffcv"] = "device"  # device: resident store + batched aug
-    workers: int = 4  # DataLoader worker processes (loader = "torchvision" only)
+    # "torchvision": DataLoader worker processes; "dali" / "ffcv": their CPU threads (at most the machine's cores,
+    # fitted with one line saying so); unused by the device loader
+    workers: int = 4
     # -- engine ------------------------------------------------------------------------------------------------
     channels_last: bool = True  # NHWC weights and activations (the fast conv layout on CUDA and oneDNN)
     compile: bool = False  # torch.compile the model (CUDA; compile time is logged and kept out of img/s)
@@ -229,7 +259,7 @@ class TrainCfg:
         check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing",
-               f"must be in [0, 1), got {self.label_smoothing}")
+              f"must be in [0, 1), got {self.label_smoothing}")
         check(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {self.grad_clip}")
         check(self.early_stopping_patience >= 0, "train.early_stopping_patience", "must be >= 0")
         check(self.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
@@ -269,13 +299,13 @@ class Recipe:
 
     def validate(self) -> None:
         check(NAME.fullmatch(self.name) is not None, "name", "must be one plain folder name (letters, digits and "
-               f"_ . + -, not starting with . or -, at most 100 characters), got {short(self.name)}")
+              f"_ . + -, not starting with . or -, at most 100 characters), got {short(self.name)}")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()
         check(self.finetune.head_epochs < self.train.epochs, "finetune.head_epochs",
-               f"must be < train.epochs ({self.train.epochs}) so stage 2 has epochs, got {self.finetune.head_epochs}")
+              f"must be < train.epochs ({self.train.epochs}) so stage 2 has epochs, got {self.finetune.head_epochs}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+OPTIONAL = ("lookahead",)  # parts newer than the first checkpoints: absent from those, None when read
 # The progress fields, stored under "state" in a checkpoint (the layout of checkpoints written since resume
 # existed, so older runs still resume).
 PROGRESS = ("epoch", "history", "best_metric", "best_epoch", "bad_epochs", "stopped_early", "accum_steps",
@@ -34,6 +35,7 @@ class TrainState:
     scheduler: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
     ema: dict[str, Any] | None = None
+    lookahead: dict[str, Any] | None = None  # optim.lookahead_every: the slow weights and the step count
     loader: dict[str, Any] | None = None
     torch_rng: torch.Tensor | None = None
     cuda_rng: torch.Tensor | None = None
@@ -48,7 +50,8 @@ class TrainState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainState":
         """KeyError / TypeError / ValueError on a payload of another layout (the caller names the file)."""
-        parts = {f.name: d[f.name] for f in fields(cls) if f.name not in PROGRESS}
+        parts = {f.name: d[f.name] if f.name not in OPTIONAL else d.get(f.name)
+                 for f in fields(cls) if f.name not in PROGRESS}
         progress = {k: d["state"][k] for k in PROGRESS}
         state = cls(**parts, **progress)
         state.epoch, state.stage, state.skipped_total = int(state.epoch), int(state.stage), int(state.skipped_total)

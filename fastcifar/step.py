@@ -19,7 +19,7 @@ from fastcifar import engine
 from fastcifar.device import autocast
 from fastcifar.errors import FastCifarError
 from fastcifar.models import head_parameters
-from fastcifar.optim import build_optimizer, build_scheduler
+from fastcifar.optim import Lookahead, build_optimizer, build_scheduler
 from fastcifar.recipe import Recipe, ScheduleCfg
 
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
@@ -78,7 +78,7 @@ class StepRunner:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
                  recipe: Recipe, device: torch.device, dtype: torch.dtype | None, log: Callable[[str], Any], *,
                  ema: engine.WeightEMA | None = None, prepare: Callable[[torch.Tensor], None] | None = None,
-                 accum: int = 1, skipped_total: int = 0):
+                 lookahead: Lookahead | None = None, accum: int = 1, skipped_total: int = 0):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.cfg, self.device, self.dtype, self.log = recipe.train, device, dtype, log
         self.accum = accum  # micro-batches per batch; grows only through oom_retry
@@ -86,6 +86,7 @@ class StepRunner:
         self.poll = 32 if device.type in ("cuda", "mps") else 1
         self._bad_step = torch.full((), -1, device=device, dtype=torch.int64)
         self.ema = ema  # updated after every optimizer step
+        self.lookahead = lookahead  # pulls the weights to its slow copy every optim.lookahead_every steps
         self.prepare = prepare  # called with each batch before its forward (CUDA-graph capture / step marker)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, totals: EpochTotals, step: int) -> None:
@@ -127,6 +128,8 @@ class StepRunner:
                                           f"train.max_skipped_steps = {self.cfg.max_skipped_steps})")
         else:
             self._optimizer_step()
+            if self.lookahead is not None:
+                self.lookahead.after_step()
             if self.ema is not None:
                 self.ema.update()
             totals.loss_sum += loss.double() * len(y)
@@ -218,13 +221,19 @@ def build_step(net: torch.nn.Module, model: torch.nn.Module, recipe: Recipe, dev
     and schedule over the remaining epochs (the whole run when there is no stage 1)."""
     r = recipe
     head = set_trainable(model, stage)
-    if stage == 1:
-        optimizer = build_optimizer(replace(r.optim, lr=r.finetune.head_lr), head, device)
+    lookahead = None
+    if stage == 1:  # the head alone: plain SGD / Adam (Muon's filters and Lookahead belong to the full run)
+        head_optim = replace(r.optim, lr=r.finetune.head_lr, name="sgd" if r.optim.name == "muon" else r.optim.name)
+        optimizer = build_optimizer(head_optim, head, device)
         scheduler = build_scheduler(ScheduleCfg(name="constant"), r.optim, optimizer, steps_per_epoch,
                                     r.finetune.head_epochs)
     else:
+        epochs = r.train.epochs - r.finetune.head_epochs
         optimizer = build_optimizer(r.optim, model.parameters(), device)
-        scheduler = build_scheduler(r.schedule, r.optim, optimizer, steps_per_epoch,
-                                    r.train.epochs - r.finetune.head_epochs)
+        scheduler = build_scheduler(r.schedule, r.optim, optimizer, steps_per_epoch, epochs)
+        if r.optim.lookahead_every:
+            o = r.optim
+            lookahead = Lookahead(model, o.lookahead_every, o.lookahead_decay, o.lookahead_power,
+                                  steps_per_epoch * epochs)
     return StepRunner(net, optimizer, scheduler, scaler, recipe, device, dtype, log, ema=ema, prepare=prepare,
-                      accum=accum, skipped_total=skipped_total)
+                      lookahead=lookahead, accum=accum, skipped_total=skipped_total)

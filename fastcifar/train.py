@@ -30,13 +30,13 @@ from fastcifar.device import recipe_amp_dtype
 from fastcifar.engine import Engine, StepClock, build_engine, images_per_second, sync
 from fastcifar.errors import CheckpointError, first_line
 from fastcifar.evaluate import evaluate
-from fastcifar.lifecycle import Interrupted
 from fastcifar.fold_data import FoldData, make_loaders
+from fastcifar.lifecycle import Interrupted
 from fastcifar.metrics import compute_metrics
-from fastcifar.models import build_model, init_from_data
+from fastcifar.models import build_model, init_from_data, set_whiten_bias
+from fastcifar.progress import RunProgress
 from fastcifar.recipe import Recipe
 from fastcifar.splits import Fold
-from fastcifar.progress import RunProgress
 from fastcifar.state import EarlyStopping, TrainState
 from fastcifar.step import (EpochTotals, NonFiniteError, NonFiniteStep, StepRunner, build_step, make_scaler,
                             set_trainable)
@@ -142,6 +142,7 @@ def save_last(run: FoldRun, state: TrainState, partial: EpochTotals | None = Non
                                                      run.step.scheduler.state_dict())
     state.scaler = run.scaler.state_dict() if run.scaler is not None else None
     state.ema = ema.state_dict() if ema is not None else None
+    state.lookahead = run.step.lookahead.state_dict() if run.step.lookahead is not None else None
     state.loader, state.torch_rng = run.data.train.state_dict(), torch.get_rng_state()
     state.cuda_rng = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
     state.partial = partial.state_dict() if partial is not None else None
@@ -171,6 +172,8 @@ def resume_fold(run: FoldRun) -> TrainState | None:
         run.step.scheduler.load_state_dict(state.scheduler)
         if run.engine.ema is not None:  # ema_decay cannot change on resume (preflight.RESUMABLE_DIFFS)
             run.engine.ema.load_state_dict(state.ema)
+        if run.step.lookahead is not None:
+            run.step.lookahead.load_state_dict(state.lookahead)
         if run.scaler is not None and state.scaler is not None:
             run.scaler.load_state_dict(state.scaler)
         run.data.train.load_state_dict(state.loader)
@@ -200,6 +203,9 @@ def fit(run: FoldRun, state: TrainState, hooks: Hooks, progress: RunProgress, st
             run.step = make_step(run, 2, run.step.accum, run.step.skipped_total)
             state.stage = 2
             run.say(f"fold {run.fold.index}: stage 2 from epoch {epoch + 1}: all layers train")
+        whiten = run.recipe.model.whiten_bias_epochs
+        if whiten and state.stage == 2 and set_whiten_bias(run.model, epoch < whiten):
+            run.step.model = run.strategy.train_net(run.model, run.engine)  # DDP hooks what requires grad
         totals = run.strategy.reduce(train_epoch(run, state, epoch, hooks, progress, stop))
         row = run.strategy.agree(validate(run, epoch, totals))
         end_epoch(run, state, early, row)

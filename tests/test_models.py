@@ -13,7 +13,7 @@ from fastcifar.errors import CheckpointError, RecipeError
 from fastcifar.models import create_model, model_names
 
 ALL = ["softmax", "mlp", "cnn", "cnn_bn", "resnet9", "resnet18", "resnet34",
-       "tv_resnet18", "tv_resnet34", "efficientnet_b2", "speedrun_net"]
+       "tv_resnet18", "tv_resnet34", "efficientnet_b2", "speedrun_net", "speedrun_net95", "speedrun_net96"]
 # ImageNet-stem models also run at the 224-px size they are meant for.
 LARGE = ["tv_resnet18", "tv_resnet34", "efficientnet_b2"]
 CASES = [(n, 32) for n in ALL] + [(n, 224) for n in LARGE]
@@ -53,7 +53,7 @@ def test_efficientnet_num_classes() -> None:
 
 
 def test_unknown_name() -> None:
-    with pytest.raises(RecipeError, match=r"^model\.name: unknown model .nope. \(choose from softmax, mlp, .*speedrun_net, or timm:<name>\)$"):
+    with pytest.raises(RecipeError, match=r"^model\.name: unknown model .nope. \(choose from softmax, mlp, .*speedrun_net96, or timm:<name>\)$"):
         create_model("nope")
 
 

@@ -16,18 +16,21 @@ import torch.nn as nn
 from ..errors import RecipeError
 from .resnet import efficientnet_b2, load_pretrained, resnet9, resnet18, resnet34, tv_resnet18, tv_resnet34
 from .small import cnn, cnn_bn, mlp, softmax
-from .speedrun import fit_whitening, speedrun_net
+from .speedrun import fit_whitening, speedrun_net, speedrun_net95, speedrun_net96
+from .speedrun import set_whiten_bias as set_whiten_bias  # re-exported for train.py
 from .timm_models import is_timm, timm_model
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     f.__name__: f for f in (softmax, mlp, cnn, cnn_bn, resnet9, resnet18, resnet34,
-                            tv_resnet18, tv_resnet34, efficientnet_b2, speedrun_net)
+                            tv_resnet18, tv_resnet34, efficientnet_b2, speedrun_net, speedrun_net95, speedrun_net96)
 }
 
 
 # name -> init(model, uint8 (N, H, W, 3) training images on the device, mean, std): run once, before training.
 DATA_INIT: dict[str, Callable[[nn.Module, torch.Tensor, Sequence[float], Sequence[float]], None]] = {
     "speedrun_net": fit_whitening,
+    "speedrun_net95": fit_whitening,
+    "speedrun_net96": fit_whitening,
 }
 
 

@@ -136,6 +136,22 @@ class ConvGroup(nn.Sequential):
         ]))
 
 
+class ResidualConvGroup(ConvGroup):
+    """airbench96's group: ConvGroup plus a third conv -> BN -> GELU, whose output is added back to the output of
+    the first GELU (a residual around conv2 and conv3)."""
+
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float, bias_lr_scale: float) -> None:
+        super().__init__(c_in, c_out, bn_momentum, bias_lr_scale)
+        self.add_module("conv3", dirac_conv(c_out, c_out))
+        self.add_module("norm3", ShiftBatchNorm(c_out, bn_momentum, bias_lr_scale=bias_lr_scale))
+        self.add_module("act3", nn.GELU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.norm1(self.pool(self.conv1(x))))
+        y = self.act2(self.norm2(self.conv2(x)))
+        return self.act3(self.norm3(self.conv3(y))) + x
+
+
 class SpeedrunNet(nn.Sequential):
     """whiten (2x2, frozen) -> GELU -> 3 conv groups -> global max-pool -> dropout -> linear -> x logit_scale.
 
@@ -143,12 +159,14 @@ class SpeedrunNet(nn.Sequential):
     """
 
     def __init__(self, num_classes: int = 10, widths: Sequence[int] = (64, 256, 256), bn_momentum: float = 0.4,
-                 bias_lr_scale: float = 64.0, logit_scale: float = 1 / 9, dropout: float = 0.0) -> None:
+                 bias_lr_scale: float = 64.0, logit_scale: float = 1 / 9, dropout: float = 0.0,
+                 residual: bool = False) -> None:
         whiten = PatchWhitening(3, 2)
         c = whiten.weight.shape[0]
         groups = []
         for i, w in enumerate(widths):
-            groups.append((f"group{i + 1}", ConvGroup(c, w, bn_momentum, bias_lr_scale)))
+            group = (ResidualConvGroup if residual else ConvGroup)(c, w, bn_momentum, bias_lr_scale)
+            groups.append((f"group{i + 1}", group))
             c = w
         super().__init__(OrderedDict([
             ("whiten", whiten), ("act", nn.GELU()), *groups,
@@ -180,6 +198,14 @@ class SpeedrunNet(nn.Sequential):
         self.whiten.fit(x)
 
 
+def set_whiten_bias(model: nn.Module, trainable: bool) -> bool:
+    """model.whiten_bias_epochs: the whitening bias trains or is frozen; True when that changed."""
+    bias = model.whiten.bias
+    changed = bias.requires_grad != trainable
+    bias.requires_grad_(trainable)
+    return changed
+
+
 def fit_whitening(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
     """The registry's data-dependent init for speedrun_net: its frozen first conv whitens training patches."""
     model.init_whitening(images, mean, std)
@@ -189,3 +215,15 @@ def speedrun_net(*, num_classes: int, image_size: int, width: int = 0, dropout: 
     """airbench94-style net; width sets the first group (default 64), the other two are 4x it (256)."""
     w = width or 64
     return SpeedrunNet(num_classes, (w, 4 * w, 4 * w), dropout=dropout)
+
+
+def speedrun_net95(*, num_classes: int, image_size: int, width: int = 0, dropout: float = 0.0) -> nn.Module:
+    """airbench95-style: wider groups, 128 -> 384 -> 384 (width sets the first; the others are 3x it)."""
+    w = width or 128
+    return SpeedrunNet(num_classes, (w, 3 * w, 3 * w), dropout=dropout)
+
+
+def speedrun_net96(*, num_classes: int, image_size: int, width: int = 0, dropout: float = 0.0) -> nn.Module:
+    """airbench96-style: 128 -> 512 -> 512, three convs per group with a residual (width sets the first)."""
+    w = width or 128
+    return SpeedrunNet(num_classes, (w, 4 * w, 4 * w), dropout=dropout, residual=True)

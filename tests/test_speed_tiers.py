@@ -1,0 +1,143 @@
+"""The speed-tier techniques, each by its mechanics: Lookahead's slow weights, Muon's orthogonalised update on the
+conv filters, constant momentum under OneCycle, the whitening bias frozen after n epochs; exact resume with
+them; and the tier recipes training a tiny epoch on the CPU."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from fastcifar.checkpoint import load_checkpoint
+from fastcifar.optim import Lookahead, MuonFilters, build_optimizer, build_scheduler
+from fastcifar.recipe import OptimCfg, ScheduleCfg, load_recipe
+from fastcifar.run import run_training
+from resume import full_and_resumed
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+QUIET = Console(quiet=True)
+
+
+def test_lookahead_pulls_weights_to_the_slow_copy_on_its_schedule():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    look = Lookahead(model, every=2, decay=0.5, power=1.0, total_steps=4)
+    slow = 0.0
+    for step, w in enumerate([1.0, 2.0, 3.0, 4.0], start=1):
+        with torch.no_grad():
+            model.weight.fill_(w)  # what an optimizer step would have set
+        look.after_step()
+        if step == 2:  # d = 0.5 * (2 / 4) = 0.25: slow = 0 + 0.75 * (2 - 0), weights = slow
+            slow = slow + (1 - 0.25) * (2.0 - slow)
+        elif step == 4:  # the last step: d = 1, the slow copy stays and becomes the weights
+            pass
+        else:  # steps 1 and 3: untouched
+            assert model.weight.item() == w
+            continue
+        assert model.weight.item() == pytest.approx(slow) and look.slow[0].item() == pytest.approx(slow)
+    assert look.state_dict()["steps"] == 4
+
+
+def test_muon_orthogonalises_the_flattened_filter_update_exactly_as_torch_does():
+    torch.manual_seed(0)
+    conv, bias = torch.nn.Conv2d(3, 6, 3, bias=False), torch.nn.Parameter(torch.zeros(6))
+    cfg = OptimCfg(name="muon", lr=0.1, momentum=0.9, nesterov=True, muon_lr=0.05, muon_momentum=0.0)
+    opt = build_optimizer(cfg, [conv.weight, bias], torch.device("cpu"))
+    assert isinstance(opt, MuonFilters) and len(opt.param_groups) == 2
+    grad = torch.randn_like(conv.weight)
+    reference = torch.nn.Parameter(conv.weight.detach().view(6, -1).clone())  # torch's Muon on the matrix itself
+    ref_opt = torch.optim.Muon([reference], lr=0.05, momentum=0.0, nesterov=True, weight_decay=0.0)
+    reference.grad = grad.view(6, -1).clone()
+    ref_opt.step()
+    before = conv.weight.detach().clone()
+    conv.weight.grad, bias.grad = grad.clone(), torch.zeros(6)
+    opt.step()
+    torch.testing.assert_close(conv.weight.detach().view(6, -1), reference.detach(), rtol=0, atol=0)
+    update = (before - conv.weight.detach()).view(6, -1) / 0.05  # Newton-Schulz: singular values near 1
+    assert torch.linalg.svdvals(update).sub(1).abs().max() < 0.35
+    assert torch.linalg.matrix_rank(update) == 6
+
+
+def test_muon_state_round_trips_and_the_schedule_scales_both_groups():
+    conv = torch.nn.Conv2d(2, 4, 3)
+    cfg = OptimCfg(name="muon", lr=0.2, momentum=0.85, nesterov=True, muon_lr=0.02)
+    opt = build_optimizer(cfg, list(conv.parameters()), torch.device("cpu"))
+    sched = build_scheduler(ScheduleCfg(name="onecycle", max_lr=0.4, cycle_momentum=False), cfg, opt, 5, 2)
+    peaks = [g["max_lr"] for g in opt.param_groups]
+    assert peaks == pytest.approx([0.04, 0.4])  # each group peaks at 2x its own base lr
+    for _ in range(3):
+        for p in conv.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        sched.step()
+    again = build_optimizer(cfg, list(conv.parameters()), torch.device("cpu"))
+    again.load_state_dict(opt.state_dict())
+    assert again.state_dict()["muon"]["state"].keys() == opt.state_dict()["muon"]["state"].keys()
+    assert [g["momentum"] for g in opt.param_groups] == [0.95, 0.85]  # not cycled
+
+
+def test_onecycle_keeps_momentum_constant_when_asked():
+    for cycle, expect_constant in ((True, False), (False, True)):
+        p = torch.nn.Parameter(torch.zeros(1))
+        cfg = OptimCfg(lr=0.1, momentum=0.85, nesterov=True)
+        opt = build_optimizer(cfg, [p], torch.device("cpu"))
+        sched = build_scheduler(ScheduleCfg(cycle_momentum=cycle), cfg, opt, 10, 1)
+        seen = set()
+        for _ in range(9):
+            p.grad = torch.zeros(1)
+            opt.step()
+            sched.step()
+            seen.add(round(opt.param_groups[0]["momentum"], 6))
+        assert (seen == {0.85}) == expect_constant
+
+
+def _speedrun(tiny, **train):
+    return tiny(model={"name": "speedrun_net", "width": 8, "whiten_bias_epochs": 1},
+                optim={"lookahead_every": 2, "lr": 0.05}, schedule={"cycle_momentum": False},
+                train={"epochs": 3, **train})
+
+
+def test_the_whitening_bias_is_frozen_after_its_epochs(tiny, tmp_path):
+    from fastcifar.train import Hooks
+
+    biases = []
+
+    def on_epoch_end(epoch):
+        biases.append(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]["whiten.bias"])
+
+    run_training(_speedrun(tiny), tmp_path / "run", QUIET, hooks=Hooks(on_epoch_end=on_epoch_end))
+    assert not torch.equal(biases[0], torch.zeros_like(biases[0]))  # epoch 1 trained it
+    torch.testing.assert_close(biases[1], biases[2], rtol=0, atol=0)  # frozen from epoch 2 on
+
+
+def test_lookahead_and_frozen_bias_resume_mid_epoch_bit_identical(tiny, tmp_path):
+    full, cut, _ = full_and_resumed(_speedrun(tiny), tmp_path, epoch=1, step=3)
+    assert load_checkpoint(full / "checkpoints" / "last.pt")["lookahead"]["steps"] == 21  # 3 epochs x 7 steps
+
+
+@pytest.mark.parametrize("name", ["speedrun94", "speedrun94_muon", "speedrun95", "speedrun96", "seed000_fast"])
+def test_tier_recipes_train_a_tiny_epoch(store, tmp_path, name):
+    overrides = [f'data.store="{store}"', "data.train_subset=2", "train.epochs=1", "train.batch_size=16",
+                 "eval.batch_size=64", "eval.figures=false", "train.compile=false", "model.width=8"]
+    if name == "seed000_fast":  # the seed's 5 folds of the 320-image pool, one of them
+        overrides += ["split.k=20", "split.fold=0"]
+    summary = run_training(load_recipe(RECIPES / f"{name}.toml", overrides), tmp_path / "run", QUIET)
+    result = summary["folds"][0]
+    assert 0.0 <= result["val_acc"] <= 1.0
+
+
+def test_muon_on_channels_last_filters_updates_them_as_on_contiguous_ones():
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(3, 5, 3, bias=False)
+    grad = torch.randn_like(conv.weight)
+    results = []
+    for channels_last in (False, True):
+        w = torch.nn.Parameter(conv.weight.detach().clone())
+        if channels_last:
+            w = torch.nn.Parameter(w.detach().contiguous(memory_format=torch.channels_last))
+        opt = build_optimizer(OptimCfg(name="muon", muon_momentum=0.0), [w], torch.device("cpu"))
+        w.grad = grad.clone()
+        opt.step()
+        results.append(w.detach().contiguous())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)

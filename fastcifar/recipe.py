@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastcifar.errors import RecipeError
-from fastcifar.typed_toml import build, check, short, show_key, toml_value
+from fastcifar.typed_toml import apply_overrides, build, check, short, table_to_toml
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -320,37 +320,6 @@ def recipe_from_dict(table: dict[str, Any]) -> Recipe:
     return recipe
 
 
-def _parse_override_value(text: str) -> Any:
-    """`--set optim.lr=0.1` -> 0.1; values are TOML literals, bare words fall back to strings."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-    except RecursionError:  # [[[[...]]]] nested thousands deep
-        raise RecipeError(f"--set {short(text)}: nested too deeply") from None
-
-
-def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings to a raw recipe table (a deep copy); types are checked when built."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in table.items()}
-    for item in overrides:
-        path, sep, text = item.partition("=")
-        path = path.strip()
-        if not sep or not path:
-            raise RecipeError(f"--set {item!r}: expected section.key=value")
-        parts = path.split(".")
-        if len(parts) == 1:
-            out[parts[0]] = _parse_override_value(text.strip())
-            continue
-        if len(parts) != 2:
-            raise RecipeError(f"{show_key(path)}: expected section.key (two levels), got {len(parts)} levels")
-        section = out.setdefault(parts[0], {})
-        if not isinstance(section, dict):
-            raise RecipeError(f"{show_key(parts[0])}: is not a section")
-        section[parts[1]] = _parse_override_value(text.strip())
-    return out
-
-
 def builtin_recipes() -> dict[str, str]:
     """name -> TOML text of the recipes installed with fastcifar (the package fastcifar.recipes)."""
     folder = importlib.resources.files("fastcifar.recipes")
@@ -390,17 +359,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_to_toml(recipe: Recipe) -> str:
     """The resolved recipe, every key explicit, so a run directory says exactly what ran."""
-    lines = []
-    sections = []
-    for k, v in recipe.to_dict().items():
-        if isinstance(v, dict):
-            sections.append((k, v))
-        else:
-            lines.append(f"{k} = {toml_value(v)}")
-    for name, table in sections:
-        lines.append(f"\n[{name}]")
-        lines.extend(f"{k} = {toml_value(v)}" for k, v in table.items())
-    return "\n".join(lines) + "\n"
+    return table_to_toml(recipe.to_dict())
 
 
 def recipe_diff(a: Recipe, b: Recipe) -> list[str]:

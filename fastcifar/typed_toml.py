@@ -3,7 +3,8 @@
 check_value(value, annotation, key) accepts what a field's type admits (bool, int within 64 bits, finite float,
 str, Literal choices, fixed-length and variable-length tuples, unions, nested dataclasses) and raises RecipeError
 naming the dotted key otherwise; build(cls, table, prefix) builds a dataclass from a table, refusing unknown keys;
-toml_value(v) writes a value back as TOML, escaping what TOML requires.
+toml_value(v) writes a value back as TOML, escaping what TOML requires, and table_to_toml a two-level table;
+apply_overrides applies `--set section.key=value` strings to a raw table (types checked later, by build).
 """
 
 from __future__ import annotations
@@ -11,11 +12,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 import types
 import typing
 from typing import Any, Literal
 
 from fastcifar.errors import RecipeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
 
 INT_MAX = 2**63 - 1  # every integer key: torch and numpy take at most 64-bit integers
 
@@ -118,3 +125,46 @@ def toml_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def table_to_toml(table: dict[str, Any]) -> str:
+    """A two-level table (top-level keys, then [sections]) as TOML, every key explicit."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for name, section in ((k, v) for k, v in table.items() if isinstance(v, dict)):
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in section.items())
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- --set overrides
+
+
+def _parse_override_value(text: str) -> Any:
+    """`--set optim.lr=0.1` -> 0.1; values are TOML literals, bare words fall back to strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+    except RecursionError:  # [[[[...]]]] nested thousands deep
+        raise RecipeError(f"--set {short(text)}: nested too deeply") from None
+
+
+def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to a raw recipe table (a deep copy); types are checked when built."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in table.items()}
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        path = path.strip()
+        if not sep or not path:
+            raise RecipeError(f"--set {item!r}: expected section.key=value")
+        parts = path.split(".")
+        if len(parts) == 1:
+            out[parts[0]] = _parse_override_value(text.strip())
+            continue
+        if len(parts) != 2:
+            raise RecipeError(f"{show_key(path)}: expected section.key (two levels), got {len(parts)} levels")
+        section = out.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise RecipeError(f"{show_key(parts[0])}: is not a section")
+        section[parts[1]] = _parse_override_value(text.strip())
+    return out

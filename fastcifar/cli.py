@@ -89,9 +89,11 @@ def _result_parsers(sub) -> None:
     ex.add_argument("--out", help="output file (default: beside the checkpoint, best.onnx / best.torchscript.pt)")
     ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
 
-    pd = sub.add_parser("predict", help="top-k classes of image files (PNG/JPEG, any size) under a checkpoint")
+    pd = sub.add_parser("predict", help="top-k classes of image files (PNG/JPEG, any size, or folders of "
+                                                 "them) under a checkpoint or export")
     pd.add_argument("checkpoint", help="e.g. runs/quickstart/checkpoints/best.pt, or a file of fastcifar export")
-    pd.add_argument("images", nargs="+", metavar="IMAGE")
+    pd.add_argument("images", nargs="+", metavar="IMAGE", help="an image file, or a folder: its PNG/JPEG files, "
+                                                               "recursively, in path order")
     pd.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     pd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
 

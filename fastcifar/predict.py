@@ -1,4 +1,5 @@
-"""`fastcifar predict`: top-k classes of image files under a saved checkpoint, preprocessed as in evaluation."""
+"""`fastcifar predict`: top-k classes of image files (or of the PNG/JPEG files in folders) under a saved checkpoint
+or export, preprocessed as in evaluation."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from fastcifar.augment import build_eval_transform
 from fastcifar.data.archive import check_regular
-from fastcifar.data.images import UnsupportedImage, to_rgb
+from fastcifar.data.images import IMAGE_EXTS, UnsupportedImage, to_rgb
 from fastcifar.device import resolve_device
 from fastcifar.engine import tta_logits
 from fastcifar.errors import DataError, FastCifarError, first_line
@@ -30,7 +31,7 @@ def read_image(path: str | Path, image_size: int) -> torch.Tensor:
         raise DataError(f"{path}: no such image file")
     check_regular(path, "image")  # a FIFO would block Image.open forever
     if path.is_dir():
-        raise DataError(f"{path}: is a folder; pass image files")
+        raise DataError(f"{path}: is a folder; pass image files or a folder of them")
     try:
         with Image.open(path) as im:
             rgb, _ = to_rgb(im)  # 16-bit greyscale scaled, transparency composited, as prepare stores them
@@ -41,6 +42,21 @@ def read_image(path: str | Path, image_size: int) -> torch.Tensor:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, UnsupportedImage) as e:
         raise DataError(f"{path}: not a readable image ({first_line(e)})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def expand_images(paths: list[Path]) -> list[Path]:
+    """The files named, with each folder replaced by the PNG/JPEG files below it (recursively, sorted by path;
+    other files skipped, symlinked folders not followed). A folder without an image is refused."""
+    out: list[Path] = []
+    for path in paths:
+        if not path.is_dir() or path.is_symlink():
+            out.append(path)
+            continue
+        found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTS and not f.is_dir())
+        if not found:
+            raise DataError(f"{path}: folder holds no image files ({', '.join(IMAGE_EXTS)})")
+        out.extend(found)
+    return out
 
 
 def preprocess(batch: torch.Tensor, recipe) -> torch.Tensor:
@@ -55,6 +71,7 @@ def predict(checkpoint: Path, images: list[Path], top_k: int = 3, device_name: s
     """Per image {"image": str, "top": [(class, probability), ...]} with the k most probable classes."""
     if top_k < 1:
         raise FastCifarError(f"--top-k: must be >= 1, got {top_k}")
+    images = expand_images(list(images))
     if not images:
         raise DataError("no image files given")
     if looks_exported(Path(checkpoint)):  # an ONNX / TorchScript file from `fastcifar export`

@@ -146,3 +146,22 @@ def test_predict_applies_the_recipes_tta(tiny, store, tmp_path):
         want = torch.softmax(mean_logits, 1)[0]
     assert torch.allclose(torch.softmax(tta_logits(model, x, "flip"), 1)[0], want, atol=1e-6)
     assert got[0] == classes[int(want.argmax())] and abs(got[1] - float(want.max())) < 1e-5
+
+
+def test_a_folder_gives_its_images_in_path_order(ckpt, images, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "z.png").write_bytes(images[0].read_bytes())
+    (folder / "b.JPG").write_bytes(images[1].read_bytes())
+    (folder / "notes.txt").write_text("not an image\n")  # skipped, as prepare skips non-image members
+    by_folder = predict(ckpt, [folder, images[3]], device_name="cpu")
+    assert [r["image"] for r in by_folder] == [str(folder / "b.JPG"), str(folder / "sub" / "z.png"), str(images[3])]
+    by_file = predict(ckpt, [images[1], images[0], images[3]], device_name="cpu")
+    assert [r["top"] for r in by_folder] == [r["top"] for r in by_file]
+
+
+def test_a_folder_without_images_is_one_line(ckpt, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x\n")
+    with pytest.raises(DataError, match=r"empty: folder holds no image files \(\.png, \.jpg, \.jpeg\)"):
+        predict(ckpt, [tmp_path / "empty"], device_name="cpu")

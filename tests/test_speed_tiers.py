@@ -120,7 +120,8 @@ def test_lookahead_and_frozen_bias_resume_mid_epoch_bit_identical(tiny, tmp_path
 def test_tier_recipes_train_a_tiny_epoch(store, tmp_path, name):
     overrides = [f'data.store="{store}"', "data.train_subset=2", "train.epochs=1", "train.batch_size=16",
                  "eval.batch_size=64", "eval.figures=false", "train.compile=false", "model.width=8"]
-    if name == "seed000_fast":  # the seed's 5 folds of the 320-image pool, one of them
+    if name == "seed000_fast":  # stratified k-fold on the merged pool, as the recipe; one fold, and k = 20 (not
+        # the recipe's 5) so the fold validates 16 of the tiny store's 320 images, not 64
         overrides += ["split.k=20", "split.fold=0"]
     summary = run_training(load_recipe(RECIPES / f"{name}.toml", overrides), tmp_path / "run", QUIET)
     result = summary["folds"][0]

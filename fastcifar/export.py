@@ -181,18 +181,28 @@ def is_export(path: Path) -> bool:
     return export_meta(path) is not None
 
 
-def run_exported(path: Path, images: np.ndarray) -> np.ndarray:
-    """Logits of uint8 NHWC images through an exported file."""
+def exported_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """An exported file loaded once (an onnxruntime session or a TorchScript module): uint8 NHWC images -> logits."""
     if path.suffix == ".onnx" or _is_onnx(path):
         if importlib.util.find_spec("onnxruntime") is None:
             raise FastCifarError(f"{path}: running an ONNX export needs onnxruntime: pip install 'fastcifar[onnx]'")
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return session.run(None, {"images": np.ascontiguousarray(images)})[0]
-    with _quiet_jit(), torch.no_grad():
+        return lambda images: session.run(None, {"images": np.ascontiguousarray(images)})[0]
+    with _quiet_jit():
         module = torch.jit.load(str(path), map_location="cpu")
-        return module(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+
+    def run(images: np.ndarray) -> np.ndarray:
+        with _quiet_jit(), torch.no_grad():
+            return module(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+
+    return run
+
+
+def run_exported(path: Path, images: np.ndarray) -> np.ndarray:
+    """Logits of uint8 NHWC images through an exported file."""
+    return exported_runner(path)(images)
 
 
 def _is_onnx(path: Path) -> bool:

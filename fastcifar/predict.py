@@ -16,7 +16,7 @@ from fastcifar.device import resolve_device
 from fastcifar.engine import tta_logits
 from fastcifar.errors import DataError, FastCifarError, first_line
 from fastcifar.evaluate import load_trained_model
-from fastcifar.export import looks_exported, read_export, run_exported
+from fastcifar.export import exported_runner, looks_exported, read_export
 
 BATCH = 256  # images per forward pass: bounds memory when many files (or augment.resize = 224) are given
 
@@ -102,7 +102,8 @@ def _exported_probs(path: Path, images: list[Path]) -> tuple[torch.Tensor, list[
     """The export has normalisation and TTA inside: it takes the uint8 NHWC pixels as they are read."""
     meta = read_export(path)
     nhwc = torch.stack([read_image(p, int(meta["image_size"])) for p in images]).permute(0, 2, 3, 1).numpy()
-    logits = [torch.from_numpy(run_exported(path, nhwc[s:s + BATCH])) for s in range(0, len(nhwc), BATCH)]
+    run = exported_runner(path)  # loaded once, not once a batch
+    logits = [torch.from_numpy(run(nhwc[s:s + BATCH])) for s in range(0, len(nhwc), BATCH)]
     return torch.softmax(torch.cat(logits).float(), dim=1), [str(c) for c in meta["classes"]]
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import tiny_table
 from fastcifar.cli import main
+import fastcifar.predict as predict_module
 from fastcifar.predict import predict
 from fastcifar.recipe import recipe_to_toml, recipe_from_dict
 
@@ -54,7 +55,7 @@ def trained(store, tmp_path_factory):
 
 @pytest.mark.parametrize("model", ["cnn_bn", "timm"])
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_parity_and_predict_from_the_export(trained, tmp_path, capsys, model, fmt):
+def test_export_parity_and_predict_from_the_export(trained, tmp_path, capsys, monkeypatch, model, fmt):
     ckpt = trained[model]
     out = tmp_path / f"m.{fmt}"
     assert main(["export", str(ckpt), "--format", fmt, "--out", str(out)]) == 0
@@ -66,7 +67,13 @@ def test_export_parity_and_predict_from_the_export(trained, tmp_path, capsys, mo
     for i, size in enumerate([(32, 32), (50, 40)]):
         images.append(tmp_path / f"img{i}.png")
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(images[-1])
-    a, b = predict(ckpt, images, top_k=3, device_name="cpu"), predict(out, images, top_k=3, device_name="cpu")
+    a = predict(ckpt, images, top_k=3, device_name="cpu")
+    loads = []
+    runner = predict_module.exported_runner
+    monkeypatch.setattr(predict_module, "BATCH", 1)  # two batches: the export is still loaded once
+    monkeypatch.setattr(predict_module, "exported_runner", lambda path: loads.append(path) or runner(path))
+    b = predict(out, images, top_k=3, device_name="cpu")
+    assert loads == [out]
     for x, y in zip(a, b):
         assert [c for c, _ in x["top"]] == [c for c, _ in y["top"]]
         assert [p for _, p in x["top"]] == pytest.approx([p for _, p in y["top"]], abs=1e-4)

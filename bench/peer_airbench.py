@@ -17,8 +17,9 @@ never editing airbench. `--epochs N` trains both sides N epochs:
 
     python bench/peer_airbench.py --device cpu --epochs 3 --n 3 --set train.amp=false --set train.compile=false
 
-Timing (CUDA events on a GPU, perf_counter on a CPU), each side warmed up once first (a 1-epoch run and a
-TTA eval: compile, cuDNN autotuning and allocator growth stay out), data preparation never timed:
+Timing (CUDA events on a GPU, perf_counter on a CPU); on a GPU each side is warmed up once first (a 1-epoch
+run and a TTA eval: compile, cuDNN autotuning and allocator growth stay out; a CPU run has none of these and
+starts timed); data preparation is never timed:
   train_s  airbench: train94(verbose=False) = net build + whitening init + all steps; ours: the training
            steps of fastcifar.train.fit (per-epoch validation and checkpoint writes are excluded and reported
            as fit_overhead_s; our whitening init happens with the data preparation, ~ms).

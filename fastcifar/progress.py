@@ -38,7 +38,7 @@ class RunProgress:
         self.fold_steps = 0  # this fold's steps still to train when it started (an upper bound: early stopping)
         self.steps_done = 0  # steps trained by this process in this fold, since it started
         self._t0 = self._last_line = self.clock()
-        self._line_steps, self._line_images = 0, 0
+        self._line_images = 0
 
     def __enter__(self) -> "RunProgress":
         self.bars.__enter__()
@@ -56,7 +56,7 @@ class RunProgress:
         if self.run_task is None:
             self.run_task = self.bars.add_task("run (steps, all folds)", total=total)
         self._t0 = self._last_line = self.clock()
-        self._line_steps = self._line_images = 0
+        self._line_images = 0
 
     def start_epoch(self, epoch: int, epochs: int, total_images: int, done_images: int) -> None:
         self.epoch, self.epochs = epoch, epochs
@@ -71,7 +71,6 @@ class RunProgress:
     def step(self, position: int, images: int) -> None:
         """After each step; `position`: batches of the epoch done."""
         self.steps_done += 1
-        self._line_steps += 1
         self._line_images += images
         self.bars.advance(self.epoch_task, images)
         self.bars.advance(self.run_task, 1)
@@ -87,4 +86,4 @@ class RunProgress:
         self.console.print(f"fold {self.fold} epoch {self.epoch + 1}/{self.epochs} step {position}/"
                            f"{self.steps_per_epoch}  {img_s:,.0f} img/s  ETA epoch {clock_text(epoch_left)}, "
                            f"run {clock_text(run_left)}", highlight=False)
-        self._last_line, self._line_steps, self._line_images = now, 0, 0
+        self._last_line, self._line_images = now, 0

@@ -336,10 +336,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """A recipe file, or a built-in recipe by name ("quickstart" or "quickstart.toml") when no such file exists."""
     path = Path(path)
     try:
-        if not path.exists() and path.parent == Path(".") and path.name.removesuffix(".toml") in builtin_recipes():
-            text = builtin_recipes()[path.name.removesuffix(".toml")]
-        else:
-            text = path.read_text(encoding="utf-8")
+        builtin = builtin_recipes() if not path.exists() and path.parent == Path(".") else {}
+        name = path.name.removesuffix(".toml")
+        text = builtin[name] if name in builtin else path.read_text(encoding="utf-8")
         table = tomllib.loads(text)
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found (built-in recipes: {', '.join(builtin_recipes())})") \

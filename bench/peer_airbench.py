@@ -51,7 +51,7 @@ except ImportError:  # a checkout without `pip install -e .`: use the repository
     sys.path.insert(0, str(ROOT))
 
 from fastcifar.atomic import write_json, write_with  # noqa: E402
-from fastcifar.bench.env import slug  # noqa: E402
+from fastcifar.bench.env import free_stem, slug  # noqa: E402
 from fastcifar.errors import FastCifarError  # noqa: E402
 from fastcifar.recipe import Recipe, load_recipe  # noqa: E402
 from fastcifar.splits import take_per_class  # noqa: E402
@@ -414,7 +414,7 @@ def run_harness(args: argparse.Namespace) -> Path:
         result["epoch_time_ratio"] = ((ours["train_s_mean"] / recipe.train.epochs)
                                       / (airbench["train_s_mean"] / args.ab_epochs))
     stem = f"{result['date'][:10]}-{result['device']}-speedrun" + ("-tiny" if args.tiny else "")
-    out = Path(args.out_dir) / f"{stem}.json"
+    out = Path(args.out_dir) / f"{free_stem(Path(args.out_dir), stem)}.json"  # never over an earlier result
     write_json(out, result)
     console.print(f"wrote {out}")
     return out

@@ -100,6 +100,16 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
+def free_stem(out_dir: Path, stem: str, suffixes: tuple[str, ...] = (".json",)) -> str:
+    """`stem`, or `stem-2`, `stem-3`, ... : the first name none of whose files exist in out_dir. Benchmarks never
+    overwrite an earlier result (a second run on the same day keeps the first one's file)."""
+    n, name = 1, stem
+    while any((out_dir / f"{name}{s}").exists() for s in suffixes):
+        n += 1
+        name = f"{stem}-{n}"
+    return name
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -58,6 +58,17 @@ def _speedrun_figures(d: dict[str, Any]) -> str:
     return text
 
 
+def _pooled_figures(d: dict[str, Any]) -> str:
+    """bench/peer_pool.py: both sides over every pooled seed, the difference ± its standard error."""
+    o, a = d["ours"], d["airbench"]
+    parts = [f"{label}: ours {o[f'{k}_mean']:.2%} ± {o[f'{k}_std']:.2%}, airbench {a[f'{k}_mean']:.2%} ± "
+             f"{a[f'{k}_std']:.2%}, ours - airbench {d[k]['delta'] * 100:+.2f} ± {d[k]['se'] * 100:.2f} pp"
+             for k, label in (("acc", "TTA"), ("acc_no_tta", "no TTA"))]
+    ratios = d["epoch_time_ratio"]["per_source"]
+    return (f"{d['epochs']} epochs, n={o['n']} seeds; " + "; ".join(parts)
+            + (f"; epoch-time ratio ours/airbench {min(ratios):.2f}–{max(ratios):.2f}" if ratios else ""))
+
+
 def _suite_figures(d: dict[str, Any]) -> str:
     parts = [_loader_figures(d["loader"]) if d.get("loader") else "",
              _model_figures(d["model"]) if d.get("model") else ""]
@@ -80,6 +91,8 @@ def row(path: Path) -> list[str] | None:
         what, figures = "loader", _loader_figures(d)
     elif d.get("what") == "model":
         what, figures = "model", _model_figures(d)
+    elif d.get("kind") == "peer-airbench-pooled":
+        what, figures = "speedrun vs airbench, pooled", _pooled_figures(d)
     elif "airbench" in d:
         what, figures = "speedrun vs airbench", _speedrun_figures(d)
     else:

@@ -104,13 +104,10 @@ def seed_lines(s: dict[str, Any]) -> list[str]:
 
 def result_paths(out_dir: Path, device_name: str) -> tuple[Path, Path]:
     """bench/results/<date>-<device>.json/.md; a second run on the same day gets -2, -3, ... (never overwrites)."""
-    from fastcifar.bench.env import slug
+    from fastcifar.bench.env import free_stem, slug
 
     stem = f"{_dt.date.today().isoformat()}-{slug(device_name.replace('CPU: ', 'cpu '))}"
-    n, name = 1, stem
-    while (out_dir / f"{name}.json").exists():
-        n += 1
-        name = f"{stem}-{n}"
+    name = free_stem(out_dir, stem, (".json", ".md"))
     return out_dir / f"{name}.json", out_dir / f"{name}.md"
 
 

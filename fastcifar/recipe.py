@@ -112,6 +112,9 @@ class AugmentCfg:
     erasing_value: Literal["random", "zero", "constant"] = "random"
     erasing_constant: tuple[float, float, float] = (0.0, 0.0, 0.0)  # per-channel fill (normalised units)
     cutout: int = 0  # square cutout side in pixels; 0 = off
+    # "centre": DeVries & Taylor's cutout, a uniform centre and the square clipped at the border (~118 of 144 px
+    # zeroed on average for 12 px at 32 px); "inside": airbench96's, the whole square inside the image.
+    cutout_mode: Literal["centre", "inside"] = "centre"
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_p: float = 1.0  # probability that a batch is mixed at all (when mixup or cutmix is on)

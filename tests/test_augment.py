@@ -121,6 +121,21 @@ def test_cutout_zeroes_a_clipped_square():
     assert zeroed.max() == 64 and zeroed.min() >= 16  # full square inside, at least a quarter at a corner
 
 
+def test_cutout_inside_keeps_the_whole_square_in_the_image():
+    # augment.cutout_mode = "inside" (airbench96's): every square is whole and every position is reachable;
+    # "centre" clips at the border, so a 12 px square zeroes ~118 of its 144 px on average at 32 px.
+    x = torch.ones(4000, 3, 32, 32)
+    inside = A.cutout(x, 12, torch.Generator().manual_seed(0), inside=True)
+    zeroed = (inside == 0).all(1)
+    assert (zeroed.flatten(1).sum(1) == 144).all()
+    rows = zeroed.any(2).float().argmax(1)  # top row of each square
+    assert rows.min() == 0 and rows.max() == 20
+    centre = (A.cutout(x, 12, torch.Generator().manual_seed(0)) == 0).all(1).flatten(1).sum(1).float()
+    assert abs(centre.mean().item() - 10.875 ** 2) < 2.0  # E[clipped side] = 348 / 32 = 10.875 px per axis
+    whole = A.cutout(torch.ones(2, 3, 8, 8), 12, torch.Generator().manual_seed(0), inside=True)
+    assert (whole == 0).all()  # a square larger than the image covers all of it
+
+
 def test_build_train_transform_runs_every_basic_op():
     tf = A.build_train_transform(AugmentCfg(erasing_p=0.5, cutout=4, resize=40, translate=2), (0.5,) * 3, (0.5,) * 3)
     source = _batch(8).permute(0, 2, 3, 1).contiguous()  # the store layout: NHWC
@@ -147,14 +162,15 @@ def test_alternating_flip_flips_each_image_on_alternate_epochs():
     assert torch.equal(torch.where(flipped0[:, None, None, None], x, x.flip(-1)), e1)  # the other way on odd
 
 
-@pytest.mark.parametrize("flip_mode", ["random", "alternate"])
-def test_fused_pipeline_equals_the_unfused_ops_with_the_same_draws(flip_mode):
+@pytest.mark.parametrize("flip_mode, cutout_mode", [("random", "centre"), ("alternate", "centre"),
+                                                     ("alternate", "inside")])
+def test_fused_pipeline_equals_the_unfused_ops_with_the_same_draws(flip_mode, cutout_mode):
     # The hot path (crop + flip + erasing + cutout) goes through kernels.crop_flip; on CPU that is its torch
     # reference. With zero / constant fills it must draw and apply exactly what the op-by-op chain does.
     from fastcifar.augment.pipeline import fusable
 
     cfg = AugmentCfg(crop_padding=4, flip_mode=flip_mode, erasing_p=0.7, erasing_value="constant",
-                     erasing_constant=(0.5, -1.0, 2.0), cutout=6)
+                     erasing_constant=(0.5, -1.0, 2.0), cutout=6, cutout_mode=cutout_mode)
     assert fusable(cfg)
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
     source = _batch(64).permute(0, 2, 3, 1).contiguous()
@@ -165,5 +181,5 @@ def test_fused_pipeline_equals_the_unfused_ops_with_the_same_draws(flip_mode):
     x = A.alternating_flip(x, idx, 3) if flip_mode == "alternate" else A.hflip(x, 0.5, g)
     x = A.normalize(x, mean, std)
     x = A.random_erasing(x, 0.7, cfg.erasing_scale, cfg.erasing_ratio, cfg.erasing_constant, g)
-    ref = A.cutout(x, 6, g)
+    ref = A.cutout(x, 6, g, inside=cutout_mode == "inside")
     assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last)

@@ -123,6 +123,13 @@ def test_cutout_zeroes_one_clipped_square():
         assert 4 <= len(rows) <= 8 and 4 <= len(cols) <= 8
         assert zeroed.sum() == len(rows) * len(cols)  # one rectangle
     assert (img == 1).all()  # the input is not modified
+    corners = set()
+    for _ in range(200):  # cutout_mode = "inside": always the whole square
+        zeroed = (Cutout(8, inside=True)(img) == 0).all(0)
+        assert zeroed.sum() == 64
+        corners.add(tuple(zeroed.nonzero()[0].tolist()))
+    rows = {r for r, _ in corners}
+    assert min(rows) == 0 and max(rows) == 24  # every top row from 0 to 32 - 8 is reachable
 
 
 def test_alternating_flip_is_refused_in_one_line(tiny, tmp_path, capsys):

@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 
 from fastcifar.checkpoint import load_checkpoint
+from fastcifar.models import create_model
 from fastcifar.optim import Lookahead, MuonFilters, build_optimizer, build_scheduler
 from fastcifar.recipe import OptimCfg, ScheduleCfg, load_recipe
 from fastcifar.run import run_training
@@ -142,3 +143,31 @@ def test_muon_on_channels_last_filters_updates_them_as_on_contiguous_ones():
         opt.step()
         results.append(w.detach().contiguous())
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, variant", [("speedrun94", "94"), ("speedrun95", "95"), ("speedrun96", "96"),
+                                           ("seed000_fast", "96")])
+def test_tier_recipes_are_airbench_translated(name, variant):
+    """Each tier's numbers follow from the airbench module it cites (airbench 0.1.8, in the [dev] extra): widths,
+    epochs, augmentation, lr and weight decay converted from airbench's summed-loss, per-1024 form."""
+    ab = pytest.importorskip(f"airbench.lib_airbench{variant}")
+    opt, aug, net = ab.hyp["opt"], ab.hyp["aug"], ab.hyp["net"]
+    r = load_recipe(RECIPES / f"{name}.toml")
+    model = create_model(r.model.name, num_classes=10, image_size=32)
+    widths = [g.conv1.out_channels for n, g in model.named_children() if n.startswith("group")]
+    assert widths == [net["widths"][f"block{i}"] for i in (1, 2, 3)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.momentum == pytest.approx(1 - net["batchnorm_momentum"]) for m in norms)  # torch: 1 - m
+    assert model.scale.factor == net["scaling_factor"]
+    assert r.train.epochs == round(opt["train_epochs"]) and r.train.batch_size == opt["batch_size"]
+    assert r.train.label_smoothing == opt["label_smoothing"] and r.optim.momentum == opt["momentum"]
+    assert r.model.whiten_bias_epochs == opt["whiten_bias_epochs"]
+    # our mean loss over the batch: lr = airbench's lr / (1 + 1 / (1 - momentum)); the same per-step decay
+    kilostep = 1 + 1 / (1 - opt["momentum"])
+    assert r.optim.lr == pytest.approx(opt["lr"] / kilostep, rel=2e-3)
+    assert r.optim.lr * r.optim.weight_decay == pytest.approx(opt["weight_decay"] * 1024 / (1024 * kilostep), rel=3e-3)
+    assert (r.augment.crop_padding, r.augment.crop_padding_mode) == (aug["translate"], "reflect")
+    assert r.augment.flip_mode == "alternate" and r.augment.translate == 0
+    assert (r.augment.cutout, r.augment.cutout_mode if aug.get("cutout") else "-") == \
+        (aug.get("cutout", 0), "inside" if aug.get("cutout") else "-")
+    assert r.eval.tta == {2: "flip_translate", 1: "flip", 0: "none"}[net["tta_level"]]

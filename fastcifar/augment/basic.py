@@ -113,11 +113,13 @@ def random_erasing(x: torch.Tensor, p: float, scale, ratio, value, gen: torch.Ge
     return fill_boxes(x, top, left, eh, ew, apply & found, value, gen, inplace)
 
 
-def cutout(x: torch.Tensor, size: int, gen: torch.Generator, inplace: bool = False) -> torch.Tensor:
-    """Cutout (DeVries & Taylor 2017): a size x size square at a uniform centre, clipped at the border, zeroed."""
+def cutout(x: torch.Tensor, size: int, gen: torch.Generator, inplace: bool = False,
+           inside: bool = False) -> torch.Tensor:
+    """Cutout (DeVries & Taylor 2017): a size x size square at a uniform centre, clipped at the border, zeroed;
+    inside=True: the whole square inside the image (airbench96's), see cutout_boxes."""
     b, _, h, w = x.shape
     active = torch.ones(b, dtype=torch.bool, device=x.device)
-    return fill_boxes(x, *cutout_boxes(b, h, w, size, gen, x.device), active, "zero", gen, inplace)
+    return fill_boxes(x, *cutout_boxes(b, h, w, size, gen, x.device, inside), active, "zero", gen, inplace)
 
 
 def alternating_flip_mask(idx: torch.Tensor, epoch: int) -> torch.Tensor:
@@ -146,8 +148,15 @@ def random_translate(x: torch.Tensor, t: int, gen: torch.Generator) -> torch.Ten
     return crop_with_offsets(x, t, t - dy, t - dx, mode="constant")
 
 
-def cutout_boxes(b: int, h: int, w: int, size: int, gen: torch.Generator, device) -> tuple[torch.Tensor, ...]:
-    """(top, left, height, width) of each sample's cutout square, clipped at the border."""
+def cutout_boxes(b: int, h: int, w: int, size: int, gen: torch.Generator, device,
+                 inside: bool = False) -> tuple[torch.Tensor, ...]:
+    """(top, left, height, width) of each sample's cutout square: centred uniformly and clipped at the border,
+    or with inside=True its top-left corner uniform over the positions that keep it whole (a square larger than
+    the image covers all of it)."""
+    if inside:
+        top = _randint(torch.full((b,), max(h - size + 1, 1), device=device), gen)
+        left = _randint(torch.full((b,), max(w - size + 1, 1), device=device), gen)
+        return top, left, (h - top).clamp(max=size), (w - left).clamp(max=size)
     cy = _randint(torch.full((b,), h, device=device), gen)
     cx = _randint(torch.full((b,), w, device=device), gen)
     top, left = (cy - size // 2).clamp(min=0), (cx - size // 2).clamp(min=0)

@@ -63,7 +63,7 @@ def _erase(cfg: AugmentCfg, x: torch.Tensor, gen: torch.Generator) -> torch.Tens
         value = cfg.erasing_constant if cfg.erasing_value == "constant" else cfg.erasing_value
         x = B.random_erasing(x, cfg.erasing_p, cfg.erasing_scale, cfg.erasing_ratio, value, gen, inplace=True)
     if cfg.cutout:
-        x = B.cutout(x, cfg.cutout, gen, inplace=True)
+        x = B.cutout(x, cfg.cutout, gen, inplace=True, inside=cfg.cutout_mode == "inside")
     return x
 
 
@@ -102,7 +102,8 @@ def _fused(cfg: AugmentCfg, mean, std, dtype: torch.dtype) -> Transform:
             top, left, eh, ew, found = B.erasing_boxes(b, h, w, cfg.erasing_scale, cfg.erasing_ratio, gen, dev)
             boxes.append(torch.stack([top, left, eh * (apply & found), ew], 1))  # height 0 = no box
         if cfg.cutout:
-            boxes.append(torch.stack(B.cutout_boxes(b, h, w, cfg.cutout, gen, dev), 1))
+            inside = cfg.cutout_mode == "inside"
+            boxes.append(torch.stack(B.cutout_boxes(b, h, w, cfg.cutout, gen, dev, inside), 1))
         box_t = torch.stack(boxes, 1) if boxes else torch.zeros(b, 0, 4, device=dev, dtype=torch.long)
         if dev not in fills:  # once per device: a per-batch host-to-device copy would stall the CUDA stream
             fills[dev] = torch.tensor(consts, dtype=torch.float32).view(len(kinds), c).to(dev)

@@ -80,7 +80,8 @@ def _draw_params(cfg: AugmentCfg, idx: torch.Tensor, epoch: int, out_size: int, 
         keep = (apply & found).long()[:, None]  # a 0 x 0 box erases nothing
         p["erase_at"], p["erase_hw"] = torch.stack([top, left], 1).float(), (torch.stack([eh, ew], 1) * keep).float()
     if cfg.cutout:
-        top, left, ch, cw = B.cutout_boxes(b, out_size, out_size, cfg.cutout, gen, "cpu")
+        top, left, ch, cw = B.cutout_boxes(b, out_size, out_size, cfg.cutout, gen, "cpu",
+                                           inside=cfg.cutout_mode == "inside")
         p["cut_at"], p["cut_hw"] = torch.stack([top, left], 1).float(), torch.stack([ch, cw], 1).float()
     return {k: np.ascontiguousarray(v.numpy()) for k, v in p.items()}
 

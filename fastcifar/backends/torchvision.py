@@ -53,14 +53,19 @@ class NormalizeLikeDevice(v2.Transform):
 
 class Cutout(v2.Transform):
     """Cutout (DeVries & Taylor 2017): one size x size square at a uniform centre, clipped at the border, set to
-    0 on the normalised image (the dataset mean), as fastcifar.augment.basic.cutout does on a batch."""
+    0 on the normalised image (the dataset mean), as fastcifar.augment.basic.cutout does on a batch; inside=True
+    keeps the whole square inside the image (augment.cutout_mode = "inside")."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, inside: bool = False):
         super().__init__()
-        self.size = size
+        self.size, self.inside = size, inside
 
     def make_params(self, flat_inputs: list) -> dict:
         h, w = v2.query_size(flat_inputs)
+        if self.inside:
+            top = int(torch.randint(max(h - self.size + 1, 1), ()))
+            left = int(torch.randint(max(w - self.size + 1, 1), ()))
+            return {"rows": slice(top, top + self.size), "cols": slice(left, left + self.size)}
         cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
         top, left = max(cy - self.size // 2, 0), max(cx - self.size // 2, 0)
         return {"rows": slice(top, min(cy - self.size // 2 + self.size, h)),
@@ -107,7 +112,7 @@ def _erase(cfg: AugmentCfg) -> list:
         value = {"random": "random", "zero": 0.0}.get(cfg.erasing_value, list(cfg.erasing_constant))
         ops.append(v2.RandomErasing(cfg.erasing_p, cfg.erasing_scale, cfg.erasing_ratio, value=value))
     if cfg.cutout:
-        ops.append(Cutout(cfg.cutout))
+        ops.append(Cutout(cfg.cutout, cfg.cutout_mode == "inside"))
     return ops
 
 

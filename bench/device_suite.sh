@@ -16,14 +16,24 @@
 #   6 suite       seed workload (img/s, projected hours), loader table (HBM share), CIFAR-stem ResNets,
 #                 compile cells -> <date>-<gpu>.json / .md
 #   7 fold        resnet34_onecycle fold 0 for whatever time is left (time to accuracy: fold0/metrics.csv)
+# The second call, BENCH_ONLY=seed000_fast, runs stages 1-3 (install and prepare are no-ops on a warm box) and then
+#   8 seed000_fast  seed 000's stratified 5 folds of the merged 60k on the 96 % tier, folds in sequence, for the
+#                 whole budget -> $OUT/seed000_fast (summary.json, report.md, each fold's result, curves, figures);
+#                 the run folder stays in the tree, so a later call on the same box resumes the folds not done
 # $OUT/device_suite.log has everything printed, $OUT/stages.tsv one line a stage (name, exit code, seconds).
 #
 # Environment: OUT            where results go (set by the device tool; default bench/results)
 #              BENCH_QUICK=1  the CPU rehearsal (tests/test_device_rehearsal.py): tiny sizes, no GPU needed
 #              BENCH_TOTAL_S  the whole call's budget in seconds
+#              BENCH_ONLY     seed000_fast: the second call (stages 1-3, then 8 only)
 #              PYTHON         interpreter (default python3, or .venv/bin/python when present)
 set -uo pipefail  # not -e: a failed stage is recorded and the next one still runs
 START=$(date +%s)
+ONLY="${BENCH_ONLY:-}"
+if [[ -n "$ONLY" && "$ONLY" != seed000_fast ]]; then
+  echo "device_suite: error: BENCH_ONLY=$ONLY: the only stage that runs alone is seed000_fast" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT="${OUT:-bench/results}"
@@ -73,12 +83,38 @@ sys.exit(0 if os.path.realpath(fastcifar.__file__).startswith(os.path.realpath('
 T0=$(date +%s); install; printf 'install\t%s\t%s\n' "$?" "$(( $(date +%s) - T0 ))" >> "$OUT/stages.tsv"
 stage preflight 30 "$PYTHON" -m fastcifar.bench.preflight --out "$OUT/preflight.json" ${QUICK:+--quick} || {
   say "preflight failed: the GPU stages cannot run here (see $OUT/preflight.json)"; exit 2; }
-if [[ -f "$ARCHIVE" ]]; then
+if [[ -f "$STORE/meta.json" ]]; then
+  say "store $STORE already prepared (an earlier call on this box)"
+elif [[ -f "$ARCHIVE" ]]; then
   stage prepare 90 "$PYTHON" -m fastcifar prepare --source "$ARCHIVE" --out "$STORE" || exit 2
-elif [[ ! -f "$STORE/meta.json" ]]; then
+else
   echo "device_suite: error: no archive at $ARCHIVE and no store at $STORE (run bench/stage_device.sh)" >&2
   exit 2
 fi
+
+seed000_fast() {
+  # In the tree (git-ignored runs/), not in $OUT: a warm box keeps it between calls, so a call cut short is
+  # continued by the next (--resume skips finished folds). Everything but the checkpoints (~150 MB a fold: weights,
+  # momentum, Lookahead's slow copy) is copied to $OUT, also after a timeout (the trainer checkpoints and exits 143).
+  local run=runs/seed000_fast rc=0
+  local args=(--set "data.store=\"$STORE\"" --out "$run")
+  [[ -f "$run/recipe.toml" ]] && args+=(--resume)
+  [[ -n "$QUICK" ]] && args+=(--set model.width=8 --set train.epochs=1 --set train.batch_size=16 \
+    --set eval.batch_size=32 --set split.fold=0 --set train.compile=false)
+  stage seed000_fast $(( $(left) - 10 )) "$PYTHON" -m fastcifar train recipes/seed000_fast.toml "${args[@]}" || rc=$?
+  if [[ -d "$run" ]]; then
+    mkdir -p "$OUT/seed000_fast"
+    tar -C "$run" --exclude=checkpoints -cf - . | tar -C "$OUT/seed000_fast" -xf -
+  fi
+  return $rc
+}
+if [[ "$ONLY" == seed000_fast ]]; then
+  seed000_fast
+  say "done; results in $OUT:"
+  ls -la "$OUT"
+  exit 0
+fi
+
 mapfile -t CUDA_TESTS < <(grep -l "pytest.mark.cuda" tests/test_*.py)  # files without hypothesis / sklearn
 stage "cuda tests" 90 "$PYTHON" -m pytest -q -rs -m cuda -p no:cacheprovider --junitxml="$OUT/cuda-tests.xml" \
   "${CUDA_TESTS[@]}"

@@ -46,3 +46,7 @@ echo
 echo 'carry:   ["carry", "bench/wheels"]'
 echo 'command: bash bench/device_suite.sh carry/data/cifar10-jpeg.tar.gz'
 echo 'timeout: 540 s (the call budgets itself to 470 s; results land in $OUT as each stage ends)'
+echo
+echo 'then AT ONCE (the box goes back after 30 s idle), with S = budget_left_s from `status` minus 60:'
+echo 'command: BENCH_ONLY=seed000_fast BENCH_TOTAL_S=S bash bench/device_suite.sh'
+echo 'timeout: S + 20 s (seed 000'"'"'s 5 folds on the 96 % tier; folds not done resume in a later call on the same box)'

@@ -13,6 +13,8 @@ from synth import make_archive, make_image_folder
 
 # What the call may leave in the tree: the store it prepares, build and cache output (none of it is a result).
 BYPRODUCTS = ("data/cifar10-suite/", "fastcifar.egg-info/", "build/", ".pytest_cache/")
+# ... and, from the second call, seed000_fast's run folder, kept in the tree so a later call resumes it.
+RUN_FOLDER = "runs/seed000_fast/"
 
 
 def _files(root: Path) -> set[str]:
@@ -29,8 +31,9 @@ def test_device_call_rehearsal_brings_every_result_back_in_out(tmp_path):
     out.mkdir()
     before = _files(tree)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON", "VIRTUAL_ENV"))}
+    # BENCH_TOTAL_S: the quick call takes ~45 s on 2 idle cores, but ~150 s (its default budget) when they are busy
     env.update(OUT=str(out), BENCH_QUICK="1", PIP_NO_INDEX="1", PYTHON=str(box_python(tmp_path / "box")),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", BENCH_TOTAL_S="360")
     proc = subprocess.run(["bash", "bench/device_suite.sh"], cwd=tree, env=env, capture_output=True, text=True,
                           timeout=420)
     log = proc.stdout + proc.stderr
@@ -54,3 +57,27 @@ def test_device_call_rehearsal_brings_every_result_back_in_out(tmp_path):
 
     added = sorted(f for f in _files(tree) - before if not f.startswith(BYPRODUCTS))
     assert not added, f"written outside $OUT (lost on the box): {added}"
+
+    # The second call on the same (warm) box: seed000_fast alone; the store is reused, not prepared again.
+    second = _second_call(tree, tmp_path / "out2", env)
+    fold = json.loads((second / "seed000_fast" / "fold0" / "result.json").read_text())
+    assert 0.0 <= fold["val_acc"] <= 1.0 and fold["figures"]  # the seed's figures came back
+    assert not list(second.rglob("checkpoints")) and (tree / RUN_FOLDER / "fold0" / "checkpoints").is_dir()
+    # A third call resumes the run in the tree: the finished fold is kept, not trained again.
+    third = _second_call(tree, tmp_path / "out3", env)
+    assert (third / "seed000_fast" / "fold0" / "result.json").read_bytes() == \
+        (second / "seed000_fast" / "fold0" / "result.json").read_bytes()
+    added = sorted(f for f in _files(tree) - before if not f.startswith((*BYPRODUCTS, RUN_FOLDER)))
+    assert not added, f"written outside $OUT (lost on the box): {added}"
+
+
+def _second_call(tree: Path, out: Path, env: dict[str, str]) -> Path:
+    out.mkdir()
+    proc = subprocess.run(["bash", "bench/device_suite.sh"], cwd=tree, env={**env, "OUT": str(out),
+                          "BENCH_ONLY": "seed000_fast"}, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    stages = dict(line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines())
+    assert stages == {"install": "0", "preflight": "0", "seed000_fast": "0"}, (stages, log[-3000:])
+    assert "already prepared" in log
+    return out

@@ -23,6 +23,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import fastcifar  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`: use the repository this file lives in
+    sys.path.insert(0, str(ROOT))
+
+from fastcifar.atomic import write_json  # noqa: E402
+from fastcifar.errors import FastCifarError  # noqa: E402
+from fastcifar.recipe import recipe_from_dict  # noqa: E402
+
 KIND = "peer-airbench-pooled"
 SIDES = ("ours", "airbench")
 # What must agree between files: everything that shapes either side's runs but the seed.
@@ -60,8 +70,13 @@ def _seeds(d: dict[str, Any]) -> list[int]:
     return [first + i for i in range(len(d["ours"]["runs"]))]
 
 
-def _without_seed(d: dict[str, Any]) -> dict[str, Any]:
-    resolved = json.loads(json.dumps(d["recipe"]["resolved"]))
+def _without_seed(path: Path, d: dict[str, Any]) -> dict[str, Any]:
+    """The resolved recipe as today's code reads it (a key added since the file was written takes its default,
+    which keeps the old behaviour), without train.seed."""
+    try:
+        resolved = json.loads(json.dumps(recipe_from_dict(d["recipe"]["resolved"]).to_dict()))
+    except FastCifarError as e:
+        raise PoolError(f"{path}: its resolved recipe does not load: {e}") from None
     resolved["train"].pop("seed", None)
     return resolved
 
@@ -73,7 +88,7 @@ def check_same(paths: list[Path], docs: list[dict[str, Any]]) -> None:
         for what, a, b in (("device", d.get("device"), ref.get("device")),
                            ("store (sha256 of its arrays)", (d.get("store") or {}).get("sha256"),
                             (ref.get("store") or {}).get("sha256")),
-                           ("recipe (apart from train.seed)", _without_seed(d), _without_seed(ref))):
+                           ("recipe (apart from train.seed)", _without_seed(path, d), _without_seed(ref_path, ref))):
             if a != b:
                 raise PoolError(f"{path}: its {what} differs from {ref_path}'s; pool only runs of one comparison")
         for k in SAME_AIRBENCH:
@@ -145,9 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     ratios = result["epoch_time_ratio"]["per_source"]
     print("epoch-time ratio ours / airbench per file: " + ", ".join(f"{r:.2f}" for r in ratios))
     if args.out:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from fastcifar.atomic import write_json
-
         write_json(args.out, result)
         print(f"wrote {args.out}")
     return 0

@@ -77,6 +77,8 @@ def test_pools_every_run_of_both_sides_with_its_seed(pp, tmp_path):
     ({"recipe__resolved__train__seed": 1}, "seed 1 was already run"),
     ({"recipe__resolved__train__epochs": 4}, "recipe (apart from train.seed) differs"),
     ({"store__sha256": {"train_images.npy": "bb"}}, "store (sha256 of its arrays) differs"),
+    ({"recipe__resolved__augment": {"cutout_mode": "inside"}}, "recipe (apart from train.seed) differs"),
+    ({"recipe__resolved__train__epochs": -1}, "its resolved recipe does not load: train.epochs"),
     ({"device": "cuda"}, "device differs"),
     ({"airbench__epochs": 9.9}, "airbench epochs 9.9 differs"),
     ({"tiny": True}, "a --tiny smoke run"),
@@ -90,6 +92,14 @@ def test_refuses_files_of_another_comparison_in_one_line(pp, tmp_path, capsys, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and says in err and "b.json" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_key_added_since_with_its_default_is_the_same_recipe(pp, tmp_path):
+    # a file written before augment.cutout_mode existed pools with one that records its default
+    a = write(tmp_path, "a.json", result(0, [(0.85, 0.84)], [(0.84, 0.83)], 0.88))
+    b = write(tmp_path, "b.json", result(1, [(0.83, 0.82)], [(0.86, 0.84)], 0.85,
+                                         recipe__resolved__augment={"cutout_mode": "centre"}))
+    assert pp.main([str(a), str(b)]) == 0
 
 
 def test_never_writes_over_an_existing_file(pp, tmp_path, capsys):

@@ -132,9 +132,9 @@ def pool(paths: list[Path], command: str) -> dict[str, Any]:
     env = docs[0].get("environment") or {}
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return {"kind": KIND, "date": now, "device": docs[0].get("device"), "sources": sources,
-            "epochs": docs[0]["recipe"]["resolved"]["train"]["epochs"], "airbench_epochs": docs[0]["airbench"]["epochs"],
-            "ours": ours, "airbench": peer, "acc": _delta(ours, peer, "acc"),
-            "acc_no_tta": _delta(ours, peer, "acc_no_tta"),
+            "epochs": docs[0]["recipe"]["resolved"]["train"]["epochs"],
+            "airbench_epochs": docs[0]["airbench"]["epochs"], "ours": ours, "airbench": peer,
+            "acc": _delta(ours, peer, "acc"), "acc_no_tta": _delta(ours, peer, "acc_no_tta"),
             "epoch_time_ratio": {"per_source": ratios, "max": max(ratios) if ratios else None},
             "environment": {"date": now, "device_name": env.get("device_name"), "command": command}}
 

@@ -81,10 +81,12 @@ def plot_curves(history: list[dict], path: str | os.PathLike, stage_boundary: in
     ep = [r["epoch"] for r in history]
     col = lambda key: [float(r[key]) for r in history]  # noqa: E731
     marker = "o" if len(history) <= 30 else None  # markers show single points on short runs, clutter on long ones
+    validated = [r for r in history if r.get("val_acc") is not None]  # eval.every: the epochs validated
+    val_ep, val_marker = [r["epoch"] for r in validated], "o" if len(validated) <= 30 else None
     ax_loss.plot(ep, col("train_loss"), marker=marker, ms=3, label="train")
-    ax_loss.plot(ep, col("val_loss"), marker=marker, ms=3, label="val")
+    ax_loss.plot(val_ep, [float(r["val_loss"]) for r in validated], marker=val_marker, ms=3, label="val")
     ax_acc.plot(ep, [100 * v for v in col("train_acc")], marker=marker, ms=3, label="train")
-    ax_acc.plot(ep, [100 * v for v in col("val_acc")], marker=marker, ms=3, label="val")
+    ax_acc.plot(val_ep, [100 * float(r["val_acc"]) for r in validated], marker=val_marker, ms=3, label="val")
     lrs = col("lr")
     ax_lr.plot(ep, lrs, color="tab:purple", marker=marker, ms=3, label="lr")
     if lrs and min(lrs) > 0 and max(lrs) / min(lrs) > 10:  # a log axis only helps when lr spans decades

@@ -234,7 +234,7 @@ class TrainCfg:
     amp_cpu: bool = False  # also bf16 autocast on the CPU (cnn_bn trained at 41 vs 521 img/s fp32 on a 2-core EPYC)
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off
-    early_stopping_patience: int = 0  # epochs without improvement of eval.metric; 0 = off
+    early_stopping_patience: int = 0  # validations (eval.every) without improvement of eval.metric; 0 = off
     checkpoint_every: int = 1  # epochs between `last` checkpoints
     threads: int = 0  # CPU intra-op threads; 0 = torch's default
     deterministic: bool = False  # deterministic kernels: same device + seed -> identical weights
@@ -282,9 +282,14 @@ class EvalCfg:
     gradcam_layer: str = ""  # a dotted module name (e.g. "layer4.1.conv2"); "" = the last conv layer
     tta: Literal["none", "flip", "flip_translate"] = "none"  # test-time augmentation: average the logits of
     # the image and its mirror ("flip"), plus 1-pixel shifts of both ("flip_translate", the speedruns' TTA)
+    # Validate after every `every`-th epoch and always after the last (0: after the last only). best.pt and
+    # early stopping see validated epochs only; train.early_stopping_patience then counts validations. With
+    # 6-view TTA a speed run's validation costs ~40 % of a training epoch's FLOPs: a run of seconds needs it once.
+    every: int = 1
 
     def validate(self) -> None:
         check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.every >= 0, "eval.every", f"must be >= 0 (0 = after the last epoch only), got {self.every}")
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ class FoldLog:
             return
         self._last = None  # the next epoch's totals start from zero
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "epoch_time_s"):
-            self.writer.add_scalar(f"epoch/{key}", row[key], global_step)
+            if row[key] is not None:  # val_* on an epoch eval.every skipped
+                self.writer.add_scalar(f"epoch/{key}", row[key], global_step)
         self.writer.flush()
 
     def finish(self, recipe: Recipe, result: dict[str, Any], fold_dir: Path) -> None:

@@ -207,11 +207,13 @@ def fit(run: FoldRun, state: TrainState, hooks: Hooks, progress: RunProgress, st
         if whiten and state.stage == 2 and set_whiten_bias(run.model, epoch < whiten):
             run.step.model = run.strategy.train_net(run.model, run.engine)  # DDP hooks what requires grad
         totals = run.strategy.reduce(train_epoch(run, state, epoch, hooks, progress, stop))
-        row = run.strategy.agree(validate(run, epoch, totals))
+        row = run.strategy.agree(validate(run, epoch, totals, validates(run.recipe, epoch)))
         end_epoch(run, state, early, row)
         run.tb.epoch((epoch + 1) * steps, row)
+        val = (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}" if row["val_acc"] is not None
+               else "not validated")
         run.say(f"fold {run.fold.index} epoch {row['epoch']:>3}/{tr.epochs}  train loss {row['train_loss']:.4f} "
-                f"acc {row['train_acc']:.2%}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  "
+                f"acc {row['train_acc']:.2%}  {val}  "
                 f"lr {row['lr']:.3g}  {row['epoch_time_s']:.1f}s  {row['img_per_s']:,.0f} img/s"
                 + (f"  skipped {row['skipped_steps']} steps" if row["skipped_steps"] else ""))
         if hooks.on_epoch_end:
@@ -264,10 +266,19 @@ def _book_time(run: FoldRun, state: TrainState, totals: EpochTotals, clock: Step
     run.warmup_left = clock.warmup_left
 
 
-def validate(run: FoldRun, epoch: int, totals: EpochTotals) -> dict[str, float]:
-    """The epoch's metrics.csv row: training totals and one validation pass."""
+def validates(recipe: Recipe, epoch: int) -> bool:
+    """eval.every: validate after every `every`-th epoch (0: none) and always after the last (0-based epoch)."""
+    every, done = recipe.eval.every, epoch + 1
+    return done == recipe.train.epochs or (every > 0 and done % every == 0)
+
+
+def validate(run: FoldRun, epoch: int, totals: EpochTotals, validating: bool = True) -> dict[str, Any]:
+    """The epoch's metrics.csv row: training totals and one validation pass (val_* None when not validating)."""
     t0 = time.perf_counter()
-    val = evaluate(run.engine.eval_net, run.data.val, run.device, run.dtype, len(run.classes), **run.eval_kwargs)
+    val = {"loss": None, "acc": None}
+    if validating:
+        val = evaluate(run.engine.eval_net, run.data.val, run.device, run.dtype, len(run.classes),
+                       **run.eval_kwargs)
     seen = max(totals.seen, 1)
     return {"epoch": epoch + 1, "train_loss": float(totals.loss_sum) / seen,
             "train_acc": int(totals.correct) / seen, "val_loss": val["loss"], "val_acc": val["acc"],
@@ -280,7 +291,7 @@ def end_epoch(run: FoldRun, state: TrainState, early: EarlyStopping, row: dict[s
     """Book the epoch: best.pt when it improved, metrics.csv, and last.pt on schedule."""
     state.history.append(row)
     state.epoch = row["epoch"]
-    if early.update(state, row):
+    if row["val_acc"] is not None and early.update(state, row):  # eval.every: only validated epochs compete
         save_best(run, row)
     if run.strategy.writes_fold:
         write_text(run.dir / "metrics.csv", metrics_csv(state.history))

@@ -164,3 +164,38 @@ def test_eval_refuses_truncated_and_mismatched_checkpoints(tiny, store, tmp_path
     torch.save(ckpt, tmp_path / "swapped.pt")
     assert main(["eval", str(tmp_path / "swapped.pt"), "--data", str(store)]) == 2
     assert "swapped.pt: weights do not fit resnet9" in capsys.readouterr().err
+
+
+def test_eval_every_validates_on_schedule_and_after_the_last_epoch(tiny, store, tmp_path):
+    # eval.every = 2 over 5 epochs: epochs 2, 4 and the last (5); best.pt comes from those only
+    run = tmp_path / "every2"
+    summary = run_training(tiny(train={"epochs": 5}, eval={"every": 2, "figures": True}), run, QUIET)
+    rows = _rows(run / "metrics.csv")
+    assert [r["val_acc"] != "" for r in rows] == [False, True, False, True, True]
+    assert all(r["train_loss"] for r in rows)  # training metrics every epoch
+    assert summary["folds"][0]["best_epoch"] in (2, 4, 5)
+    assert (run / "figures" / "curves.png").stat().st_size > 0  # the curves draw the validated epochs only
+    # eval.every = 0: only after the last epoch, so the last epoch is the best
+    last_only = run_training(tiny(train={"epochs": 3}, eval={"every": 0}), tmp_path / "every0", QUIET)
+    assert [r["val_acc"] != "" for r in _rows(tmp_path / "every0" / "metrics.csv")] == [False, False, True]
+    assert last_only["folds"][0]["best_epoch"] == 3
+
+
+def test_early_stopping_patience_counts_validations(tiny, store, tmp_path, monkeypatch):
+    # Every validation scores the same: the first (epoch 2) is the best, the second (epoch 4) no improvement,
+    # and patience 1 stops there, after 2 validation passes and 4 epochs.
+    calls = []
+
+    def same_score(*args, **kwargs):
+        calls.append(1)
+        return {"loss": 1.0, "acc": 0.5}
+
+    monkeypatch.setattr("fastcifar.train.evaluate", same_score)
+    recipe = tiny(train={"epochs": 8, "early_stopping_patience": 1}, eval={"every": 2})
+    fold = run_training(recipe, tmp_path / "es", QUIET)["folds"][0]
+    assert (fold["epochs_run"], fold["stopped_early"], fold["best_epoch"], len(calls)) == (4, True, 2, 2)
+
+
+def test_eval_every_must_not_be_negative(tiny):
+    with pytest.raises(RecipeError, match=r"^eval\.every: must be >= 0"):
+        tiny(eval={"every": -1})

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -25,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastcifar.atomic import current_umask
+from fastcifar.atomic import atomic_path
 from fastcifar.data import open_store
 from fastcifar.engine import tta_logits
 from fastcifar.errors import CheckpointError, FastCifarError, first_line
@@ -88,20 +86,13 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path | None = None, opse
     images = sample_images(recipe, size)
     with torch.no_grad():
         want = deployed(images).numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        (_onnx if fmt == "onnx" else _torchscript)(deployed, images, Path(tmp), meta, opset)
-        got = run_exported(Path(tmp), images.numpy())
+    with atomic_path(out) as tmp:  # a failed export or parity check leaves nothing behind
+        (_onnx if fmt == "onnx" else _torchscript)(deployed, images, tmp, meta, opset)
+        got = run_exported(tmp, images.numpy())
         diff = float(np.abs(got - want).max())
         if not diff <= TOLERANCE:
             raise CheckpointError(f"{out}: parity check failed: the exported {fmt} differs from the checkpoint by "
                                   f"{diff:.3g} (tolerance {TOLERANCE})")
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     log(f"wrote {out}: input {meta['input']}, output {meta['output']}; parity on {len(images)} images: "
         f"max |logit difference| {diff:.2e} against {checkpoint}")
     return {"out": str(out), "input": meta["input"], "classes": classes, "max_abs_diff": diff, "images": len(images)}

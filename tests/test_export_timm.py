@@ -88,3 +88,17 @@ def test_export_refusals_are_one_line(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--opset: the ONNX exporter writes opsets 18 to" in err and err.count("\n") == 1
     assert not list(tmp_path.glob(".old.onnx.*"))  # nothing half-written
+
+
+def test_a_failed_parity_check_leaves_nothing_and_keeps_an_earlier_export(trained, tmp_path, capsys, monkeypatch):
+    import fastcifar.export as export_module
+
+    out = tmp_path / "m.torchscript"
+    assert main(["export", str(trained["cnn_bn"]), "--format", "torchscript", "--out", str(out)]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    monkeypatch.setattr(export_module, "run_exported", lambda path, images: np.full((len(images), 10), 9.0))
+    assert main(["export", str(trained["cnn_bn"]), "--format", "torchscript", "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "parity check failed" in err and err.count("\n") == 1
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.torchscript"]

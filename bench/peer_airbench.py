@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import importlib
+import os
 import statistics
 import sys
 import tempfile
@@ -51,7 +52,7 @@ except ImportError:  # a checkout without `pip install -e .`: use the repository
     sys.path.insert(0, str(ROOT))
 
 from fastcifar.atomic import write_json, write_with  # noqa: E402
-from fastcifar.bench.env import free_stem, slug  # noqa: E402
+from fastcifar.bench.env import environment, free_stem, slug  # noqa: E402
 from fastcifar.errors import FastCifarError  # noqa: E402
 from fastcifar.recipe import Recipe, load_recipe  # noqa: E402
 from fastcifar.splits import take_per_class  # noqa: E402
@@ -374,7 +375,6 @@ def run_harness(args: argparse.Namespace) -> Path:
     from fastcifar.data import open_store
     from fastcifar.device import resolve_device
     from fastcifar.preflight import resolve_stats
-    from fastcifar.bench.env import environment
 
     console = Console(stderr=True)
     overrides = list(args.overrides)
@@ -395,8 +395,11 @@ def run_harness(args: argparse.Namespace) -> Path:
     recipe = resolve_stats(recipe, store)  # data.mean / data.std = "auto": the store's own statistics
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # airbench sets it at import; the same for both sides
-    ours, airbench = compare(args, recipe, store, device, console)
+    # The environment (git commit, load) as the runs start: the code that ran, not the tree at the end of a
+    # run of hours in which later commits may land.
     env = environment(device)
+    ours, airbench = compare(args, recipe, store, device, console)
+    env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_slug(device),
         "environment": env, "torch": torch.__version__, "commit": env["git_commit"],

@@ -224,12 +224,19 @@ def test_airbench_own_loader_reads_adapted_data(store: Path, tmp_path: Path) -> 
                      "labels_dtype": "int64"}  # fp32 on the CPU: airbench's fp16 convolutions are GPU-only
 
 
-def test_peer_harness_tiny_on_cpu(store: Path, tmp_path: Path) -> None:
+def test_peer_harness_tiny_on_cpu(store: Path, tmp_path: Path, monkeypatch) -> None:
     originals = (torch.cuda.Event, torch.cuda.synchronize, torch.nn.Module.half, torch.nn.Module.cuda)
-    out = _harness().main(["--tiny", "--device", "cpu", "--store", str(store), "--out-dir", str(tmp_path),
-                           "--set", "model.width=8", "--set", "data.train_subset=8"])
+    harness = _harness()
+    seen = []  # the environment (its git commit) is read before the runs, not after hours of them
+    real_compare, real_env = harness.compare, harness.environment
+    monkeypatch.setattr(harness, "environment", lambda device: seen.append("environment") or real_env(device))
+    monkeypatch.setattr(harness, "compare", lambda *a: seen.append("compare") or real_compare(*a))
+    out = harness.main(["--tiny", "--device", "cpu", "--store", str(store), "--out-dir", str(tmp_path),
+                        "--set", "model.width=8", "--set", "data.train_subset=8"])
     assert out.parent == tmp_path and out.name.endswith("-cpu-speedrun-tiny.json")
+    assert seen == ["environment", "compare"]
     res = json.loads(out.read_text())
+    assert len(res["environment"]["load_avg_end"]) == 3
     assert (res["device"], res["n"], res["timer"], res["tiny"]) == ("cpu", 1, "perf_counter", True)
     ours = res["ours"]
     assert ours["status"] == "ok" and len(ours["runs"]) == 1 and 0.0 <= ours["acc_mean"] <= 1.0

@@ -148,11 +148,11 @@ def random_translate(x: torch.Tensor, t: int, gen: torch.Generator) -> torch.Ten
     return crop_with_offsets(x, t, t - dy, t - dx, mode="constant")
 
 
-def cutout_boxes(b: int, h: int, w: int, size: int, gen: torch.Generator, device,
+def cutout_boxes(b: int, h: int, w: int, size: int, gen: torch.Generator | None, device,
                  inside: bool = False) -> tuple[torch.Tensor, ...]:
     """(top, left, height, width) of each sample's cutout square: centred uniformly and clipped at the border,
     or with inside=True its top-left corner uniform over the positions that keep it whole (a square larger than
-    the image covers all of it)."""
+    the image covers all of it). gen None: torch's global generator (the per-image torchvision Cutout)."""
     if inside:
         top = _randint(torch.full((b,), max(h - size + 1, 1), device=device), gen)
         left = _randint(torch.full((b,), max(w - size + 1, 1), device=device), gen)

@@ -62,14 +62,9 @@ class Cutout(v2.Transform):
 
     def make_params(self, flat_inputs: list) -> dict:
         h, w = v2.query_size(flat_inputs)
-        if self.inside:
-            top = int(torch.randint(max(h - self.size + 1, 1), ()))
-            left = int(torch.randint(max(w - self.size + 1, 1), ()))
-            return {"rows": slice(top, top + self.size), "cols": slice(left, left + self.size)}
-        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
-        top, left = max(cy - self.size // 2, 0), max(cx - self.size // 2, 0)
-        return {"rows": slice(top, min(cy - self.size // 2 + self.size, h)),
-                "cols": slice(left, min(cx - self.size // 2 + self.size, w))}
+        # the batched ops' box (one sample), drawn from torch's global generator as v2 transforms do
+        top, left, ch, cw = (int(t) for t in B.cutout_boxes(1, h, w, self.size, None, "cpu", self.inside))
+        return {"rows": slice(top, top + ch), "cols": slice(left, left + cw)}
 
     def transform(self, inpt, params):
         if not isinstance(inpt, tv_tensors.Image):

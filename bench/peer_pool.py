@@ -83,12 +83,13 @@ def _without_seed(path: Path, d: dict[str, Any]) -> dict[str, Any]:
 
 def check_same(paths: list[Path], docs: list[dict[str, Any]]) -> None:
     ref, ref_path = docs[0], paths[0]
+    ref_recipe = _without_seed(ref_path, ref)
     seen: dict[int, Path] = {}
     for path, d in zip(paths, docs):
         for what, a, b in (("device", d.get("device"), ref.get("device")),
                            ("store (sha256 of its arrays)", (d.get("store") or {}).get("sha256"),
                             (ref.get("store") or {}).get("sha256")),
-                           ("recipe (apart from train.seed)", _without_seed(path, d), _without_seed(ref_path, ref))):
+                           ("recipe (apart from train.seed)", _without_seed(path, d), ref_recipe)):
             if a != b:
                 raise PoolError(f"{path}: its {what} differs from {ref_path}'s; pool only runs of one comparison")
         for k in SAME_AIRBENCH:

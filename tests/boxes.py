@@ -1,7 +1,8 @@
 """Test helper: what a fresh machine looks like from here. A copy of the working tree as the device tool copies
 it, and a Python that has this interpreter's packages (torch, pip, setuptools, ...) but not this checkout's
-fastcifar install."""
+fastcifar install; and the bench/ scripts (not a package) imported by path."""
 
+import importlib.util
 import shutil
 import site
 import subprocess
@@ -21,6 +22,15 @@ def tree_copy(dest: Path) -> None:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
+
+
+def bench_script(name: str):
+    """bench/<name>.py imported as the module `name` (registered in sys.modules, as dataclasses need)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def box_python(venv: Path) -> Path:

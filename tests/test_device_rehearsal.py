@@ -34,12 +34,7 @@ def test_device_call_rehearsal_brings_every_result_back_in_out(tmp_path):
     # BENCH_TOTAL_S: the quick call takes ~45 s on 2 idle cores, but ~150 s (its default budget) when they are busy
     env.update(OUT=str(out), BENCH_QUICK="1", PIP_NO_INDEX="1", PYTHON=str(box_python(tmp_path / "box")),
                OMP_NUM_THREADS="1", BENCH_TOTAL_S="360")
-    proc = subprocess.run(["bash", "bench/device_suite.sh"], cwd=tree, env=env, capture_output=True, text=True,
-                          timeout=420)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-
-    stages = dict(line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines())
+    log, stages = _call(tree, out, env, timeout=420)
     assert stages == {"install": "0", "preflight": "0", "prepare": "0", "cuda tests": "0", "peer": "0",
                       "suite": "0"}, stages
     assert "pip install failed" not in log  # the offline install itself works
@@ -71,13 +66,18 @@ def test_device_call_rehearsal_brings_every_result_back_in_out(tmp_path):
     assert not added, f"written outside $OUT (lost on the box): {added}"
 
 
-def _second_call(tree: Path, out: Path, env: dict[str, str]) -> Path:
-    out.mkdir()
-    proc = subprocess.run(["bash", "bench/device_suite.sh"], cwd=tree, env={**env, "OUT": str(out),
-                          "BENCH_ONLY": "seed000_fast"}, capture_output=True, text=True, timeout=300)
+def _call(tree: Path, out: Path, env: dict[str, str], timeout: int, **extra: str) -> tuple[str, dict[str, str]]:
+    """One device call into `out`: its log and stages.tsv as {stage: exit code}; the call must exit 0."""
+    out.mkdir(exist_ok=True)
+    proc = subprocess.run(["bash", "bench/device_suite.sh"], cwd=tree, env={**env, "OUT": str(out), **extra},
+                          capture_output=True, text=True, timeout=timeout)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
-    stages = dict(line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines())
+    return log, dict(line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines())
+
+
+def _second_call(tree: Path, out: Path, env: dict[str, str]) -> Path:
+    log, stages = _call(tree, out, env, timeout=300, BENCH_ONLY="seed000_fast")
     assert stages == {"install": "0", "preflight": "0", "seed000_fast": "0"}, (stages, log[-3000:])
     assert "already prepared" in log
     return out

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
+from boxes import bench_script
 from fastcifar.bench import results_table
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def pp():
-    spec = importlib.util.spec_from_file_location("peer_pool", ROOT / "bench" / "peer_pool.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["peer_pool"] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("peer_pool")
 
 
 def result(first_seed: int, ours: list[tuple[float, float]], airbench: list[tuple[float, float]],

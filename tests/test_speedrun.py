@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from boxes import bench_script
 from fastcifar.data import open_store
 from fastcifar.models import create_model
 from fastcifar.models.speedrun import ShiftBatchNorm, SpeedrunNet, patch_second_moment
@@ -24,11 +23,7 @@ RECIPE = ROOT / "recipes" / "speedrun94.toml"
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location("peer_airbench", ROOT / "bench" / "peer_airbench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["peer_airbench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("peer_airbench")
 
 
 def _correlated_images(n: int, gen: torch.Generator) -> torch.Tensor:

@@ -81,3 +81,13 @@ def _second_call(tree: Path, out: Path, env: dict[str, str]) -> Path:
     assert stages == {"install": "0", "preflight": "0", "seed000_fast": "0"}, (stages, log[-3000:])
     assert "already prepared" in log
     return out
+
+
+def test_an_unknown_bench_only_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "BENCH_ONLY": "suite"}
+    proc = subprocess.run(["bash", "bench/device_suite.sh"], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "device_suite: error: BENCH_ONLY=suite: the only stage that runs alone is seed000_fast\n"
+    assert not out.exists()

@@ -8,7 +8,9 @@ the library imports (e.g. PYTHONPATH=/tmp/dali) and are skipped with the reason 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
+import weakref
 
 import numpy as np
 import pytest
@@ -248,6 +250,24 @@ def test_dali_resume_mid_epoch_redraws_the_same_batches(rows):
     ref, head, resumed = _cut_and_resume(make, 3)
     for (x, y), (rx, ry) in zip(head + list(resumed), ref):
         assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+@needs_dali
+def test_dali_pipeline_dies_with_its_loader_without_the_cyclic_gc(rows):
+    """A loader stopped mid-epoch frees its pipeline at once: left in a cycle, it waited for the cyclic GC, which
+    ran it in FFCV's forked writer worker in CI (DALI's Shutdown() there segfaulted; the suite hung)."""
+    images, labels = rows
+    gc.disable()
+    try:
+        loader = dali_mod.make_dali_loader(images, labels, 32, AugmentCfg(), MEAN, STD, train=True, workers=1,
+                                           seed=0, device=CPU)
+        batches = iter(loader)
+        next(batches)
+        pipe = weakref.ref(loader._pipe)
+        del batches, loader
+        assert pipe() is None
+    finally:
+        gc.enable()
 
 
 # --- FFCV ------------------------------------------------------------------------------------------------------

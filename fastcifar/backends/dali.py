@@ -15,6 +15,7 @@ one fixed order (v2.ColorJitter permutes them), and normalises as (x - 255 mean)
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -181,10 +182,18 @@ class DaliLoader(StateLoader):
         gpu = self.device.type == "cuda"
         auto_aug = self.train and (self.cfg.randaugment or self.cfg.trivialaugment)
 
+        # The pipeline reaches this loader only through a weak reference: a cycle (loader -> pipeline -> bound
+        # method -> loader) left the pipeline to the cyclic GC, which may run it in a forked child (FFCV's writer,
+        # DataLoader workers) where DALI's Shutdown() joins threads that do not exist there: a segfault in CI.
+        ref = weakref.ref(self)
+
+        def source(info):
+            return ref()._source(info)
+
         @pipeline_def(enable_conditionals=auto_aug)
         def pipe():
             names = ["images", *self.param_names]
-            nodes = fn.external_source(source=self._source, num_outputs=len(names), batch=True, batch_info=True,
+            nodes = fn.external_source(source=source, num_outputs=len(names), batch=True, batch_info=True,
                                        layout=["HWC"] + [""] * len(self.param_names))
             return _graph(self.cfg, dict(zip(names, nodes)), self.size, self.mean, self.std, self.train, gpu)
 

@@ -57,8 +57,10 @@ def default_beton(store_dir: str | os.PathLike) -> Path:
 
 def write_rows(path: Path, images_of, labels: np.ndarray, workers: int) -> None:
     """Write rows images_of(i), labels[i] to `path` via a temp file beside it (a crash leaves no half file)."""
+    import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+
+    from fastcifar.backends.forked import run_with_watched_workers
 
     class Rows:
         def __len__(self) -> int:
@@ -72,8 +74,11 @@ def write_rows(path: Path, images_of, labels: np.ndarray, workers: int) -> None:
     os.close(fd)
     try:
         # raw: the exact uint8 pixels (JPEG would change them); 60k 32x32 images make ~200 MB.
-        DatasetWriter(tmp, {"image": RGBImageField(write_mode="raw"), "label": IntField()},
-                      num_workers=max(1, workers)).from_indexed_dataset(Rows())
+        def write() -> None:
+            fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
+            ffcv.writer.DatasetWriter(tmp, fields, num_workers=max(1, workers)).from_indexed_dataset(Rows())
+
+        run_with_watched_workers(write, ffcv.writer, f"writing {path}")
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file a plain open()'s mode
         os.replace(tmp, path)
     except BaseException:

@@ -1,0 +1,112 @@
+"""fastcifar.backends.forked: a library call that forks workers and never checks on them (FFCV's writer) ends in
+one error when a worker dies, and its workers finalise none of the parent's garbage (the CI hang of stop 20)."""
+
+import errno
+import gc
+import importlib.util
+import multiprocessing
+import os
+import signal
+import time
+import types
+
+import numpy as np
+import pytest
+
+from fastcifar.backends.forked import run_with_watched_workers
+from fastcifar.errors import FastCifarError
+
+FORK = multiprocessing.get_context("fork")
+
+
+def library(job, workers: int = 2):
+    """Like FFCV's DatasetWriter: start workers by the module's `Process`, poll a shared counter until each
+    worker has counted itself, never look at the workers."""
+    lib = types.SimpleNamespace(Process=FORK.Process)
+
+    def call():
+        done = FORK.Value("i", 0)
+        procs = [lib.Process(target=job, args=(done,)) for _ in range(workers)]
+        for p in procs:
+            p.start()
+        while done.value < workers:
+            time.sleep(0.02)
+
+    return lib, call
+
+
+def _count(done):
+    with done.get_lock():
+        done.value += 1
+
+
+def _die(done):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_dead_worker_is_one_error_not_a_hang():
+    lib, call = library(_die)
+    t0 = time.monotonic()
+    with pytest.raises(FastCifarError, match=r"^writing x: a worker process died \(killed by signal 9\); "
+                                             r"nothing was written$"):
+        run_with_watched_workers(call, lib, "writing x")
+    assert time.monotonic() - t0 < 30  # the library alone polls forever
+    assert lib.Process is FORK.Process  # the parent's module is untouched
+    assert not multiprocessing.active_children()
+
+
+def test_a_finished_call_returns_and_leaves_no_process():
+    lib, call = library(_count, workers=3)
+    run_with_watched_workers(call, lib, "writing x")
+    assert not multiprocessing.active_children()
+
+
+def test_the_calls_exception_comes_back_with_its_type():
+    def call():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as e:
+        run_with_watched_workers(call, types.SimpleNamespace(Process=FORK.Process), "writing x")
+    assert e.value.errno == errno.ENOSPC
+
+
+class Finalised:
+    """Garbage in a reference cycle (as a DALI pipeline and its loader were): only the cyclic GC frees it, and its
+    finaliser writes the pid of the process that ran it."""
+
+    def __init__(self, log):
+        self.log, self.me = log, self
+
+    def __del__(self):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def _collect_then_count(done):
+    gc.collect()  # a worker's own allocations may trigger this at any time
+    _count(done)
+
+
+def test_workers_finalise_none_of_the_parents_garbage(tmp_path):
+    log = tmp_path / "finalised"
+    Finalised(log)  # unreachable at once, freed by the next collection
+    lib, call = library(_collect_then_count)
+    run_with_watched_workers(call, lib, "writing x")
+    assert log.read_text().split() == [str(os.getpid())]  # once, here; no worker ran it
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ffcv") is None, reason="FFCV not installed (extra [ffcv])")
+def test_ffcv_write_rows_with_a_dying_worker_fails_in_one_line_and_leaves_nothing(tmp_path):
+    from fastcifar.backends.ffcv import write_rows
+
+    parent = os.getpid()
+    images = np.zeros((40, 32, 32, 3), np.uint8)
+
+    def image(i):
+        if os.getpid() != parent and i == 7:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return images[i]
+
+    with pytest.raises(FastCifarError, match=r"a worker process died \(killed by signal 9\)"):
+        write_rows(tmp_path / "x.beton", image, np.zeros(40, np.int64), 1)
+    assert list(tmp_path.iterdir()) == []

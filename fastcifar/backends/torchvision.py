@@ -114,8 +114,8 @@ def _erase(cfg: AugmentCfg) -> list:
 def build_pil_transform(cfg: AugmentCfg, mean, std, train: bool, image_size: int = 32) -> v2.Compose:
     """The recipe's augment section as per-image v2 ops on a PIL image, in AugmentCfg's order: geometric and
     colour ops on the uint8 image, resize (uint8, as the device pipeline does on the CPU and the seeds' PIL
-    Resize did), normalise, erasing / cutout. MixUp / CutMix need the batch: see build_batch_mixer. Raises RecipeError for
-    flip_mode = "alternate" (train only)."""
+    Resize did), normalise, erasing / cutout. MixUp / CutMix need the batch: see build_batch_mixer. Raises
+    RecipeError for flip_mode = "alternate" (train only)."""
     ops: list = _geometric(cfg, image_size) + _photometric(cfg) if train else []
     ops.append(v2.ToImage())
     if cfg.resize:

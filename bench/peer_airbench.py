@@ -5,15 +5,10 @@
     python bench/peer_airbench.py --n 5 --budget 150 --out-dir "$OUT"    # inside the device call
     python bench/peer_airbench.py --tiny --device cpu   # a few hundred images, 1 epoch, n = 1 (the CPU test)
 
-Data: both sides read OUR prepared store. airbench's CifarLoader reads `<dir>/train.pt` / `test.pt` and only
-downloads CIFAR-10 through torchvision when they are missing, so we write those files from the store (the
-format torchvision's CIFAR10 gives it: uint8 NHWC images, int64 labels, class names). No network is needed.
-
-airbench: imported if installed (it is in the [dev] extra), else straight from the carried pure-Python wheel in
-bench/wheels/ (bench/stage_device.sh builds it). airbench is written for CUDA (make_net94 calls .half().cuda(),
-its train() times with torch.cuda.Event); on a CPU the harness runs airbench's own training unchanged in fp32
-under airbench_on_cpu(), which keeps .half()/.cuda() on the CPU and stands in CPU timers for the CUDA events,
-never editing airbench. `--epochs N` trains both sides N epochs:
+Data: both sides read OUR prepared store (airbench through train.pt / test.pt written from it). airbench:
+imported if installed (it is in the [dev] extra), else straight from the carried pure-Python wheel in
+bench/wheels/ (bench/stage_device.sh builds it); its side, and how it runs unchanged in fp32 on a CPU, is
+fastcifar.bench.airbench. `--epochs N` trains both sides N epochs:
 
     python bench/peer_airbench.py --device cpu --epochs 3 --n 3 --set train.amp=false --set train.compile=false
 
@@ -30,7 +25,6 @@ starts timed); data preparation is never timed:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as dt
 import importlib
@@ -40,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -51,56 +45,19 @@ try:
 except ImportError:  # a checkout without `pip install -e .`: use the repository this file lives in
     sys.path.insert(0, str(ROOT))
 
-from fastcifar.atomic import write_json, write_with  # noqa: E402
+from fastcifar.atomic import write_json  # noqa: E402
+from fastcifar.bench.airbench import AB_HYP, Clock, run_airbench, write_airbench_data  # noqa: E402
 from fastcifar.bench.env import environment, free_stem, slug  # noqa: E402
 from fastcifar.errors import FastCifarError  # noqa: E402
 from fastcifar.recipe import Recipe, load_recipe  # noqa: E402
 from fastcifar.splits import take_per_class  # noqa: E402
 
 AIRBENCH_VERSION = "0.1.8"
-AB_HYP = {"epochs": 9.9, "batch_size": 1024, "aug": {"flip": True, "translate": 2}, "tta_level": 2}
 TINY_PER_CLASS = 30  # 300 training images
 # compile: minutes of C++ builds on a CPU for a 1-epoch check; amp: bf16 convs run ~10x slower than fp32 on
 # CPUs without AMX (measured: width-16 speedrun_net, batch 100, 1 thread: 5.0 s vs 0.54 s a step).
 TINY_SETS = ["train.epochs=1", "train.batch_size=100", "eval.batch_size=500", "model.width=16",
              "train.compile=false", "train.amp=false"]
-
-
-# ---------------------------------------------------------------------------------------------- data adapter
-
-
-def airbench_arrays(store, train_per_class: int = 0) -> dict[str, dict[str, Any]]:
-    """{'train': ..., 'test': ...}, each {'images': uint8 (N, 32, 32, 3), 'labels': int64 (N,), 'classes':
-    [names]}: what airbench's CifarLoader caches from torchvision (dset.data, dset.targets, dset.classes).
-    train_per_class > 0 keeps the first n images of each class, the rows our data.train_subset trains on.
-
-    The training rows go out in a fixed pseudo-random order (seed 0): airbench fits its whitening layer to the
-    first 5000 rows, and our store is sorted by class, so in store order it would whiten airplanes only
-    (torchvision's order is mixed). airbench reshuffles every epoch, so nothing else depends on the order."""
-    h, w = store.train_images.shape[1:3]
-    if (h, w) != (32, 32) or len(store.classes) != 10:
-        # airbench hard-codes 32-px crops in its TTA and a 10-way head.
-        raise FastCifarError(f"{store.path}: airbench needs 32x32 images and 10 classes, got {h}x{w} and "
-                             f"{len(store.classes)}")
-    idx = np.arange(len(store.train_labels))
-    if train_per_class:
-        idx = take_per_class(idx, store.train_labels, train_per_class)
-    idx = idx[np.random.default_rng(0).permutation(len(idx))]
-    out = {}
-    for split, images, labels in (("train", store.train_images[idx], store.train_labels[idx]),
-                                  ("test", store.test_images, store.test_labels)):
-        out[split] = {"images": torch.from_numpy(np.array(images)),  # a writable copy of the memory map
-                      "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)),
-                      "classes": list(store.classes)}
-    return out
-
-
-def write_airbench_data(store, out_dir: Path, train_per_class: int = 0) -> Path:
-    """Write out_dir/train.pt and test.pt for airbench.CifarLoader(out_dir, ...); returns out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split, obj in airbench_arrays(store, train_per_class).items():
-        write_with(out_dir / f"{split}.pt", lambda f, o=obj: torch.save(o, f))
-    return out_dir
 
 
 def import_airbench(wheels: Path = ROOT / "bench" / "wheels"):
@@ -117,29 +74,6 @@ def import_airbench(wheels: Path = ROOT / "bench" / "wheels"):
         except ImportError:
             sys.path.remove(str(whl))
     return None
-
-
-# ---------------------------------------------------------------------------------------------- timing
-
-
-class Clock:
-    """Marks on the device timeline: CUDA events on a GPU (no host sync per mark), perf_counter elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def seconds(self, start: Any, end: Any) -> float:
-        if self.cuda:
-            end.synchronize()
-            return start.elapsed_time(end) / 1000.0
-        return end - start
 
 
 # ---------------------------------------------------------------------------------------------- our side
@@ -193,89 +127,6 @@ def run_ours(recipe: Recipe, store, device: torch.device, console) -> dict[str, 
             "eval_s": clock.seconds(t_eval, t_done), "params": sum(p.numel() for p in run.model.parameters()),
             # the trainer's own warm-up clock: ~one step's time when the warm-up run left nothing to compile
             "compile_time_s": float(state.compile_time_s)}
-
-
-# ---------------------------------------------------------------------------------------------- airbench side
-
-
-@contextlib.contextmanager
-def _prebuilt_test_loader(ab_utils, test_loader) -> Iterator[None]:
-    """airbench's train() always builds CifarLoader('cifar10', train=False) relative to the CWD (a download
-    when missing, and a 30 MB load inside its timed region); hand it the loader built beforehand instead."""
-    original = ab_utils.CifarLoader
-
-    def factory(path, train=True, *args, **kwargs):
-        return original(path, train, *args, **kwargs) if train else test_loader
-
-    ab_utils.CifarLoader = factory
-    try:
-        yield
-    finally:
-        ab_utils.CifarLoader = original
-
-
-def airbench_loaders(ab, data_dir: Path, device: torch.device, batch_size: int):
-    gpu: int | str = (device.index or 0) if device.type == "cuda" else "cpu"  # CifarLoader's map_location
-    train = ab.CifarLoader(str(data_dir), train=True, batch_size=batch_size, aug=AB_HYP["aug"], altflip=True,
-                           gpu=gpu)
-    test = ab.CifarLoader(str(data_dir), train=False, batch_size=2000, gpu=gpu)
-    if device.type != "cuda":  # fp16 convolutions are GPU-only: airbench's fp32 twin on the CPU
-        train.images, test.images = train.images.float(), test.images.float()
-    return train, test
-
-
-class _CpuEvent:
-    """torch.cuda.Event's timing interface over perf_counter, for airbench's train() on a CPU."""
-
-    def __init__(self, enable_timing: bool = False):
-        self.t = 0.0
-
-    def record(self) -> None:
-        self.t = time.perf_counter()
-
-    def elapsed_time(self, end: "_CpuEvent") -> float:
-        return 1000.0 * (end.t - self.t)
-
-
-@contextlib.contextmanager
-def airbench_on_cpu() -> Iterator[None]:
-    """airbench's own training on a CPU, airbench untouched: while active, Module.half() and .cuda() return the
-    module as it is (make_net94 builds fp16 on CUDA), and torch.cuda.Event / synchronize are CPU stand-ins."""
-    saved = (torch.nn.Module.half, torch.nn.Module.cuda, torch.cuda.Event, torch.cuda.synchronize)
-    torch.nn.Module.half = torch.nn.Module.cuda = lambda self, *a, **k: self
-    torch.cuda.Event, torch.cuda.synchronize = _CpuEvent, lambda *a, **k: None
-    try:
-        yield
-    finally:
-        torch.nn.Module.half, torch.nn.Module.cuda, torch.cuda.Event, torch.cuda.synchronize = saved
-
-
-def run_airbench(ab, data_dir: Path, device: torch.device, epochs: float, batch_size: int,
-                 seed: int = 0) -> dict[str, float]:
-    """One timed airbench94 run (its own train94 and evaluate, untouched but for the test loader; on a CPU in
-    fp32 under airbench_on_cpu). airbench draws from torch's global generator: seeded here per run."""
-    ab_utils = importlib.import_module("airbench.utils")
-    train_loader, test_loader = airbench_loaders(ab, data_dir, device, batch_size)  # data prep: not timed
-    clock = Clock(device)
-    torch.manual_seed(seed)
-    with _prebuilt_test_loader(ab_utils, test_loader), \
-            (airbench_on_cpu() if device.type != "cuda" else contextlib.nullcontext()):
-        t0 = clock.mark()
-        model = ab.train94(train_loader, epochs=epochs, verbose=False)
-        t1 = clock.mark()
-        acc = ab.evaluate(model, test_loader, tta_level=AB_HYP["tta_level"])
-        t2 = clock.mark()
-        plain = ab.evaluate(model, test_loader, tta_level=0)  # untimed: the accuracy without TTA
-    return {"acc": float(acc), "acc_no_tta": float(plain), "train_s": clock.seconds(t0, t1),
-            "eval_s": clock.seconds(t1, t2)}
-
-
-def check_airbench_loader(ab, data_dir: Path, batch_size: int) -> dict[str, Any]:
-    """airbench's own CifarLoader on the CPU over the adapted files: one augmented batch, its shape and dtype."""
-    train, test = airbench_loaders(ab, data_dir, torch.device("cpu"), batch_size)
-    x, y = next(iter(train))
-    return {"train_images": len(train.images), "test_images": len(test.images), "batch": list(x.shape),
-            "dtype": str(x.dtype).replace("torch.", ""), "labels_dtype": str(y.dtype).replace("torch.", "")}
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -355,7 +206,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--store", help="prepared store (default: the recipe's data.store)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--tiny", action="store_true", help=f"{TINY_PER_CLASS} images per class, 1 epoch, n = 1, width 16: a CPU smoke run")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"{TINY_PER_CLASS} images per class, 1 epoch, n = 1, width 16: a CPU smoke run")
     p.add_argument("--ab-epochs", type=float, default=AB_HYP["epochs"])
     p.add_argument("--epochs", type=int, default=0,
                    help="train both sides this many epochs (sets train.epochs and --ab-epochs; 0 = their defaults)")
@@ -403,7 +255,8 @@ def run_harness(args: argparse.Namespace) -> Path:
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_slug(device),
         "environment": env, "torch": torch.__version__, "commit": env["git_commit"],
-        "tiny": bool(args.tiny), "n": len(ours["runs"]), "n_asked": args.n, "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
+        "tiny": bool(args.tiny), "n": len(ours["runs"]), "n_asked": args.n,
+        "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if device.type == "cuda" else None,
         "store": {"path": str(store.path), "sha256": store.meta["sha256"]},
         "recipe": {"path": str(args.recipe), "overrides": overrides, "resolved": recipe.to_dict()},

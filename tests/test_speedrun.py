@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from boxes import bench_script
+from fastcifar.bench.airbench import airbench_arrays, airbench_loaders, write_airbench_data
 from fastcifar.data import open_store
 from fastcifar.models import create_model
 from fastcifar.models.speedrun import ShiftBatchNorm, SpeedrunNet, patch_second_moment
@@ -183,8 +184,8 @@ def test_trainer_seam_fits_whitening(store: Path, tiny) -> None:
 def test_airbench_adapter_format(store: Path, tmp_path: Path) -> None:
     """train.pt / test.pt as airbench's CifarLoader caches them from torchvision: uint8 NHWC, int64, names;
     exactly the images (and labels) our data.train_subset trains on, the training rows not sorted by class."""
-    pa, s = _harness(), open_store(store)
-    pa.write_airbench_data(s, tmp_path, train_per_class=5)
+    s = open_store(store)
+    write_airbench_data(s, tmp_path, train_per_class=5)
     rows = take_per_class(np.arange(len(s.train_labels)), s.train_labels, 5)  # what data.train_subset=5 keeps
     for split, images, labels in (("train", s.train_images[rows], s.train_labels[rows]),
                                   ("test", s.test_images, s.test_labels)):
@@ -205,7 +206,7 @@ def test_airbench_adapter_refuses_other_shapes(tmp_path: Path) -> None:
 
     s = open_store(make_store(tmp_path / "three", 2, 1, num_classes=3))
     with pytest.raises(FastCifarError, match="32x32 images and 10 classes"):
-        _harness().airbench_arrays(s)
+        airbench_arrays(s)
 
 
 def test_airbench_own_loader_reads_adapted_data(store: Path, tmp_path: Path) -> None:
@@ -213,10 +214,11 @@ def test_airbench_own_loader_reads_adapted_data(store: Path, tmp_path: Path) -> 
     ab = pa.import_airbench()
     if ab is None:
         pytest.skip("airbench is not installed and bench/wheels/ holds no airbench wheel (see the harness doc)")
-    pa.write_airbench_data(open_store(store), tmp_path)
-    check = pa.check_airbench_loader(ab, tmp_path, batch_size=50)
-    assert check == {"train_images": 240, "test_images": 80, "batch": [50, 3, 32, 32], "dtype": "float32",
-                     "labels_dtype": "int64"}  # fp32 on the CPU: airbench's fp16 convolutions are GPU-only
+    write_airbench_data(open_store(store), tmp_path)
+    train, test = airbench_loaders(ab, tmp_path, torch.device("cpu"), batch_size=50)
+    x, y = next(iter(train))  # one batch through airbench's own augmentation
+    assert (len(train.images), len(test.images), list(x.shape)) == (240, 80, [50, 3, 32, 32])
+    assert (x.dtype, y.dtype) == (torch.float32, torch.int64)  # fp32 on the CPU: fp16 convolutions are GPU-only
 
 
 def test_peer_harness_tiny_on_cpu(store: Path, tmp_path: Path, monkeypatch) -> None:

@@ -141,8 +141,9 @@ def conv_filters(params: list[torch.nn.Parameter]) -> tuple[list, list]:
 
 class Lookahead:
     """airbench's Lookahead over a model's parameters and float buffers: every `every` optimizer steps,
-    slow += (1 - d) (w - slow) and w = slow, with d = decay * (t / total) ** power (t: steps done); at the last
-    step w = slow. The slow copy and the step count are the state a checkpoint keeps."""
+    slow += (1 - d) (w - slow) and w = slow, with d = decay * (t / total) ** power (t: steps done); after the
+    last step (that pull first, when the last step is one of them) w = slow. The slow copy and the step count
+    are the state a checkpoint keeps."""
 
     def __init__(self, model: torch.nn.Module, every: int, decay: float, power: float, total_steps: int):
         self.every, self.decay, self.power, self.total = every, decay, power, max(total_steps, 1)
@@ -153,15 +154,14 @@ class Lookahead:
     @torch.no_grad()
     def after_step(self) -> None:
         self.steps += 1
-        if self.steps >= self.total:
-            d = 1.0  # the run ends on the slow weights
-        elif self.steps % self.every == 0:
-            d = self.decay * (self.steps / self.total) ** self.power
-        else:
-            return
-        for slow, t in zip(self.slow, self.tensors):
-            slow.lerp_(t.detach(), 1.0 - d)
-            t.detach().copy_(slow)
+        pull = self.steps % self.every == 0
+        if pull:
+            d = self.decay * (min(self.steps, self.total) / self.total) ** self.power
+            for slow, t in zip(self.slow, self.tensors):
+                slow.lerp_(t.detach(), 1.0 - d)
+        if pull or self.steps >= self.total:  # the run ends on the slow weights
+            for slow, t in zip(self.slow, self.tensors):
+                t.detach().copy_(slow)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "slow": [s.clone() for s in self.slow]}

@@ -162,8 +162,8 @@ class OptimCfg:
     muon_weight_decay: float = 0.0
     # Lookahead (airbench's): every lookahead_every steps the weights and float buffers are pulled to a slow
     # copy that follows them, slow += (1 - d) (w - slow), w = slow, with d = lookahead_decay * (t / T) ^
-    # lookahead_power rising over the run (t steps done of T); at the last step the weights become the slow
-    # copy. 0 = off; airbench94: every 5 steps, decay 0.95^5 = 0.774, power 3.
+    # lookahead_power rising over the run (t steps done of T); after the last step (its pull first, if it is
+    # one) the weights become the slow copy. 0 = off; airbench94: every 5 steps, decay 0.95^5 = 0.774, power 3.
     lookahead_every: int = 0
     lookahead_decay: float = 0.95**5
     lookahead_power: float = 3.0

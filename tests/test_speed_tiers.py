@@ -31,13 +31,40 @@ def test_lookahead_pulls_weights_to_the_slow_copy_on_its_schedule():
         look.after_step()
         if step == 2:  # d = 0.5 * (2 / 4) = 0.25: slow = 0 + 0.75 * (2 - 0), weights = slow
             slow = slow + (1 - 0.25) * (2.0 - slow)
-        elif step == 4:  # the last step: d = 1, the slow copy stays and becomes the weights
-            pass
+        elif step == 4:  # the last step is a pull step: d = 0.5 * (4 / 4) = 0.5 first, then the run ends on slow
+            slow = slow + (1 - 0.5) * (4.0 - slow)
         else:  # steps 1 and 3: untouched
             assert model.weight.item() == w
             continue
         assert model.weight.item() == pytest.approx(slow) and look.slow[0].item() == pytest.approx(slow)
     assert look.state_dict()["steps"] == 4
+
+
+@pytest.mark.parametrize("total", [20, 22])  # the last step a pull step (as airbench94's 9.9 epochs are not) or not
+def test_lookahead_follows_airbench_step_for_step(total):
+    """Our Lookahead beside airbench's own LookaheadState driven as its train() drives it (every 5 steps with
+    alpha_schedule[step], then decay 1.0 at the last step), over the same weight trajectory."""
+    ab_utils = pytest.importorskip("airbench.utils")
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)  # parameters and float buffers
+    theirs.load_state_dict(ours.state_dict())
+    look = Lookahead(ours, every=5, decay=0.95**5, power=3.0, total_steps=total)
+    state = ab_utils.LookaheadState(theirs)
+    alpha = 0.95**5 * (torch.arange(total + 1) / total) ** 3
+    for step in range(1, total + 1):
+        nudge = {k: torch.randn_like(v) for k, v in ours.state_dict().items() if v.is_floating_point()}
+        for net in (ours, theirs):  # what an optimizer step (and BN's running stats) would have done
+            with torch.no_grad():
+                for k, v in net.state_dict().items():
+                    if k in nudge:
+                        v.add_(nudge[k])
+        look.after_step()
+        if step % 5 == 0:
+            state.update(theirs, decay=alpha[step].item())
+        if step >= total:
+            state.update(theirs, decay=1.0)
+        for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"step {step}: {k}")
 
 
 def test_muon_orthogonalises_the_flattened_filter_update_exactly_as_torch_does():

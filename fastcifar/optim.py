@@ -40,11 +40,27 @@ def lr_factor(cfg: ScheduleCfg, step: int, steps_per_epoch: int, total_steps: in
         return (step + 1) / warmup
     if cfg.name == "constant":
         return 1.0
+    if cfg.name == "triangle":
+        return triangle_factor(cfg, step, total_steps, base_lr)
     if cfg.name == "step":
         return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_epochs)
     floor = cfg.min_lr / base_lr
     t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def triangle_factor(cfg: ScheduleCfg, step: int, total_steps: int, base_lr: float) -> float:
+    """airbench's piecewise-linear schedule: straight from peak / div_factor at step 0 to the peak (max_lr or
+    optim.lr) at step int(pct_start * T), then straight down to reach peak / (div_factor * final_div_factor) at
+    step T; step i trains at the value at i, so the last step (T - 1) sits one step above the end value."""
+    peak_step = max(1, int(cfg.pct_start * total_steps))
+    start = 1.0 / cfg.div_factor
+    end = start / cfg.final_div_factor
+    if step <= peak_step:
+        f = start + (1.0 - start) * step / peak_step
+    else:
+        f = 1.0 + (end - 1.0) * (step - peak_step) / max(1, total_steps - peak_step)
+    return f * (cfg.max_lr or base_lr) / base_lr
 
 
 def build_scheduler(cfg: ScheduleCfg, optim_cfg: OptimCfg, optimizer: torch.optim.Optimizer,

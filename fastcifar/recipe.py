@@ -186,9 +186,12 @@ class OptimCfg:
 
 @dataclass(frozen=True)
 class ScheduleCfg:
-    name: Literal["constant", "onecycle", "cosine", "step"] = "onecycle"
-    warmup_epochs: float = 0.0  # linear warm-up before constant / cosine / step (OneCycle has its own)
-    max_lr: float = 0.0  # onecycle peak; 0 = optim.lr
+    # triangle: airbench's piecewise-linear schedule (fastcifar.optim.triangle_factor): up from
+    # peak / div_factor to the peak at pct_start of the steps, down to peak / (div_factor * final_div_factor) at
+    # the end; momentum stays optim.momentum. OneCycle's linear anneal differs from it by a step at each end.
+    name: Literal["constant", "onecycle", "triangle", "cosine", "step"] = "onecycle"
+    warmup_epochs: float = 0.0  # linear warm-up before constant / cosine / step (OneCycle, triangle: their own)
+    max_lr: float = 0.0  # onecycle / triangle peak; 0 = optim.lr
     pct_start: float = 0.25
     anneal: Literal["cos", "linear"] = "cos"
     # onecycle: cycle momentum 0.95 -> 0.85 -> 0.95 against the lr (torch's default); false keeps optim.momentum
@@ -202,8 +205,8 @@ class ScheduleCfg:
 
     def validate(self) -> None:
         check(self.warmup_epochs >= 0, "schedule.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
-        check(self.name != "onecycle" or self.warmup_epochs == 0, "schedule.warmup_epochs",
-              "must be 0 with onecycle (use schedule.pct_start)")
+        check(self.name not in ("onecycle", "triangle") or self.warmup_epochs == 0, "schedule.warmup_epochs",
+              f"must be 0 with {self.name} (use schedule.pct_start)")
         check(self.max_lr >= 0, "schedule.max_lr", f"must be >= 0, got {self.max_lr}")
         check(0.0 < self.pct_start < 1.0, "schedule.pct_start", f"must be in (0, 1), got {self.pct_start}")
         check(self.div_factor > 0 and self.final_div_factor > 0, "schedule.div_factor", "factors must be > 0")

@@ -4,11 +4,13 @@ them; and the tier recipes training a tiny epoch on the CPU."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
 
 from fastcifar.checkpoint import load_checkpoint
+from fastcifar.errors import RecipeError
 from fastcifar.models import create_model
 from fastcifar.optim import Lookahead, MuonFilters, build_optimizer, build_scheduler
 from fastcifar.recipe import OptimCfg, ScheduleCfg, load_recipe
@@ -65,6 +67,30 @@ def test_lookahead_follows_airbench_step_for_step(total):
             state.update(theirs, decay=1.0)
         for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"step {step}: {k}")
+
+
+@pytest.mark.parametrize("total", [144, 476])  # speedrun94 at 3 CPU epochs; airbench94's 9.9 epochs
+def test_triangle_schedule_is_airbench_s_step_for_step(total):
+    """airbench's train(): lr_schedule = piecewise linear through (0, 0.2), (int(0.23 T), 1), (T, 0.07), step i at
+    lr_schedule[i]; both of Muon's groups scaled alike, momentum untouched."""
+    cfg = OptimCfg(name="muon", lr=1.5, momentum=0.85, nesterov=True, muon_lr=0.05)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    opt = build_optimizer(cfg, [conv.weight, conv.bias], torch.device("cpu"))
+    sched = build_scheduler(ScheduleCfg(name="triangle", pct_start=0.23, div_factor=5.0,
+                                        final_div_factor=0.2 / 0.07), cfg, opt, total // 4, 4)
+    airbench = np.interp(np.arange(total), [0, int(0.23 * total), total], [0.2, 1.0, 0.07])
+    momenta = [g["momentum"] for g in opt.param_groups]
+    for i in range(total):
+        got = [g["lr"] / base for g, base in zip(opt.param_groups, (0.05, 1.5))]
+        assert got == pytest.approx([airbench[i]] * 2, rel=1e-12), f"step {i}"
+        opt.step()
+        sched.step()
+    assert [g["momentum"] for g in opt.param_groups] == momenta == [0.95, 0.85]  # Muon's own, SGD's
+
+
+def test_triangle_has_its_own_warm_up():
+    with pytest.raises(RecipeError, match="schedule.warmup_epochs: must be 0 with triangle"):
+        ScheduleCfg(name="triangle", warmup_epochs=1.0).validate()
 
 
 def test_muon_orthogonalises_the_flattened_filter_update_exactly_as_torch_does():
@@ -198,3 +224,7 @@ def test_tier_recipes_are_airbench_translated(name, variant):
     assert (r.augment.cutout, r.augment.cutout_mode if aug.get("cutout") else "-") == \
         (aug.get("cutout", 0), "inside" if aug.get("cutout") else "-")
     assert r.eval.tta == {2: "flip_translate", 1: "flip", 0: "none"}[net["tta_level"]]
+    # airbench's train() hard-codes its schedule: triangle(start=0.2, peak=0.23, end=0.07), momentum constant
+    assert (r.schedule.name, r.schedule.pct_start, r.schedule.warmup_epochs) == ("triangle", 0.23, 0.0)
+    assert 1 / r.schedule.div_factor == pytest.approx(0.2)
+    assert 1 / (r.schedule.div_factor * r.schedule.final_div_factor) == pytest.approx(0.07, rel=1e-12)

@@ -46,8 +46,9 @@ except ImportError:  # a checkout without `pip install -e .`: use the repository
     sys.path.insert(0, str(ROOT))
 
 from fastcifar.atomic import write_json  # noqa: E402
-from fastcifar.bench.airbench import AB_HYP, Clock, run_airbench, write_airbench_data  # noqa: E402
+from fastcifar.bench.airbench import AB_HYP, run_airbench, write_airbench_data  # noqa: E402
 from fastcifar.bench.env import environment, free_stem, slug  # noqa: E402
+from fastcifar.bench.timing import Clock  # noqa: E402
 from fastcifar.errors import FastCifarError  # noqa: E402
 from fastcifar.recipe import Recipe, load_recipe  # noqa: E402
 from fastcifar.splits import take_per_class  # noqa: E402

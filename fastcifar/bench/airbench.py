@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fastcifar.atomic import write_with
+from fastcifar.bench.timing import Clock
 from fastcifar.errors import FastCifarError
 from fastcifar.splits import take_per_class
 
@@ -61,27 +62,6 @@ def write_airbench_data(store, out_dir: Path, train_per_class: int = 0) -> Path:
     for split, obj in airbench_arrays(store, train_per_class).items():
         write_with(out_dir / f"{split}.pt", lambda f, o=obj: torch.save(o, f))
     return out_dir
-
-
-class Clock:
-    """Marks on the device timeline: CUDA events on a GPU (no host sync per mark), perf_counter elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def seconds(self, start: Any, end: Any) -> float:
-        if self.cuda:
-            end.synchronize()
-            return start.elapsed_time(end) / 1000.0
-        return end - start
-
 
 
 @contextlib.contextmanager

@@ -45,6 +45,27 @@ class Interval:
         return time.perf_counter() - self._t0
 
 
+class Clock:
+    """Marks on the device timeline: CUDA events on a GPU (no host sync per mark, unlike Interval), perf_counter
+    elsewhere; for a run cut into many timed pieces (the peer harness)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        return end - start
+
+
 class Probe(Protocol):
     """Something sampled over the measured repeats only (NVML power and utilisation)."""
 

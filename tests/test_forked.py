@@ -7,14 +7,20 @@ import importlib.util
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import textwrap
+import threading
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fastcifar.backends.forked import run_with_watched_workers
 from fastcifar.errors import FastCifarError
+from fastcifar.lifecycle import Interrupted, stop_raises
 
 FORK = multiprocessing.get_context("fork")
 
@@ -59,6 +65,91 @@ def test_a_finished_call_returns_and_leaves_no_process():
     lib, call = library(_count, workers=3)
     run_with_watched_workers(call, lib, "writing x")
     assert not multiprocessing.active_children()
+
+
+def _alive(pid: int) -> bool:
+    """Running or sleeping; a zombie (dead, its parent gone and nobody reaping) counts as ended."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_for_lines(path: Path, n: int, limit_s: float = 30) -> list[int]:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        lines = path.read_text().split() if path.exists() else []
+        if len(lines) >= n:
+            return [int(x) for x in lines]
+        time.sleep(0.05)
+    raise AssertionError(f"{path}: fewer than {n} pids after {limit_s} s")
+
+
+def _wait_until_gone(pids: list[int], limit_s: float = 10) -> list[int]:
+    deadline = time.monotonic() + limit_s
+    while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
+@pytest.mark.timeout(60)  # the old code waited for the whole write: here forever
+@pytest.mark.skipif(sys.platform != "linux", reason="process groups and /proc as on Linux")
+def test_a_stop_signal_ends_the_write_at_once_with_every_process(tmp_path):
+    """prepare's SIGTERM handler raises in the parent's wait: the child and its workers are killed then, not
+    after the whole write (before: the parent joined the child, which wrote to the end)."""
+    pids = tmp_path / "pids"
+
+    def record_then_hang(done):
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(600)
+
+    lib, call = library(record_then_hang)
+    sender = threading.Thread(target=lambda: (_wait_for_lines(pids, 2), os.kill(os.getpid(), signal.SIGTERM)))
+    sender.start()
+    t0 = time.monotonic()
+    with pytest.raises(Interrupted, match="stopped by SIGTERM"), stop_raises("prepare"):
+        run_with_watched_workers(call, lib, "writing x")
+    sender.join()
+    assert time.monotonic() - t0 < 30
+    assert _wait_until_gone(_wait_for_lines(pids, 2)) == []
+    assert not multiprocessing.active_children()
+
+
+PARENT = textwrap.dedent("""
+    import multiprocessing, os, sys, time, types
+    from fastcifar.backends.forked import run_with_watched_workers
+
+    FORK = multiprocessing.get_context("fork")
+    lib = types.SimpleNamespace(Process=FORK.Process)
+
+    def hang(log):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        time.sleep(600)
+
+    def call():
+        procs = [lib.Process(target=hang, args=(sys.argv[1],)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        hang(sys.argv[1])
+
+    run_with_watched_workers(call, lib, "writing x")
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_child_and_its_workers_die_with_a_killed_parent(tmp_path):
+    """SIGKILL (the OOM killer) gives the parent no chance to clean up: the child must not write on alone."""
+    pids = tmp_path / "pids"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(pids)])
+    try:
+        writers = _wait_for_lines(pids, 3)  # the child and its two workers
+    finally:
+        parent.kill()
+        parent.wait()
+    assert _wait_until_gone(writers) == []
 
 
 def test_the_calls_exception_comes_back_with_its_type():

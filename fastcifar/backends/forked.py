@@ -10,13 +10,22 @@ segfaulted and the suite hung until its 5400 s limit.
 So: the parent forks one child, which makes the call (its workers are forked from the child's main thread, as
 numba's threading layer wants); a watcher thread in the child stops everything, exit code 3, when a worker
 exits non-zero; the parent waits on the child and gets back the call's exception, or the worker's fate.
+
+Stopping: the child leads a process group of its own, its workers in it. When the parent's wait ends in an
+exception (`prepare`'s SIGINT / SIGTERM handler raises one) the parent kills that group before it cleans up;
+without that it waited for the whole write (minutes for 60k images) and the workers wrote on after a Ctrl-C.
+Should the parent die outright (SIGKILL, the OOM killer), Linux's parent-death signal ends the child, and the
+child's end ends each worker, instead of orphans writing a file nobody will rename.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import multiprocessing
 import os
+import signal
+import sys
 import threading
 from typing import Callable
 
@@ -29,7 +38,19 @@ def _reason(code: int) -> str:
     return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
 
-def _child(call: Callable[[], object], module, conn, poll_s: float) -> None:
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent dies (Linux prctl PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if sys.platform != "linux":
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(WORKER_DIED)
+
+
+def _child(call: Callable[[], object], module, conn, poll_s: float, parent: int) -> None:
+    os.setpgrp()  # the parent can end this process and every worker with one killpg
+    _die_with_parent(parent)
     started: list = []
     finished = threading.Event()
     lock = threading.Lock()  # one message: the watcher's or the call's, never both
@@ -38,6 +59,10 @@ def _child(call: Callable[[], object], module, conn, poll_s: float) -> None:
         def start(self):
             super().start()
             started.append(self)
+
+        def run(self):
+            _die_with_parent(child)
+            super().run()
 
     def watch():
         while not finished.wait(poll_s):
@@ -52,6 +77,7 @@ def _child(call: Callable[[], object], module, conn, poll_s: float) -> None:
                     conn.send(("died", dead[0]))
                     os._exit(WORKER_DIED)  # the call's thread is stuck polling; nothing here is worth keeping
 
+    child = os.getpid()
     module.Process = Recorded  # the child's copy of the module: the parent's is untouched
     threading.Thread(target=watch, daemon=True).start()
     try:
@@ -72,6 +98,16 @@ def _child(call: Callable[[], object], module, conn, poll_s: float) -> None:
             conn.send(("error", FastCifarError(f"{type(outcome[1]).__name__}: {outcome[1]}")))
 
 
+def _kill_group(pid: int) -> None:
+    """SIGKILL the child's process group; the child alone if it has not made its group yet."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+            return
+        except ProcessLookupError:
+            continue
+
+
 def run_with_watched_workers(call: Callable[[], object], module, what: str, poll_s: float = 0.1) -> None:
     """`call()` in a forked child whose `module.Process` workers are watched (see the module docstring).
     Raises what the call raised, or FastCifarError naming `what` and how a worker (or the child) died.
@@ -83,7 +119,7 @@ def run_with_watched_workers(call: Callable[[], object], module, what: str, poll
     gc.collect()
     gc.freeze()
     try:
-        child = ctx.Process(target=_child, args=(call, module, send, poll_s), name=f"fastcifar {what}")
+        child = ctx.Process(target=_child, args=(call, module, send, poll_s, os.getpid()), name=f"fastcifar {what}")
         child.start()
     finally:
         gc.unfreeze()
@@ -92,6 +128,9 @@ def run_with_watched_workers(call: Callable[[], object], module, what: str, poll
         message = receive.recv()
     except EOFError:  # the child died before it could say why
         message = None
+    except BaseException:  # a signal's exception (Ctrl-C, prepare's SIGTERM): end the write now, not after it
+        _kill_group(child.pid)
+        raise
     finally:
         child.join()
         receive.close()

@@ -117,7 +117,8 @@ def _prepare(args, console) -> None:
         from fastcifar.backends.ffcv import default_beton, write_beton
 
         out = default_beton(given) if args.out == DEFAULT_STORE else Path(os.path.expanduser(args.out))
-        write_beton(given, out, log_fn=console.print)
+        with stop_raises(f"writing {out}"):
+            write_beton(given, out, log_fn=console.print)
         return
     if args.size and not 8 <= args.size <= 1024:
         raise FastCifarError(f"--size: must be in [8, 1024], got {args.size}")
@@ -133,7 +134,9 @@ def _prepare(args, console) -> None:
     if args.format == "beton":  # any source: the store first (above), then its .beton beside it
         from fastcifar.backends.ffcv import default_beton, write_beton
 
-        write_beton(Path(args.out), default_beton(Path(args.out)), log_fn=console.print)
+        out = default_beton(Path(args.out))
+        with stop_raises(f"writing {out}"):  # the store above is complete and stays
+            write_beton(Path(args.out), out, log_fn=console.print)
 
 
 def _train(args, console) -> None:

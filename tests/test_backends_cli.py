@@ -1,12 +1,17 @@
 """DALI and FFCV end to end through the CLI at default settings: train (workers fitted to the machine), stop by a
-signal mid-epoch, --resume to the end; prepare --format beton from a raw source; refusals before the run."""
+signal mid-epoch, --resume to the end; prepare --format beton from a raw source, and stopped by a signal
+mid-write; refusals before the run."""
 
 import importlib.util
+import multiprocessing
 import os
 import signal
+import threading
+import time
 
 import pytest
 
+import fastcifar.backends.forked
 import fastcifar.run
 from conftest import tiny_table
 from fastcifar.cli import main
@@ -76,3 +81,30 @@ def test_refusals_come_before_the_run_folder(raw_source, store, tmp_path, capsys
         assert main(["train", str(recipe), "--out", str(tmp_path / "never")]) == 2
         err = capsys.readouterr().err
         assert why in err and err.count("\n") == 1 and not (tmp_path / "never").exists()
+
+
+@pytest.mark.timeout(120)  # before the fix: the parent waited for the write's end, here never
+@pytest.mark.skipif(not HAVE["ffcv"], reason="FFCV is not installed (pip install 'fastcifar[ffcv]')")
+def test_a_stopped_beton_write_stops_at_once_in_one_line_and_leaves_nothing(store, tmp_path, capsys,
+                                                                            monkeypatch):
+    """SIGTERM while the forked writer runs: one line, exit 143, no temp file, no process left. The write is
+    made to hang after its rows (a tiny store writes in milliseconds) so the signal lands mid-write."""
+    real = fastcifar.backends.forked.run_with_watched_workers
+
+    def hanging(call, module, what, **kw):
+        def call_then_hang():
+            call()
+            time.sleep(600)
+
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        return real(call_then_hang, module, what, **kw)
+
+    monkeypatch.setattr(fastcifar.backends.forked, "run_with_watched_workers", hanging)
+    out = tmp_path / "out" / "x.beton"
+    t0 = time.monotonic()
+    assert main(["prepare", "--source", str(store), "--format", "beton", "--out", str(out)]) == 128 + signal.SIGTERM
+    assert time.monotonic() - t0 < 30
+    err = capsys.readouterr().err.strip()
+    assert err == f"fastcifar: error: writing {out} stopped by SIGTERM; nothing was written (temp files removed)"
+    assert list(out.parent.iterdir()) == []
+    assert not multiprocessing.active_children()

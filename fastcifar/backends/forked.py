@@ -123,8 +123,8 @@ def run_with_watched_workers(call: Callable[[], object], module, what: str, poll
         child.start()
     finally:
         gc.unfreeze()
-    send.close()
     try:
+        send.close()
         message = receive.recv()
     except EOFError:  # the child died before it could say why
         message = None

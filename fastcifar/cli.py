@@ -143,6 +143,7 @@ def _train(args, console) -> None:
     from fastcifar.distributed import run_distributed, torchrun_env
     from fastcifar.recipe import load_recipe
     from fastcifar.run import run_training
+    from fastcifar.report import selection_note
 
     overrides = list(args.overrides) + ([f'train.device="{args.device}"'] if args.device else [])
     recipe = load_recipe(args.recipe, overrides)
@@ -157,6 +158,8 @@ def _train(args, console) -> None:
         console.print(f"{run_dir}: test accuracy {summary['test_acc_mean']:.2%}")
     console.print(f"{run_dir}: validation accuracy {summary['val_acc_mean']:.2%}"
                   + (f" ± {summary['val_acc_std']:.2%}" if len(summary["folds"]) > 1 else ""))
+    if note := selection_note(summary["folds"]):
+        console.print(f"[yellow]{run_dir}: {note}[/yellow]")
 
 
 def _sweep(args, console) -> None:

@@ -223,13 +223,28 @@ def _figures_section(run: Run) -> list[str]:
     return (["## Figures", ""] + out) if out else []
 
 
+def selection_note(results: list[dict[str, Any]]) -> str | None:
+    """One sentence when a fold's best.pt was picked among several validations on the very set its numbers
+    describe (the official split validates on the test set; a merged k-fold has no other): the pick flatters."""
+    counts = [int(n) for r in results if dig(r, "selection", "on_reported_set") is True
+              and (n := num(dig(r, "selection", "validations"))) is not None and n > 1]
+    if not counts:
+        return None
+    many = str(counts[0]) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+    return (f"best.pt was picked from {many} validations on this same set, so these numbers are optimistic for "
+            'unseen images; a held-out test set (split.kind = "holdout", or split.pool = "train") or '
+            "eval.every = 0 (the last epoch only) avoids that")
+
+
 def _headline_line(run: Run) -> list[str]:
-    """What a reader came for, first: the accuracy, mean ± std over the folds."""
+    """What a reader came for, first: the accuracy, mean ± std over the folds (and how far it flatters)."""
     accs = [headline(f.result)["accuracy"] for f in run.folds]
     mean, std = mean_std(accs)
     split = split_of(run.folds[0].result)
     spread = f" ± {fmt(std, 'pct')} over {len(accs)} folds" if len(accs) > 1 else ""
-    return [f"**{split} accuracy: {fmt(mean, 'pct')}{spread}**", ""]
+    note = selection_note([f.result for f in run.folds])
+    return [f"**{split} accuracy: {fmt(mean, 'pct')}{spread}**", ""] + ([f"> {note[0].upper()}{note[1:]}.", ""]
+                                                                         if note else [])
 
 
 def _collapsed(section: list[str]) -> list[str]:
@@ -313,7 +328,8 @@ def combine_reports(run_dirs: list[Path], out: Path = Path("report.md")) -> Path
         return write_report(run_dir)
     runs = [load_run(Path(d)) for d in run_dirs]  # every directory is checked before anything is written
     check_output_file(Path(out), "run comparison", md_ours(COMPARISON))
-    lines = [MD_MARKER.format(kind=COMPARISON), "# Run comparison", "", "Ratios are relative to the first run; metrics are means over folds "
+    lines = [MD_MARKER.format(kind=COMPARISON), "# Run comparison", "",
+             "Ratios are relative to the first run; metrics are means over folds "
              "(± sample std where a run has several folds).", ""]
     lines += [f"- **{_column_name(r)}**: recipe `{r.name}`, `{r.dir}`" for r in runs] + [""]
     lines += md_table(["", *[_column_name(r) for r in runs]], _compare_rows(runs))

@@ -9,7 +9,7 @@ import pytest
 
 from fastcifar.errors import FastCifarError
 from fastcifar.ownership import write_marker
-from fastcifar.report import ReportError, combine_reports, write_report
+from fastcifar.report import ReportError, combine_reports, selection_note, write_report
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 RECIPE = 'name = "{name}"\n\n[model]\nname = "cnn_bn"\nwidth = 32\n'
@@ -197,3 +197,15 @@ def test_results_come_first_and_the_environment_is_collapsed(kfold):
     assert order == sorted(order)
     folded = re.sub(r"<details>.*?</details>", "", text[: text.index("## Final metrics")], flags=re.S)
     assert len(folded.splitlines()) <= 20  # unfolded (3 folds: title, headline, timing table), within a screen
+
+
+def test_selection_note_names_how_many_validations_picked_best_pt_on_the_reported_set():
+    def fold(validations, on_reported):
+        return {"selection": {"validations": validations, "on_reported_set": on_reported}}
+
+    assert selection_note([fold(10, True)] * 5).startswith("best.pt was picked from 10 validations on this same set")
+    assert "picked from 9-10 validations" in selection_note([fold(10, True), fold(9, True)])
+    assert "picked from 3 validations" in selection_note([fold(1, True), fold(3, True)])  # the folds that picked
+    assert selection_note([fold(10, False)]) is None  # a held-out test set was reported
+    assert selection_note([fold(1, True)]) is None  # one validation (eval.every = 0): nothing was picked
+    assert selection_note([{}, {"selection": "?"}]) is None  # runs from before result.json recorded it

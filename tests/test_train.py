@@ -11,6 +11,7 @@ from rich.console import Console
 from fastcifar.checkpoint import load_checkpoint
 from fastcifar.cli import main
 from fastcifar.errors import FastCifarError, RecipeError
+from fastcifar.recipe import recipe_to_toml
 from fastcifar.run import run_training
 from fastcifar.train import Hooks
 from resume import full_and_resumed
@@ -45,6 +46,9 @@ def test_tiny_run_learns_and_writes_csv_and_checkpoints(tiny, store, tmp_path):
         assert (run / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     report = (run / "report.md").read_text()
     assert "figures/confusion.png" in report and "Cohen" in report
+    # the official split validates on the test set: best.pt was picked on the numbers it reports, and says so
+    assert result["selection"] == {"validations": 4, "on_reported_set": True}
+    assert "> Best.pt was picked from 4 validations on this same set, so these numbers are optimistic" in report
 
 
 @pytest.mark.parametrize("epoch, step", [(0, 1), (1, None), (2, 3)], ids=["first-epoch", "epoch-end", "mid-epoch"])
@@ -81,6 +85,9 @@ def test_kfold_all_folds_table_and_finished_folds_kept(tiny, store, tmp_path):
     assert (run / "fold0" / "result.json").stat().st_mtime_ns == done
     assert [f["fold"] for f in summary["folds"]] == [0, 1, 2]
     assert "test_acc" not in summary["folds"][0]  # merged pool: no untouched test set
+    # each fold reports the validation set that picked its best.pt; one validation each: no pick, no flattery
+    assert [f["selection"] for f in summary["folds"]] == [{"validations": 1, "on_reported_set": True}] * 3
+    assert "optimistic" not in (run / "report.md").read_text()
     lines = (run / "folds.csv").read_text().splitlines()
     assert lines[0].startswith("fold,val_acc") and lines[-2].startswith("mean,") and lines[-1].startswith("std,")
     assert summary["val_acc_std"] >= 0 and 0 <= summary["val_acc_mean"] <= 1
@@ -90,9 +97,12 @@ def test_single_fold_and_holdout_sizes(tiny, store, tmp_path):
     s = run_training(tiny(split={"kind": "kfold", "k": 4, "fold": 2}, train={"epochs": 1}), tmp_path / "a",
                      QUIET)
     assert [f["fold"] for f in s["folds"]] == [2] and (tmp_path / "a" / "fold2" / "result.json").exists()
-    s = run_training(tiny(split={"kind": "holdout", "val_fraction": 0.25}, train={"epochs": 1}),
+    assert s["folds"][0]["selection"]["on_reported_set"] is False  # the official test set stays out of the pick
+    s = run_training(tiny(split={"kind": "holdout", "val_fraction": 0.25}, train={"epochs": 2}),
                      tmp_path / "b", QUIET)
     assert "test_acc" in s["folds"][0]
+    assert s["folds"][0]["selection"] == {"validations": 2, "on_reported_set": False}
+    assert "optimistic" not in (tmp_path / "b" / "report.md").read_text()
 
 
 def test_early_stopping_fires_on_a_flat_metric(tiny, store, tmp_path):
@@ -123,6 +133,16 @@ def test_cli_eval_prints_accuracy_and_per_class_table(tiny, store, tmp_path, cap
     assert f"test accuracy {result['test_acc']:.2%}" in out
     for name in ("airplane", "truck"):
         assert name in out
+
+
+def test_cli_train_says_when_best_pt_was_picked_on_the_test_set(tiny, tmp_path, capsys):
+    for name, every in (("r", 1), ("r0", 0)):
+        (tmp_path / f"{name}.toml").write_text(recipe_to_toml(tiny(train={"epochs": 2}, eval={"every": every})))
+    assert main(["train", str(tmp_path / "r.toml"), "--out", str(tmp_path / "r")]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "best.pt was picked from 2 validations on this same set, so these numbers are optimistic" in out
+    assert main(["train", str(tmp_path / "r0.toml"), "--out", str(tmp_path / "r0")]) == 0
+    assert "optimistic" not in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line(store, tmp_path, capsys):
@@ -176,9 +196,13 @@ def test_eval_every_validates_on_schedule_and_after_the_last_epoch(tiny, store, 
     assert summary["folds"][0]["best_epoch"] in (2, 4, 5)
     assert (run / "figures" / "curves.png").stat().st_size > 0  # the curves draw the validated epochs only
     # eval.every = 0: only after the last epoch, so the last epoch is the best
+    assert summary["folds"][0]["selection"] == {"validations": 3, "on_reported_set": True}
     last_only = run_training(tiny(train={"epochs": 3}, eval={"every": 0}), tmp_path / "every0", QUIET)
     assert [r["val_acc"] != "" for r in _rows(tmp_path / "every0" / "metrics.csv")] == [False, False, True]
     assert last_only["folds"][0]["best_epoch"] == 3
+    # nothing was picked: the test numbers describe the last epoch's weights on unseen images
+    assert last_only["folds"][0]["selection"] == {"validations": 1, "on_reported_set": True}
+    assert "optimistic" not in (tmp_path / "every0" / "report.md").read_text()
 
 
 def test_early_stopping_patience_counts_validations(tiny, store, tmp_path, monkeypatch):

@@ -224,16 +224,25 @@ def _figures_section(run: Run) -> list[str]:
 
 
 def selection_note(results: list[dict[str, Any]]) -> str | None:
-    """One sentence when a fold's best.pt was picked among several validations on the very set its numbers
-    describe (the official split validates on the test set; a merged k-fold has no other): the pick flatters."""
-    counts = [int(n) for r in results if dig(r, "selection", "on_reported_set") is True
-              and (n := num(dig(r, "selection", "validations"))) is not None and n > 1]
-    if not counts:
+    """One sentence when a fold's best.pt is an earlier epoch than its last validated one, picked by validations
+    on the very set its numbers describe (the official split validates on the test set; a merged k-fold has no
+    other): that pick flatters. When the last epoch won, nothing was picked on the set: no note."""
+    def picked(r: dict[str, Any]) -> bool:
+        last, best = num(dig(r, "selection", "last_validated_epoch")), num(r.get("best_epoch"))
+        return dig(r, "selection", "on_reported_set") is True and None not in (last, best) and best != last
+
+    chosen = [r for r in results if picked(r)]
+    if not chosen:
         return None
-    many = str(counts[0]) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
-    return (f"best.pt was picked from {many} validations on this same set, so these numbers are optimistic for "
-            'unseen images; a held-out test set (split.kind = "holdout", or split.pool = "train") or '
-            "eval.every = 0 (the last epoch only) avoids that")
+    counts = sorted({int(num(dig(r, "selection", "validations")) or 0) for r in chosen})
+    many = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    best, last = int(chosen[0]["best_epoch"]), int(chosen[0]["selection"]["last_validated_epoch"])
+    which = (f"best.pt is epoch {best}, not the last validated ({last}),"
+             if len(results) == 1 else f"in {len(chosen)} of {len(results)} folds best.pt is not the last validated "
+                                       "epoch but one")
+    return (f"{which} picked by {many} validations on this same set, so these numbers are optimistic for unseen "
+            'images; a held-out test set (split.kind = "holdout", or split.pool = "train") or eval.every = 0 (the '
+            "last epoch only) avoids that")
 
 
 def _headline_line(run: Run) -> list[str]:
@@ -243,8 +252,7 @@ def _headline_line(run: Run) -> list[str]:
     split = split_of(run.folds[0].result)
     spread = f" ± {fmt(std, 'pct')} over {len(accs)} folds" if len(accs) > 1 else ""
     note = selection_note([f.result for f in run.folds])
-    return [f"**{split} accuracy: {fmt(mean, 'pct')}{spread}**", ""] + ([f"> {note[0].upper()}{note[1:]}.", ""]
-                                                                         if note else [])
+    return [f"**{split} accuracy: {fmt(mean, 'pct')}{spread}**", ""] + ([f"> Note: {note}.", ""] if note else [])
 
 
 def _collapsed(section: list[str]) -> list[str]:

@@ -354,8 +354,10 @@ def finish_fold(run: FoldRun, state: TrainState) -> dict[str, Any]:
         split, final_loader = "test", run.data.test
     result["metrics"] = {"split": split, **compute_metrics(final["logits"], final["targets"], n_cls)}
     # best.pt competed on the validation set: numbers on that same set (official split, merged k-fold) flatter it
-    result["selection"] = {"validations": sum(r["val_acc"] is not None for r in state.history),
-                           "on_reported_set": final is val}
+    # unless the last validated epoch won (its weights never depended on that set)
+    validated = [int(r["epoch"]) for r in state.history if r["val_acc"] is not None]
+    result["selection"] = {"validations": len(validated), "on_reported_set": final is val,
+                           "last_validated_epoch": max(validated, default=None)}
     result["inference_ms_per_image"] = ms
     result["peak_memory_mb"], result["peak_memory_kind"] = peak_memory_mb(run.device)
     result["compile_time_s"] = state.compile_time_s  # warm-up steps, kept out of img_per_s

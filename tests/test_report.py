@@ -199,13 +199,17 @@ def test_results_come_first_and_the_environment_is_collapsed(kfold):
     assert len(folded.splitlines()) <= 20  # unfolded (3 folds: title, headline, timing table), within a screen
 
 
-def test_selection_note_names_how_many_validations_picked_best_pt_on_the_reported_set():
-    def fold(validations, on_reported):
-        return {"selection": {"validations": validations, "on_reported_set": on_reported}}
+def test_selection_note_only_when_an_earlier_epoch_was_picked_on_the_reported_set():
+    def fold(validations, on_reported, best=3, last=10):
+        return {"best_epoch": best, "selection": {"validations": validations, "on_reported_set": on_reported,
+                                                  "last_validated_epoch": last}}
 
-    assert selection_note([fold(10, True)] * 5).startswith("best.pt was picked from 10 validations on this same set")
-    assert "picked from 9-10 validations" in selection_note([fold(10, True), fold(9, True)])
-    assert "picked from 3 validations" in selection_note([fold(1, True), fold(3, True)])  # the folds that picked
+    assert selection_note([fold(4, True, best=3, last=4)]).startswith(
+        "best.pt is epoch 3, not the last validated (4), picked by 4 validations on this same set")
+    assert selection_note([fold(10, True)] * 5).startswith("in 5 of 5 folds best.pt is not the last validated")
+    assert "in 2 of 3 folds" in selection_note([fold(10, True), fold(9, True), fold(10, True, best=10)])
+    assert "picked by 9-10 validations" in selection_note([fold(10, True), fold(9, True)])
+    assert selection_note([fold(10, True, best=10)]) is None  # the last epoch won: nothing was picked on the set
     assert selection_note([fold(10, False)]) is None  # a held-out test set was reported
-    assert selection_note([fold(1, True)]) is None  # one validation (eval.every = 0): nothing was picked
+    assert selection_note([fold(1, True, best=3, last=3)]) is None  # eval.every = 0: one validation, the last
     assert selection_note([{}, {"selection": "?"}]) is None  # runs from before result.json recorded it

@@ -46,9 +46,12 @@ def test_tiny_run_learns_and_writes_csv_and_checkpoints(tiny, store, tmp_path):
         assert (run / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     report = (run / "report.md").read_text()
     assert "figures/confusion.png" in report and "Cohen" in report
-    # the official split validates on the test set: best.pt was picked on the numbers it reports, and says so
-    assert result["selection"] == {"validations": 4, "on_reported_set": True}
-    assert "> Best.pt was picked from 4 validations on this same set, so these numbers are optimistic" in report
+    # the official split validates on the test set: best.pt competed on the numbers it reports; the report says
+    # so exactly when an earlier epoch than the last won
+    assert result["selection"] == {"validations": 4, "on_reported_set": True, "last_validated_epoch": 4}
+    note = (f"> Note: best.pt is epoch {result['best_epoch']}, not the last validated (4), picked by 4 validations "
+            "on this same set, so these numbers are optimistic")
+    assert (note in report) == (result["best_epoch"] != 4)
 
 
 @pytest.mark.parametrize("epoch, step", [(0, 1), (1, None), (2, 3)], ids=["first-epoch", "epoch-end", "mid-epoch"])
@@ -86,7 +89,8 @@ def test_kfold_all_folds_table_and_finished_folds_kept(tiny, store, tmp_path):
     assert [f["fold"] for f in summary["folds"]] == [0, 1, 2]
     assert "test_acc" not in summary["folds"][0]  # merged pool: no untouched test set
     # each fold reports the validation set that picked its best.pt; one validation each: no pick, no flattery
-    assert [f["selection"] for f in summary["folds"]] == [{"validations": 1, "on_reported_set": True}] * 3
+    assert [f["selection"] for f in summary["folds"]] == [{"validations": 1, "on_reported_set": True,
+                                                          "last_validated_epoch": 1}] * 3
     assert "optimistic" not in (run / "report.md").read_text()
     lines = (run / "folds.csv").read_text().splitlines()
     assert lines[0].startswith("fold,val_acc") and lines[-2].startswith("mean,") and lines[-1].startswith("std,")
@@ -101,7 +105,7 @@ def test_single_fold_and_holdout_sizes(tiny, store, tmp_path):
     s = run_training(tiny(split={"kind": "holdout", "val_fraction": 0.25}, train={"epochs": 2}),
                      tmp_path / "b", QUIET)
     assert "test_acc" in s["folds"][0]
-    assert s["folds"][0]["selection"] == {"validations": 2, "on_reported_set": False}
+    assert s["folds"][0]["selection"] == {"validations": 2, "on_reported_set": False, "last_validated_epoch": 2}
     assert "optimistic" not in (tmp_path / "b" / "report.md").read_text()
 
 
@@ -135,14 +139,20 @@ def test_cli_eval_prints_accuracy_and_per_class_table(tiny, store, tmp_path, cap
         assert name in out
 
 
-def test_cli_train_says_when_best_pt_was_picked_on_the_test_set(tiny, tmp_path, capsys):
-    for name, every in (("r", 1), ("r0", 0)):
-        (tmp_path / f"{name}.toml").write_text(recipe_to_toml(tiny(train={"epochs": 2}, eval={"every": every})))
-    assert main(["train", str(tmp_path / "r.toml"), "--out", str(tmp_path / "r")]) == 0
+def test_cli_train_says_when_best_pt_was_picked_on_the_test_set(tiny, tmp_path, capsys, monkeypatch):
+    """Official split: validation is the test set. A falling score makes epoch 1 best.pt (picked on the test
+    set: the note); a rising one makes the last epoch best.pt (nothing picked: no note)."""
+    scores = iter([0.6, 0.5, 0.4, 0.5, 0.6])
+    monkeypatch.setattr("fastcifar.train.evaluate", lambda *a, **k: {"loss": 1.0, "acc": next(scores)})
+    (tmp_path / "r.toml").write_text(recipe_to_toml(tiny(train={"epochs": 2})))
+    assert main(["train", str(tmp_path / "r.toml"), "--out", str(tmp_path / "falls")]) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
-    assert "best.pt was picked from 2 validations on this same set, so these numbers are optimistic" in out
-    assert main(["train", str(tmp_path / "r0.toml"), "--out", str(tmp_path / "r0")]) == 0
+    assert ("falls: best.pt is epoch 1, not the last validated (2), picked by 2 validations on this same set, so "
+            "these numbers are optimistic for unseen images") in out
+    assert "optimistic" in (tmp_path / "falls" / "report.md").read_text()
+    assert main(["train", str(tmp_path / "r.toml"), "--out", str(tmp_path / "rises")]) == 0
     assert "optimistic" not in capsys.readouterr().out
+    assert "optimistic" not in (tmp_path / "rises" / "report.md").read_text()
 
 
 def test_cli_errors_are_one_line(store, tmp_path, capsys):
@@ -196,12 +206,13 @@ def test_eval_every_validates_on_schedule_and_after_the_last_epoch(tiny, store, 
     assert summary["folds"][0]["best_epoch"] in (2, 4, 5)
     assert (run / "figures" / "curves.png").stat().st_size > 0  # the curves draw the validated epochs only
     # eval.every = 0: only after the last epoch, so the last epoch is the best
-    assert summary["folds"][0]["selection"] == {"validations": 3, "on_reported_set": True}
+    assert summary["folds"][0]["selection"] == {"validations": 3, "on_reported_set": True, "last_validated_epoch": 5}
     last_only = run_training(tiny(train={"epochs": 3}, eval={"every": 0}), tmp_path / "every0", QUIET)
     assert [r["val_acc"] != "" for r in _rows(tmp_path / "every0" / "metrics.csv")] == [False, False, True]
     assert last_only["folds"][0]["best_epoch"] == 3
     # nothing was picked: the test numbers describe the last epoch's weights on unseen images
-    assert last_only["folds"][0]["selection"] == {"validations": 1, "on_reported_set": True}
+    assert last_only["folds"][0]["selection"] == {"validations": 1, "on_reported_set": True,
+                                                  "last_validated_epoch": 3}
     assert "optimistic" not in (tmp_path / "every0" / "report.md").read_text()
 
 

@@ -114,11 +114,10 @@ def _prepare(args, console) -> None:
         require_ffcv("prepare --format beton")
     given = Path(os.path.expanduser(args.source or DEFAULT_STORE))
     if args.format == "beton" and given.is_dir() and is_store_dir(given):  # a prepared store: its .beton only
-        from fastcifar.backends.ffcv import default_beton, write_beton
+        from fastcifar.backends.ffcv import default_beton
 
         out = default_beton(given) if args.out == DEFAULT_STORE else Path(os.path.expanduser(args.out))
-        with stop_raises(f"writing {out}"):
-            write_beton(given, out, log_fn=console.print)
+        _write_beton(given, out, console)
         return
     if args.size and not 8 <= args.size <= 1024:
         raise FastCifarError(f"--size: must be in [8, 1024], got {args.size}")
@@ -132,11 +131,18 @@ def _prepare(args, console) -> None:
     console.print(f"{args.out}: {meta['counts']['train']} train + {meta['counts']['test']} test images, "
                   f"classes {shown}" + (f"; mean {stats['mean']}, std {stats['std']}" if stats else ""))
     if args.format == "beton":  # any source: the store first (above), then its .beton beside it
-        from fastcifar.backends.ffcv import default_beton, write_beton
+        from fastcifar.backends.ffcv import default_beton
 
-        out = default_beton(Path(args.out))
-        with stop_raises(f"writing {out}"):  # the store above is complete and stays
-            write_beton(Path(args.out), out, log_fn=console.print)
+        _write_beton(Path(args.out), default_beton(Path(args.out)), console)  # a stop keeps the finished store
+
+
+def _write_beton(store: Path, out: Path, console) -> None:
+    """The store's .beton under prepare's signal handler: a stop is one line, the temp file removed."""
+    from fastcifar.backends.ffcv import write_beton
+    from fastcifar.lifecycle import stop_raises
+
+    with stop_raises(f"writing {out}"):
+        write_beton(store, out, log_fn=console.print)
 
 
 def _train(args, console) -> None:

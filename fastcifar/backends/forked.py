@@ -51,6 +51,7 @@ def _die_with_parent(parent: int) -> None:
 def _child(call: Callable[[], object], module, conn, poll_s: float, parent: int) -> None:
     os.setpgrp()  # the parent can end this process and every worker with one killpg
     _die_with_parent(parent)
+    me = os.getpid()
     started: list = []
     finished = threading.Event()
     lock = threading.Lock()  # one message: the watcher's or the call's, never both
@@ -61,7 +62,7 @@ def _child(call: Callable[[], object], module, conn, poll_s: float, parent: int)
             started.append(self)
 
         def run(self):
-            _die_with_parent(child)
+            _die_with_parent(me)
             super().run()
 
     def watch():
@@ -77,7 +78,6 @@ def _child(call: Callable[[], object], module, conn, poll_s: float, parent: int)
                     conn.send(("died", dead[0]))
                     os._exit(WORKER_DIED)  # the call's thread is stuck polling; nothing here is worth keeping
 
-    child = os.getpid()
     module.Process = Recorded  # the child's copy of the module: the parent's is untouched
     threading.Thread(target=watch, daemon=True).start()
     try:

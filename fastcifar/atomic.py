@@ -17,9 +17,12 @@ from fastcifar.errors import DiskFullError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, guard: Callable[[], None] | None = None) -> Iterator[Path]:
     """A temp path beside `path` for writers that take a file name (the ONNX exporter, torch.jit.save); on clean
-    exit the file is fsynced and renamed onto `path`, on any error (a failed check included) removed."""
+    exit the file is fsynced and renamed onto `path`, on any error (a failed check included) removed.
+
+    `guard`: called just before the rename, to check again that `path` may be replaced (what the user named
+    may have appeared or changed while the file was being written); an error it raises leaves `path` alone."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -32,6 +35,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if guard is not None:
+            guard()
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
@@ -44,9 +49,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_open(path: str | os.PathLike, mode: str = "wb", guard: Callable[[], None] | None = None) -> Iterator[IO]:
     """Open a temp file beside `path`; on clean exit fsync it and rename it onto `path` (atomic_path)."""
-    with atomic_path(path) as tmp, open(tmp, mode) as f:
+    with atomic_path(path, guard) as tmp, open(tmp, mode) as f:
         yield f
 
 
@@ -66,13 +71,13 @@ def fsync_dir(directory: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_open(path, "w") as f:
+def write_text(path: str | os.PathLike, text: str, guard: Callable[[], None] | None = None) -> None:
+    with atomic_open(path, "w", guard) as f:
         f.write(text)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_json(path: str | os.PathLike, obj: Any, guard: Callable[[], None] | None = None) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", guard)
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[IO], None]) -> None:

@@ -28,7 +28,7 @@ from fastcifar.data import open_store
 from fastcifar.engine import tta_logits
 from fastcifar.errors import CheckpointError, FastCifarError, first_line
 from fastcifar.evaluate import load_trained_model
-from fastcifar.ownership import check_output_file
+from fastcifar.ownership import output_guard
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 META_KEY = "fastcifar"
@@ -75,7 +75,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path | None = None, opse
         if not MIN_OPSET <= opset <= newest:  # below 18 the exporter falls back to 18 and says so on stderr
             raise FastCifarError(f"--opset: the ONNX exporter writes opsets {MIN_OPSET} to {newest}, got {opset}")
     out = Path(out) if out else default_out(checkpoint, fmt)
-    check_output_file(out, f"{fmt} export", is_export)
+    guard = output_guard(out, f"{fmt} export", is_export)
     model, recipe, classes, size = load_trained_model(checkpoint, torch.device("cpu"))
     model = model.to(memory_format=torch.contiguous_format)  # the exported graph runs on any layout
     deployed = Deployed(model, recipe, size).eval()
@@ -86,7 +86,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path | None = None, opse
     images = sample_images(recipe, size)
     with torch.no_grad():
         want = deployed(images).numpy()
-    with atomic_path(out) as tmp:  # a failed export or parity check leaves nothing behind
+    with atomic_path(out, guard) as tmp:  # a failed export or parity check leaves nothing behind
         (_onnx if fmt == "onnx" else _torchscript)(deployed, images, tmp, meta, opset)
         got = run_exported(tmp, images.numpy())
         diff = float(np.abs(got - want).max())

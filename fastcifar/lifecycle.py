@@ -1,7 +1,7 @@
 """What keeps a run safe from its surroundings: a lock on the run directory and graceful SIGINT / SIGTERM.
 
-- RunLock: `RUN_DIR/.lock` holds the owner's pid; a second run on the same directory is refused, a lock whose pid
-  is dead (the owner was SIGKILLed) is taken over.
+- PidLock / RunLock: an flock'ed file holding the owner's pid (`RUN_DIR/.lock`, `.<store>.lock` beside a store
+  being prepared); a second writer is refused naming that pid, a lock whose owner died is taken over.
 - GracefulStop: the first SIGINT / SIGTERM only sets a flag, so the trainer finishes its current step and writes a
   resumable checkpoint; a second signal gets the default behaviour (stop now: the atomic writes keep the last
   checkpoint loadable either way).
@@ -10,15 +10,19 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
+import re
 import signal
+import stat
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Iterator
+from typing import Callable, Iterator
 
 from fastcifar.errors import FastCifarError
-from fastcifar.ownership import pid_alive
+from fastcifar.ownership import NotOurs, pid_alive
 
 
 class RunInUse(FastCifarError):
@@ -33,48 +37,121 @@ class Interrupted(FastCifarError):
         self.exit_code = 128 + signum
 
 
-class RunLock:
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
-        self.held = False
+class PidLock:
+    """An exclusive lock on `path`, a small file holding the owner's pid.
+
+    flock(2) decides who holds it, so two processes can never both take it, and the kernel releases it however
+    its owner dies (kill -9 included): a lock file left behind is taken over by the next writer. The pid is only
+    for the message a second writer gets. A lock file written by a fastcifar from before flock, whose pid is
+    alive, is respected too. The file is fastcifar's own (a pid or nothing): anything else at `path` is refused,
+    never truncated, and on release it is removed only while it is still the file this process locked."""
+
+    def __init__(self, path: Path, busy: Callable[[int | None], FastCifarError]):
+        self.path = Path(path)
+        self.busy = busy  # the error a second writer gets, given the owner's pid (None: unknown)
+        self.fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):  # create, or take over a stale lock and retry
+        for _ in range(10):  # a previous owner may remove the file between our open and our flock: open again
+            fd = self._open()
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and owner != os.getpid() and pid_alive(owner):
-                    raise RunInUse(f"{self.path.parent}: in use by pid {owner} (lock file {self.path}); "
-                                   f"wait for that run or stop it") from None
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)  # stale: its owner is dead
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _read_pid(fd)
+                os.close(fd)
+                raise self.busy(owner) from None
+            try:
+                current = os.stat(self.path, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is None or (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+                os.close(fd)  # we locked a file its owner has just removed; the lock is the new file at `path`
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            self.held = True
+            owner = _read_pid(fd)
+            if owner is not None and owner != os.getpid() and pid_alive(owner):
+                os.close(fd)  # written by a fastcifar from before flock, whose owner still runs
+                raise self.busy(owner)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.fd = fd
             return
-        raise RunInUse(f"{self.path}: could not take the run lock (another process keeps re-creating it)")
+        raise self.busy(None)
 
-    def _owner(self) -> int | None:
+    def _open(self) -> int:
         try:
-            return int(self.path.read_text().strip() or "0") or None
-        except (OSError, ValueError):
-            return None  # unreadable or half-written: treat as stale
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise NotOurs(f"{self.path}: is a link, not fastcifar's lock file; remove it or choose another "
+                              "--out") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or _read_pid(fd, strict=True) is False:
+            os.close(fd)
+            raise NotOurs(f"{self.path}: exists and is not a lock file fastcifar wrote (a pid); not touching it, "
+                          "choose another --out")
+        return fd
 
     def release(self) -> None:
-        if self.held and self._owner() == os.getpid():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-        self.held = False
+        if self.fd is None:
+            return
+        try:
+            mine, current = os.fstat(self.fd), os.stat(self.path, follow_symlinks=False)
+            if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                os.unlink(self.path)  # still the file we hold locked: ours to remove
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> "PidLock":
         self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _read_pid(fd: int, strict: bool = False):
+    """The pid in a lock file (None when empty or unreadable). strict: False when the content is not a lock's
+    (digits and a newline at most), so a user's file is never taken for one."""
+    try:
+        head = os.pread(fd, 33, 0)
+    except OSError:
+        return None
+    text = head.decode("ascii", errors="replace")
+    if len(head) > 32 or re.fullmatch(r"\d*\n?", text) is None:
+        return False if strict else None
+    return int(text) if text.strip() else None
+
+
+class WriterInUse(FastCifarError):
+    pass
+
+
+def writer_lock(target: Path, what: str, shown: Path | None = None) -> PidLock:
+    """`.<name>.lock` beside a file or folder being written (a store, a .beton): a second writer of the same
+    target is refused, naming the first (`what`: who that is, for the message)."""
+    target = Path(target)
+    return PidLock(target.parent / f".{target.name}.lock", lambda owner: WriterInUse(
+        f"{shown or target}: being written by pid {owner if owner is not None else '?'} ({what}); wait for it to "
+        "finish or stop it"))
+
+
+class RunLock(PidLock):
+    """`RUN_DIR/.lock`: one process writes a run directory at a time."""
+
+    def __init__(self, run_dir: Path):
+        path = Path(run_dir) / ".lock"
+        super().__init__(path, lambda owner: RunInUse(
+            f"{path.parent}: in use by pid {owner if owner is not None else '?'} (lock file {path}); wait for "
+            "that run or stop it"))
 
 
 @contextlib.contextmanager

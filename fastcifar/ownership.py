@@ -107,6 +107,16 @@ def check_output_file(path: Path, kind: str, ours: Callable[[Path], bool]) -> No
                       "overwrites only its own files)")
 
 
+def output_guard(path: Path, kind: str, ours: Callable[[Path], bool]) -> Callable[[], None]:
+    """check_output_file now, and the same check as a guard for atomic_path, to run again at the rename: a file
+    the user puts at `path` while the output is being computed is never replaced."""
+    def check() -> None:
+        check_output_file(path, kind, ours)
+
+    check()
+    return check
+
+
 def md_ours(kind: str) -> Callable[[Path], bool]:
     """Recogniser for a Markdown file that starts with fastcifar's marker line of `kind`."""
     def ours(path: Path) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastcifar.atomic import write_text
-from fastcifar.ownership import MARKERS, MD_MARKER, check_output_file, has_marker, legacy_run, md_ours
+from fastcifar.ownership import MARKERS, MD_MARKER, has_marker, legacy_run, md_ours, output_guard
 from fastcifar.runfiles import Fold, ReportError, Run, dig, load_run, num  # noqa: F401 - the report API too
 
 DASH = "–"
@@ -335,12 +335,12 @@ def combine_reports(run_dirs: list[Path], out: Path = Path("report.md")) -> Path
                               "report.md into it")
         return write_report(run_dir)
     runs = [load_run(Path(d)) for d in run_dirs]  # every directory is checked before anything is written
-    check_output_file(Path(out), "run comparison", md_ours(COMPARISON))
+    guard = output_guard(Path(out), "run comparison", md_ours(COMPARISON))
     lines = [MD_MARKER.format(kind=COMPARISON), "# Run comparison", "",
              "Ratios are relative to the first run; metrics are means over folds "
              "(± sample std where a run has several folds).", ""]
     lines += [f"- **{_column_name(r)}**: recipe `{r.name}`, `{r.dir}`" for r in runs] + [""]
     lines += md_table(["", *[_column_name(r) for r in runs]], _compare_rows(runs))
     out = Path(out)
-    write_text(out, "\n".join(lines).rstrip("\n") + "\n")
+    write_text(out, "\n".join(lines).rstrip("\n") + "\n", guard)
     return out

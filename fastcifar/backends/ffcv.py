@@ -55,8 +55,9 @@ def default_beton(store_dir: str | os.PathLike) -> Path:
     return p.with_name(p.name + ".beton")
 
 
-def write_rows(path: Path, images_of, labels: np.ndarray, workers: int) -> None:
-    """Write rows images_of(i), labels[i] to `path` via a temp file beside it (a crash leaves no half file)."""
+def write_rows(path: Path, images_of, labels: np.ndarray, workers: int, guard=None) -> None:
+    """Write rows images_of(i), labels[i] to `path` via a temp file beside it (a crash leaves no half file);
+    `guard()` runs just before the rename (atomic_path's guard: may `path` still be replaced?)."""
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
 
@@ -80,6 +81,8 @@ def write_rows(path: Path, images_of, labels: np.ndarray, workers: int) -> None:
 
         run_with_watched_workers(write, ffcv.writer, f"writing {path}")
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file a plain open()'s mode
+        if guard is not None:
+            guard()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -92,6 +95,8 @@ def write_beton(store_dir: str | os.PathLike, out: str | os.PathLike, *, workers
     from fastcifar.data import open_store
 
     require_ffcv("prepare --format beton")
+    from fastcifar.lifecycle import writer_lock
+
     out = Path(out).expanduser()
     check_beton_out(out)
     store = open_store(Path(store_dir).expanduser(), verify=True)
@@ -101,10 +106,13 @@ def write_beton(store_dir: str | os.PathLike, out: str | os.PathLike, *, workers
     def image(i: int) -> np.ndarray:
         return store.train_images[i] if i < n_train else store.test_images[i - n_train]
 
-    log_fn(f"writing {out}: {len(labels)} images from {store.path}")
-    write_rows(out, image, labels, workers)
-    write_json(_sidecar(out), {"store": str(store.path), "sha256": store.meta["sha256"], "count": len(labels)})
-    log_fn(f"wrote {out} ({out.stat().st_size / 2 ** 20:.0f} MB)")
+    with writer_lock(out, "another fastcifar .beton write"):  # one writer: a .beton and its sidecar are a pair
+        log_fn(f"writing {out}: {len(labels)} images from {store.path}")
+        # Checked again at each rename: a user's file may have appeared there while the rows were written.
+        write_rows(out, image, labels, workers, lambda: check_beton_out(out))
+        write_json(_sidecar(out), {"store": str(store.path), "sha256": store.meta["sha256"], "count": len(labels)},
+                   lambda: _check_sidecar_out(out))
+        log_fn(f"wrote {out} ({out.stat().st_size / 2 ** 20:.0f} MB)")
     return out
 
 
@@ -116,9 +124,14 @@ def check_beton_out(out: Path) -> None:
     """A .beton (and its sidecar) may replace only an earlier one that fastcifar wrote (its sidecar says so)."""
     from fastcifar.ownership import check_output_file, json_ours
 
-    sidecar = _sidecar(out)
-    check_output_file(sidecar, "FFCV sidecar", json_ours(_our_sidecar))
-    check_output_file(out, "FFCV .beton", lambda p: json_ours(_our_sidecar)(sidecar))
+    _check_sidecar_out(out)
+    check_output_file(out, "FFCV .beton", lambda p: json_ours(_our_sidecar)(_sidecar(out)))
+
+
+def _check_sidecar_out(out: Path) -> None:
+    from fastcifar.ownership import check_output_file, json_ours
+
+    check_output_file(_sidecar(out), "FFCV sidecar", json_ours(_our_sidecar))
 
 
 def _sidecar(beton: Path) -> Path:

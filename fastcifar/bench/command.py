@@ -48,7 +48,7 @@ def add_bench_parser(sub) -> None:
                                                                  "THIS.json OTHER.json: two saved results, no run")
 
 
-def _check(args) -> None:
+def _check(args) -> dict[str, Any]:
     from fastcifar.errors import RecipeError
     from fastcifar.models import known_model, model_names
 
@@ -69,7 +69,7 @@ def _check(args) -> None:
         raise RecipeError(f"--batch: bench loader takes one batch size, got {len(args.batch)}")
     if args.compare and len(args.compare) > 2:
         raise RecipeError("--compare: give OTHER.json (compare this run with it) or THIS.json OTHER.json")
-    check_outputs(args)
+    return check_outputs(args)
 
 
 def _bench_md(path: Path) -> bool:
@@ -85,15 +85,18 @@ def _bench_md(path: Path) -> bool:
     return md_ours(BENCH_MD)(path) or first.startswith(("# fastcifar bench", "# fastcifar device suite:"))
 
 
-def check_outputs(args) -> None:
-    """--json / --md may replace only an earlier bench result: checked before any timing starts."""
-    from fastcifar.ownership import check_output_file, json_ours
+def check_outputs(args) -> dict[str, Any]:
+    """--json / --md may replace only an earlier bench result: checked before any timing starts, and again (the
+    guards returned, for atomic_path) when the files are written."""
+    from fastcifar.ownership import json_ours, output_guard
 
+    guards = {}
     if args.json:
-        check_output_file(Path(args.json), "bench result",
-                          json_ours(lambda d: str(d.get("kind", "")).startswith("fastcifar-bench")))
+        guards["json"] = output_guard(Path(args.json), "bench result",
+                                      json_ours(lambda d: str(d.get("kind", "")).startswith("fastcifar-bench")))
     if args.md:
-        check_output_file(Path(args.md), "bench Markdown table", _bench_md)
+        guards["md"] = output_guard(Path(args.md), "bench Markdown table", _bench_md)
+    return guards
 
 
 def _flags(values: list[str] | None, default: list[bool]) -> list[bool]:
@@ -132,7 +135,7 @@ def run_bench(args: argparse.Namespace, console) -> dict[str, Any] | None:
     from fastcifar.bench.table import print_result, to_markdown, widen
 
     widen(console)
-    _check(args)
+    guards = _check(args)
     others = [load_result(p, args.what) for p in args.compare or []]  # a bad file fails before any timing
     if len(others) == 2:
         print_comparison(others[0], others[1], console, args.compare[0], args.compare[1])
@@ -160,10 +163,10 @@ def run_bench(args: argparse.Namespace, console) -> dict[str, Any] | None:
         result = run_model_bench(store, device, plan, log=log)
     print_result(result, console)
     if args.json:
-        write_json(args.json, result)
+        write_json(args.json, result, guards["json"])
         console.print(f"wrote {args.json}")
     if args.md:
-        write_text(args.md, to_markdown(result))
+        write_text(args.md, to_markdown(result), guards["md"])
         console.print(f"wrote {args.md}")
     if others:
         print_comparison(result, others[0], console, "this run", args.compare[0])

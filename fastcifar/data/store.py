@@ -6,7 +6,9 @@ source never leaves a half-written store that a later run could mistake for a go
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import shutil
@@ -22,8 +24,9 @@ from fastcifar.data.archive import check_regular, one_line, read_tree
 from fastcifar.data.readers import Dataset, ReadOptions, read_dataset, wanted
 from fastcifar.data.sources import file_digest, source_sha256
 from fastcifar.errors import DataError
-from fastcifar.lifecycle import signals_deferred
-from fastcifar.ownership import MARKERS, NotOurs, clean_stale_temp_dirs, is_empty_dir, shown, write_marker
+from fastcifar.lifecycle import signals_deferred, writer_lock
+from fastcifar.ownership import (MARKERS, NotOurs, clean_stale_temp_dirs, has_marker, is_empty_dir, marker, shown,
+                                 write_marker)
 
 FORMAT_VERSION = 1
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -49,16 +52,32 @@ def prepare_store(source: Path, out: Path, *, force: bool = False, log: Callable
     """Build the store at `out` from `source`; a no-op if `out` already holds a valid store of the same source.
 
     `out` may be new, an empty folder, or a fastcifar store (`force` replaces one of another source); anything
-    else, the source itself or a folder holding it included, is refused before anything is read or written."""
+    else, the source itself or a folder holding it included, is refused before anything is read or written.
+    One prepare writes a store at a time (StoreLock), and what `out` holds is checked again at the swap: a folder
+    that appeared or changed there while the source was read is never replaced."""
     source, out = Path(source).expanduser().resolve(), Path(out).expanduser()
     real_out = out.resolve()  # a symlinked store folder is replaced where it lives; the link stays
     if not source.exists():
         raise DataError(f"{source}: source does not exist")
     check_regular(source, "source")
     _check_not_source(source, real_out, out)
+    created = _missing_parents(real_out)
+    try:
+        with writer_lock(real_out, "another fastcifar prepare", out):
+            return _prepare_locked(source, real_out, out, force, log, options)
+    except BaseException:
+        for d in created:  # folders this prepare made for its lock, if nothing else landed in them
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+def _prepare_locked(source: Path, real_out: Path, out: Path, force: bool, log: Callable[[str], Any],
+                    options: ReadOptions) -> dict:
     clean_stale_temp_dirs(real_out, log)
     src_hash = source_sha256(source)
     src_meta = {"path": str(source), "sha256": src_hash, "options": options.as_dict()}
+    expected = out_state(real_out)  # what the swap may replace: checked again there
     existing = _existing_store(real_out, out, src_meta, force)
     if existing is not None:
         log(f"{out}: up to date (prepared from {source})")
@@ -70,19 +89,27 @@ def prepare_store(source: Path, out: Path, *, force: bool = False, log: Callable
                         "needs at least 2")
     for note in data.notes:
         log(note)
-    real_out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{real_out.name}.tmp-{os.getpid()}-", dir=real_out.parent))
     try:
         write_marker(tmp, "store")  # first: a killed prepare's temp folder is then recognisably ours
         meta = _write_store(tmp, data, {**src_meta, "kind": data.kind})
         with signals_deferred():
-            _swap_in(tmp, real_out)
+            old = _swap_in(tmp, real_out, out, expected)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temp folder (mkdtemp's unique name, our marker)
         raise
+    if old is not None:
+        _remove_old_store(old, log)
     n, m = meta["counts"]["train"], meta["counts"]["test"]
     log(f"wrote {out}: {n} train + {m} test images, {len(meta['classes'])} classes, {data.kind}")
     return meta
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """Create the folders above `path` that do not exist yet; returns them, deepest first."""
+    missing = [p for p in path.parents if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def _check_not_source(source: Path, real_out: Path, out: Path) -> None:
@@ -166,23 +193,80 @@ def _apply_umask(tmp: Path) -> None:
     os.chmod(tmp, 0o777 & ~current_umask())
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished temp dir onto `out`; an old store is moved aside first and deleted only afterwards."""
+ABSENT, EMPTY = "absent", "empty"
+
+
+def out_state(real_out: Path) -> Any:
+    """What is at `out` now, as much as decides whether it may be replaced: ABSENT, EMPTY (a folder), a store's
+    identity (its folder, file names and meta.json), or "other" (anything else, never replaced)."""
+    if not real_out.exists() and not real_out.is_symlink():
+        return ABSENT
+    if real_out.is_symlink() or not real_out.is_dir():
+        return "other"
+    if is_empty_dir(real_out):
+        return EMPTY
+    if not is_store_dir(real_out):
+        return "other"
+    st = real_out.stat()
+    names = tuple(sorted(p.name for p in real_out.iterdir()))
+    meta = real_out / META
+    return (st.st_dev, st.st_ino, names, meta.stat().st_mtime_ns if meta.exists() else None)
+
+
+def _replaceable(path: Path) -> bool:
+    return is_empty_dir(path) or is_store_dir(path)
+
+
+def _swap_in(tmp: Path, out: Path, shown_out: Path, expected: Any) -> Path | None:
+    """Rename the finished temp dir onto `out`. What is at `out` must still be what the start checked (nothing,
+    an empty folder, or that same store); an old store or empty folder is moved aside, checked again where it
+    now lies (nobody can add to it there by its old name), and returned to be deleted. Anything else is put
+    back untouched and refused."""
+    now = out_state(out)
+    if now != expected and not {now, expected} <= {ABSENT, EMPTY}:
+        raise NotOurs(_changed(shown_out, out))
     old: Path | None = None
-    if out.exists():
-        write_marker(out, "store")  # a store from before markers: a killed swap's leftover must be recognisable
+    if now != ABSENT:
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
         old.rmdir()  # mkdtemp only reserved a unique name; rename needs it absent
         os.rename(out, old)
+        if not _replaceable(old):  # something landed between the check and the rename
+            os.rename(old, out)
+            raise NotOurs(_changed(shown_out, out))
+        if is_store_dir(old) and not has_marker(old, "store"):
+            write_marker(old, "store")  # a store from before markers: a killed swap's leftover is then ours
     try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
+        os.rename(tmp, out)  # replaces nothing, or an empty folder made this instant (nothing lost)
+    except OSError as e:
+        if old is not None and not os.path.lexists(out):
             os.rename(old, out)  # put the previous store back: never leave `out` empty-handed
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise NotOurs(_changed(shown_out, out)) from None
         raise
     fsync_dir(out.parent)
-    if old is not None:  # a checked fastcifar store (is_store_dir), moved aside above
-        shutil.rmtree(old, ignore_errors=True)
+    return old
+
+
+def _changed(shown_out: Path, out: Path) -> str:
+    now = f"holds {shown(out, skip=STORE_FILES)}" if out.is_dir() and not is_empty_dir(out) else "is something else"
+    return (f"{shown_out}: changed while prepare was reading the source (it now {now}); not replacing it, and the "
+            "new store was not written; choose another --out or run prepare again")
+
+
+def _remove_old_store(old: Path, log: Callable[[str], Any]) -> None:
+    """Delete a replaced store moved aside by _swap_in: its own files by name (the marker last), then the folder
+    if that left it empty. Anything else found there is left, with a line saying where."""
+    names = {p.name for p in old.iterdir()}
+    for name in sorted(names & STORE_FILES - {MARKERS["store"]}):
+        path = old / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+    if {p.name for p in old.iterdir()} <= {MARKERS["store"]}:
+        marker(old, "store").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            old.rmdir()
+    if old.exists():
+        log(f"left {old}: the store it replaced held files fastcifar did not write ({shown(old)})")
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> dict[str, list[float]]:

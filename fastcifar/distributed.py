@@ -31,22 +31,26 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from rich.console import Console
 
+from fastcifar.context import Hooks
 from fastcifar.device import resolve_device
-from fastcifar.engine import compile_model
+from fastcifar.engine import Engine, compile_model
 from fastcifar.errors import FastCifarError, RecipeError
-from fastcifar.lifecycle import GracefulStop, Interrupted
+from fastcifar.lifecycle import GracefulStop, Interrupted, StopFlag
 from fastcifar.preflight import check_distributed, check_inputs
 from fastcifar.recipe import Recipe
 from fastcifar.run import drive
 from fastcifar.step import EpochTotals
 from fastcifar.strategy import Solo
-from fastcifar.train import Hooks
+
+if TYPE_CHECKING:
+    from fastcifar.loader import DeviceLoader
+    from fastcifar.splits import Fold
 
 check_recipe = check_distributed  # the name the DDP tests use
 
@@ -196,10 +200,10 @@ class DDP(Solo):
     def open_run(self, start: Callable[[], bool]) -> bool:
         return share_start(self.ctx.is_main, lambda obj: broadcast_object(obj, self.ctx), start)
 
-    def stop(self, stop: GracefulStop) -> "AgreedStop":
+    def stop(self, stop: GracefulStop) -> StopFlag:
         return AgreedStop(stop, self.ctx, STOP_POLL.get(self.ctx.device.type, 1))
 
-    def adopt_loader(self, loader) -> None:
+    def adopt_loader(self, loader: DeviceLoader) -> None:
         loader.shard = (self.ctx.rank, self.ctx.world)  # preflight: a "device" loader, batch divisible by W
 
     def adopt_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -207,7 +211,7 @@ class DDP(Solo):
             return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the Parameters
         return model
 
-    def train_net(self, model: torch.nn.Module, engine) -> torch.nn.Module:
+    def train_net(self, model: torch.nn.Module, engine: Engine) -> torch.nn.Module:
         # DDP hooks the parameters that require grad when it is built; a fine-tuning stage change flips
         # requires_grad, so each stage gets its own wrapper (which also re-broadcasts rank 0's weights).
         ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
@@ -254,7 +258,7 @@ class FoldsParallel(Solo):
     def open_run(self, start: Callable[[], bool]) -> bool:
         return share_start(self.board.rank == 0, lambda obj: self.board.share("start", obj), start)
 
-    def folds(self, folds: list) -> list:
+    def folds(self, folds: list[Fold]) -> list[Fold]:
         return folds[self.board.rank::self.board.world]
 
     def gather(self, results: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
@@ -302,7 +306,7 @@ def share_start(is_main: bool, share: Callable[[Any], Any], start: Callable[[], 
     return bool(outcome[1])
 
 
-def run_distributed(recipe: Recipe, run_dir: Path, console, *, resume: bool = False, folds_parallel: bool = False,
+def run_distributed(recipe: Recipe, run_dir: Path, console: Console, *, resume: bool = False, folds_parallel: bool = False,
                     hooks: Hooks | None = None) -> dict[str, Any] | None:
     """`fastcifar train` in one torchrun worker: DDP, or with folds_parallel this rank's share of the folds.
     Returns the summary on rank 0, None on the other ranks."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from fastcifar.loader import DeviceLoader, gather_images
 from fastcifar.recipe import Recipe
 from fastcifar.splits import Fold, take_per_class
 
+if TYPE_CHECKING:
+    from fastcifar.data.store import Store
+
 
 @dataclass
 class FoldData:
@@ -23,7 +27,7 @@ class FoldData:
     test: DeviceLoader | None
 
 
-def make_loaders(recipe: Recipe, store, fold: Fold, device: torch.device, log=print) -> FoldData:
+def make_loaders(recipe: Recipe, store: Store, fold: Fold, device: torch.device, log=print) -> FoldData:
     labels = np.concatenate([store.train_labels, store.test_labels])
     train_idx = fold.train
     if recipe.data.train_subset:

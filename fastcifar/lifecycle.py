@@ -15,7 +15,7 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from fastcifar.errors import FastCifarError
 from fastcifar.ownership import pid_alive
@@ -108,6 +108,16 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class StopFlag(Protocol):
+    """What the step loop reads once per step: GracefulStop, or a flag the DDP ranks agree on
+    (fastcifar.distributed.AgreedStop)."""
+
+    signum: int | None
+
+    @property
+    def requested(self) -> bool: ...
 
 
 class GracefulStop:

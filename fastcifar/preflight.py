@@ -19,7 +19,7 @@ import torch
 from fastcifar.augment import build_eval_transform, build_train_transform
 from fastcifar.backends import check_loader
 from fastcifar.backends.ffcv import check_beton, default_beton
-from fastcifar.data import open_store, store_stats
+from fastcifar.data import Store, open_store, store_stats
 from fastcifar.errors import DataError, FastCifarError, RecipeError, first_line
 from fastcifar.gradcam import get_layer
 from fastcifar.models import build_model, create_model
@@ -33,7 +33,7 @@ RESUMABLE_DIFFS = {"train.device", "train.threads"}
 BYTES_PER_PARAM = 16  # fp32 weights + gradients + two optimizer moments (Adam); SGD with momentum needs 12
 
 
-def resolve_stats(recipe: Recipe, store) -> Recipe:
+def resolve_stats(recipe: Recipe, store: Store) -> Recipe:
     """The recipe with data.mean / data.std = "auto" replaced by the store's training statistics."""
     if recipe.data.mean != "auto" and recipe.data.std != "auto":
         return recipe
@@ -44,7 +44,7 @@ def resolve_stats(recipe: Recipe, store) -> Recipe:
 
 
 def check_inputs(recipe: Recipe, run_dir: Path | None = None, resume: bool = False,
-                 device=None) -> tuple[Recipe, Any]:
+                 device: torch.device | None = None) -> tuple[Recipe, Store]:
     """All pre-run checks; returns the recipe with the store's statistics filled in (data.mean / data.std =
     "auto") and the opened, hash-verified store. `run_dir`: also check the folder may hold this run (new,
     empty, or this run with --resume on the same data)."""
@@ -88,7 +88,7 @@ def check_distributed(recipe: Recipe, world: int, device: torch.device, folds_pa
         raise RecipeError("train.sync_bn: SyncBatchNorm runs on CUDA only (torch has no CPU kernel for it)")
 
 
-def check_folds(recipe: Recipe, store) -> None:
+def check_folds(recipe: Recipe, store: Store) -> None:
     """Every fold has validation images and at least one full training batch, and k-fold has at least k images
     of every class in its pool (else some folds would validate on classes they never saw, or on nothing)."""
     labels = np.concatenate([store.train_labels, store.test_labels])
@@ -112,7 +112,7 @@ def check_folds(recipe: Recipe, store) -> None:
                               f"{len(train)} training images (no full batch to train on); lower it")
 
 
-def check_augment(recipe: Recipe, store) -> None:
+def check_augment(recipe: Recipe, store: Store) -> None:
     """Run the train and eval transforms once on two stored images (CPU): an augment setting the image size
     does not allow (reflect padding wider than the image, ...) fails here, not at the first step."""
     images = torch.from_numpy(np.array(store.train_images[:2]))  # a writable copy of two memory-mapped images
@@ -142,7 +142,7 @@ def _param_count(recipe: Recipe, num_classes: int, size: int) -> int | None:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_model(recipe: Recipe, store, device: torch.device) -> None:
+def check_model(recipe: Recipe, store: Store, device: torch.device) -> None:
     """Build the model on the CPU (a bad width or pretrained file fails here), run one 2-image batch of the
     store's (resized) image size through it, and check the Grad-CAM layer yields a feature map."""
     m, num_classes, size = recipe.model, len(store.classes), int(store.train_images.shape[1])
@@ -196,7 +196,7 @@ def _gradcam_probe(model: torch.nn.Module, recipe: Recipe) -> dict:
 # ---------------------------------------------------------------------------------------------- the run folder
 
 
-def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, store) -> bool:
+def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, store: Store) -> bool:
     """True if run_dir already holds this run; refuse a folder fastcifar did not write, two different recipes in
     one directory, and a resume on data other than the run was trained on."""
     check_own_dir(run_dir, "run", legacy_run)
@@ -214,7 +214,7 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, store) -> bool:
     return True
 
 
-def data_identity(store) -> dict[str, Any]:
+def data_identity(store: Store) -> dict[str, Any]:
     """What a run was trained on, as data.json records it: a resume or evaluation on other data is refused."""
     return {"store": str(store.path), "classes": list(store.classes),
             "image_shape": list(store.train_images.shape[1:]), "sha256": dict(store.meta["sha256"])}

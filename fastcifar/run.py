@@ -15,10 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.table import Table
 
 from fastcifar.atomic import write_json, write_text
 from fastcifar.artifacts import FIGURES
+from fastcifar.context import Hooks, RunContext
+from fastcifar.data.store import Store
 from fastcifar.device import resolve_device
 from fastcifar.errors import first_line
 from fastcifar.lifecycle import GracefulStop, RunLock
@@ -28,8 +31,8 @@ from fastcifar.progress import RunProgress
 from fastcifar.recipe import Recipe, recipe_to_toml
 from fastcifar.report import write_report
 from fastcifar.splits import make_folds
-from fastcifar.strategy import Solo
-from fastcifar.train import Hooks, train_one_fold
+from fastcifar.strategy import Solo, Strategy
+from fastcifar.train import train_one_fold
 
 SUMMARY_KEYS = ["val_acc", "val_loss", "test_acc", "test_loss", "best_epoch", "train_time_s"]
 
@@ -66,7 +69,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _folds_table(summary: dict[str, Any], console) -> str:
+def _folds_table(summary: dict[str, Any], console: Console) -> str:
     """Print the fold table (rich) and return it as CSV with mean and std rows."""
     keys = [k for k in SUMMARY_KEYS if f"{k}_mean" in summary]
     table = Table(title="folds")
@@ -103,30 +106,28 @@ def _remove_orphans(run_dir: Path) -> None:
     remove_atomic_temps([d / sub for d in roots for sub in ("", "checkpoints", FIGURES)])
 
 
-def train_folds(recipe: Recipe, store, run_dir: Path, device: torch.device, console, resuming: bool, hooks: Hooks,
-                stop, strategy: Solo) -> list[dict]:
+def train_folds(ctx: RunContext) -> list[dict]:
     """This process's share of the folds (strategy.folds), in order; folds that finished are kept, not re-run."""
+    recipe, store = ctx.recipe, ctx.store
     labels = np.concatenate([store.train_labels, store.test_labels])
     folds = make_folds(len(store.train_labels), labels, recipe.split)
     if recipe.split.kind == "kfold" and recipe.split.fold >= 0:
         folds = [folds[recipe.split.fold]]
     results, todo = [], []
-    for fold in strategy.folds(folds):
-        fold_dir = run_dir / f"fold{fold.index}" if recipe.split.kind == "kfold" else run_dir
-        done = fold_dir / "result.json"
-        if resuming and done.exists():
+    for fold in ctx.strategy.folds(folds):
+        done = ctx.fold_dir(fold) / "result.json"
+        if ctx.resuming and done.exists():
             results.append(json.loads(done.read_text()))
-            console.print(f"fold {fold.index}: finished earlier, kept ({done})")
+            ctx.say(f"fold {fold.index}: finished earlier, kept ({done})")
         else:
-            todo.append((fold, fold_dir))
-    with RunProgress(console, len(todo)) as progress:
-        for fold, fold_dir in todo:
-            results.append(train_one_fold(recipe, store, fold, fold_dir, device, console, resuming, hooks,
-                                          progress, stop, strategy))
+            todo.append(fold)
+    with RunProgress(ctx.console, len(todo)) as progress:
+        for fold in todo:
+            results.append(train_one_fold(ctx, fold, progress))
     return sorted(results, key=lambda r: r["fold"])
 
 
-def run_training(recipe: Recipe, run_dir: Path, console, *, resume: bool = False,
+def run_training(recipe: Recipe, run_dir: Path, console: Console, *, resume: bool = False,
                  hooks: Hooks | None = None) -> dict[str, Any]:
     """`fastcifar train` in one process: the pre-run checks, then the run."""
     device = resolve_device(recipe.train.device)
@@ -134,10 +135,10 @@ def run_training(recipe: Recipe, run_dir: Path, console, *, resume: bool = False
     return drive(recipe, run_dir, console, store, device, Solo(), resume=resume, hooks=hooks)
 
 
-def drive(recipe: Recipe, run_dir: Path, console, store, device: torch.device, strategy: Solo, *,
-          resume: bool = False, hooks: Hooks | None = None) -> dict[str, Any] | None:
-    """The one run driver of every mode: lock -> stop handler -> start_run -> folds -> finish_run. Returns the
-    summary on the process that writes the run, None on the others."""
+def drive(recipe: Recipe, run_dir: Path, console: Console, store: Store, device: torch.device, strategy: Strategy,
+          *, resume: bool = False, hooks: Hooks | None = None) -> dict[str, Any] | None:
+    """The one run driver of every mode: lock -> stop handler -> start_run -> the run's context -> folds ->
+    finish_run. Returns the summary on the process that writes the run, None on the others."""
     with contextlib.ExitStack() as stack:
         stop = strategy.stop(stack.enter_context(GracefulStop()))
 
@@ -146,9 +147,9 @@ def drive(recipe: Recipe, run_dir: Path, console, store, device: torch.device, s
             return start_run(recipe, run_dir, device, store, resume, strategy.env)
 
         resuming = strategy.open_run(start)
+        ctx = RunContext(recipe, store, device, run_dir, console, strategy, hooks or Hooks(), stop, resuming)
         configure_runtime(recipe)
-        results = strategy.gather(train_folds(recipe, store, run_dir, device, console, resuming, hooks or Hooks(),
-                                              stop, strategy))
+        results = strategy.gather(train_folds(ctx))
         if results is None:
             return None
         summary, report = finish_run(recipe, run_dir, results, console)
@@ -157,7 +158,7 @@ def drive(recipe: Recipe, run_dir: Path, console, store, device: torch.device, s
     return summary
 
 
-def start_run(recipe: Recipe, run_dir: Path, device: torch.device, store, resume: bool,
+def start_run(recipe: Recipe, run_dir: Path, device: torch.device, store: Store, resume: bool,
               extra_env: dict[str, Any] | None = None) -> bool:
     """Under the run lock: accept or refuse run_dir, clear orphans, write recipe.toml and env.json; True when
     resuming. A distributed run calls it on rank 0 only (extra_env: its world size and mode)."""
@@ -174,7 +175,7 @@ def start_run(recipe: Recipe, run_dir: Path, device: torch.device, store, resume
 
 
 def finish_run(recipe: Recipe, run_dir: Path, results: list[dict[str, Any]],
-               console) -> tuple[dict[str, Any], Path | None]:
+               console: Console) -> tuple[dict[str, Any], Path | None]:
     """summary.json, folds.csv (k-fold) and report.md from the folds' results, in fold order."""
     summary = {**summarize(results), "recipe": recipe.name}
     if len(results) > 1:

@@ -6,7 +6,7 @@ import csv
 import io
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastcifar.atomic import write_text
 from fastcifar.errors import RecipeError
@@ -14,6 +14,9 @@ from fastcifar.ownership import check_own_dir, has_marker, legacy_run, write_mar
 from fastcifar.preflight import check_inputs
 from fastcifar.recipe import Recipe, load_recipe
 from fastcifar.run import run_training
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 COLUMNS = ["variant", "accuracy", "delta_pp", "peak_memory_mb", "inference_ms_per_image", "params", "wall_time_s"]
 
@@ -89,7 +92,7 @@ def _fmt(key: str, v: Any) -> str:
     return "–" if v is None else FORMATS.get(key, "{}").format(v)
 
 
-def run_sweep(recipe_path: str, overrides: list[str], varies: list[str], out_dir: Path, console) -> list[dict]:
+def run_sweep(recipe_path: str, overrides: list[str], varies: list[str], out_dir: Path, console: Console) -> list[dict]:
     """Train the baseline and each variant into out_dir/<variant>/ (resumable), then write sweep.csv / .md."""
     from rich.table import Table
 

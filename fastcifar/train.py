@@ -1,9 +1,9 @@
 """Training one fold, top to bottom: build its parts once (data, model, engine, step), resume its TrainState if
 a checkpoint exists, run the epoch loop, evaluate the best weights.
 
-    run = build_fold(recipe, store, fold, fold_dir, device, console, strategy)
-    state = resume_fold(run) or TrainState(stage=first_stage(recipe))
-    fit(run, state, hooks, progress, stop)
+    run = build_fold(ctx, fold, fold_dir)
+    state = resume_fold(run) or TrainState(stage=first_stage(ctx.recipe))
+    fit(run, state, progress)
     result = finish_fold(run, state)
 
 What differs for several processes (who writes, how totals and stops are agreed) is the strategy's business
@@ -18,7 +18,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from rich.markup import escape
@@ -26,6 +26,7 @@ from rich.markup import escape
 from fastcifar.artifacts import peak_memory_mb, timed_evaluate, write_figures
 from fastcifar.atomic import write_json, write_text
 from fastcifar.checkpoint import load_checkpoint, save_checkpoint
+from fastcifar.context import RunContext
 from fastcifar.device import recipe_amp_dtype
 from fastcifar.engine import Engine, StepClock, build_engine, images_per_second, sync
 from fastcifar.errors import CheckpointError, first_line
@@ -40,7 +41,7 @@ from fastcifar.splits import Fold
 from fastcifar.state import EarlyStopping, TrainState
 from fastcifar.step import (EpochTotals, NonFiniteError, NonFiniteStep, StepRunner, build_step, make_scaler,
                             set_trainable)
-from fastcifar.strategy import Solo
+from fastcifar.strategy import Strategy
 from fastcifar.tblog import FoldLog
 
 CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "img_per_s",
@@ -48,25 +49,12 @@ CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "
 
 
 @dataclass
-class Hooks:
-    """Callbacks for tests and tooling: on_step(epoch, step) and on_epoch_end(epoch) after the checkpoint."""
-
-    on_step: Callable[[int, int], None] | None = None
-    on_epoch_end: Callable[[int], None] | None = None
-
-
-@dataclass
 class FoldRun:
     """The parts of one fold, built once; `step` is rebuilt when the fine-tuning stage changes."""
 
-    recipe: Recipe
+    ctx: RunContext
     fold: Fold
     dir: Path
-    device: torch.device
-    console: Any
-    strategy: Solo
-    classes: list[str]
-    image_size: int  # stored size; predict resizes inputs to it
     data: FoldData
     model: torch.nn.Module  # the plain module: its state_dict is what checkpoints hold
     engine: Engine
@@ -78,6 +66,27 @@ class FoldRun:
     warmup_left: int = 0  # steps still timed as warm-up (engine.StepClock)
 
     @property
+    def recipe(self) -> Recipe:
+        return self.ctx.recipe
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.ctx.strategy
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.ctx.store.classes)
+
+    @property
+    def image_size(self) -> int:
+        """The stored size; predict resizes inputs to it."""
+        return int(self.ctx.store.train_images.shape[1])
+
+    @property
     def last_path(self) -> Path:
         return self.dir / "checkpoints" / "last.pt"
 
@@ -86,37 +95,31 @@ class FoldRun:
         return {"tta": self.recipe.eval.tta, "channels_last": self.recipe.train.channels_last}
 
     def say(self, text: str) -> None:
-        self.console.print(text)
+        self.ctx.say(text)
 
     def meta(self) -> dict[str, Any]:
         return {"recipe": self.recipe.to_dict(), "classes": self.classes, "fold": self.fold.index,
                 "image_size": self.image_size}
 
 
-def warn(console, text: str) -> None:
-    console.print(f"[yellow]warning: {escape(text)}[/yellow]")
-
-
 def first_stage(recipe: Recipe) -> int:
     return 1 if recipe.finetune.head_epochs else 2
 
 
-def build_fold(recipe: Recipe, store, fold: Fold, fold_dir: Path, device: torch.device, console,
-               strategy: Solo | None = None) -> FoldRun:
-    strategy = strategy or Solo()
+def build_fold(ctx: RunContext, fold: Fold, fold_dir: Path) -> FoldRun:
+    recipe, store, device, strategy = ctx.recipe, ctx.store, ctx.device, ctx.strategy
     torch.manual_seed(recipe.train.seed * 1000 + fold.index)  # the same init for a fresh and a resumed run
-    data = make_loaders(recipe, store, fold, device, log=console.print)
+    data = make_loaders(recipe, store, fold, device, log=ctx.say)
     strategy.adopt_loader(data.train)
-    image_size = int(store.train_images.shape[1])
-    model = build_model(recipe, len(store.classes), image_size, device)
+    model = build_model(recipe, len(store.classes), int(store.train_images.shape[1]), device)
     init_from_data(recipe.model.name, model, data.train.images, recipe.data.mean, recipe.data.std)
     model = strategy.adopt_model(model)
     dtype = recipe_amp_dtype(recipe.train, device)
     # The engine wraps the model for the step (compile / CUDA graphs) and validation (EMA); run.model stays
     # the plain module, so checkpoints never carry torch.compile's "_orig_mod." prefix.
-    engine = build_engine(model, recipe, device, dtype, lambda text: warn(console, text))
-    run = FoldRun(recipe, fold, fold_dir, device, console, strategy, list(store.classes), image_size, data, model,
-                  engine, dtype, make_scaler(dtype, device), warmup_left=engine.plan.warmup_steps)
+    engine = build_engine(model, recipe, device, dtype, ctx.warn)
+    run = FoldRun(ctx, fold, fold_dir, data, model, engine, dtype, make_scaler(dtype, device),
+                  warmup_left=engine.plan.warmup_steps)
     run.step = make_step(run, first_stage(recipe))
     strategy.seeded()
     return run
@@ -193,8 +196,9 @@ def resume_fold(run: FoldRun) -> TrainState | None:
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def fit(run: FoldRun, state: TrainState, hooks: Hooks, progress: RunProgress, stop=None) -> None:
-    tr, early = run.recipe.train, EarlyStopping(run.recipe.eval.metric, run.recipe.train.early_stopping_patience)
+def fit(run: FoldRun, state: TrainState, progress: RunProgress) -> None:
+    hooks, tr = run.ctx.hooks, run.recipe.train
+    early = EarlyStopping(run.recipe.eval.metric, tr.early_stopping_patience)
     steps = len(run.data.train)
     progress.start_fold(run.fold.index, tr.epochs, state.epoch, steps, run.data.train.position)
     while state.epoch < tr.epochs and not state.stopped_early:
@@ -206,7 +210,7 @@ def fit(run: FoldRun, state: TrainState, hooks: Hooks, progress: RunProgress, st
         whiten = run.recipe.model.whiten_bias_epochs
         if whiten and state.stage == 2 and set_whiten_bias(run.model, epoch < whiten):
             run.step.model = run.strategy.train_net(run.model, run.engine)  # DDP hooks what requires grad
-        totals = run.strategy.reduce(train_epoch(run, state, epoch, hooks, progress, stop))
+        totals = run.strategy.reduce(train_epoch(run, state, epoch, progress))
         row = run.strategy.agree(validate(run, epoch, totals, validates(run.recipe, epoch)))
         end_epoch(run, state, early, row)
         run.tb.epoch((epoch + 1) * steps, row)
@@ -223,9 +227,9 @@ def fit(run: FoldRun, state: TrainState, hooks: Hooks, progress: RunProgress, st
                     f"{tr.early_stopping_patience} epochs (best epoch {state.best_epoch})")
 
 
-def train_epoch(run: FoldRun, state: TrainState, epoch: int, hooks: Hooks, progress: RunProgress,
-                stop) -> EpochTotals:
+def train_epoch(run: FoldRun, state: TrainState, epoch: int, progress: RunProgress) -> EpochTotals:
     """Train until the epoch ends, or until a signal asks to stop (then checkpoint mid-epoch and raise)."""
+    hooks, stop = run.ctx.hooks, run.ctx.stop
     totals = run.partial or EpochTotals.zeros(run.device, run.step.optimizer.param_groups[0]["lr"])
     run.partial = None
     loader = run.data.train
@@ -310,7 +314,7 @@ def metrics_csv(history: list[dict[str, float]]) -> str:
 
 
 def _interrupted(run: FoldRun, signum: int, epoch: int, steps: int) -> Interrupted:
-    run_dir = run.dir if run.recipe.split.kind != "kfold" else run.dir.parent
+    run_dir = run.ctx.run_dir
     return Interrupted(f"stopped by {signal.Signals(signum).name} in fold {run.fold.index} epoch {epoch + 1} "
                        f"after step {steps}/{len(run.data.train)}; checkpoint saved to {run.last_path}; resume "
                        f"with: {run.strategy.resume_command} {run_dir / 'recipe.toml'} --out {run_dir} --resume",
@@ -384,15 +388,15 @@ def _figures(run: FoldRun, state: TrainState, result: dict[str, Any], final, loa
     write_json(run.dir / "result.json", result)
 
 
-def train_one_fold(recipe: Recipe, store, fold: Fold, fold_dir: Path, device: torch.device, console,
-                   resuming: bool, hooks: Hooks, progress: RunProgress, stop, strategy: Solo) -> dict[str, Any]:
+def train_one_fold(ctx: RunContext, fold: Fold, progress: RunProgress) -> dict[str, Any]:
     """One fold from its parts to its result (the run driver calls this for each of its folds)."""
-    run = build_fold(recipe, store, fold, fold_dir, device, console, strategy)
-    state = (resume_fold(run) if resuming else None) or TrainState(stage=first_stage(recipe))
+    fold_dir = ctx.fold_dir(fold)
+    run = build_fold(ctx, fold, fold_dir)
+    state = (resume_fold(run) if ctx.resuming else None) or TrainState(stage=first_stage(ctx.recipe))
     steps_done = state.epoch * len(run.data.train) + run.data.train.position
-    run.tb = FoldLog(fold_dir, recipe, strategy.writes_fold, purge_step=FoldLog.purge_after(steps_done))
+    run.tb = FoldLog(fold_dir, ctx.recipe, ctx.strategy.writes_fold, purge_step=FoldLog.purge_after(steps_done))
     try:
-        fit(run, state, hooks, progress, stop)
-        return strategy.finish_fold(lambda: finish_fold(run, state), fold.index)
+        fit(run, state, progress)
+        return ctx.strategy.finish_fold(lambda: finish_fold(run, state), fold.index)
     finally:
         run.tb.close()

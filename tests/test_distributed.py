@@ -28,11 +28,11 @@ from conftest import tiny_table
 from fastcifar.augment import build_train_transform
 from fastcifar.checkpoint import load_checkpoint
 from fastcifar.cli import main
+from fastcifar.context import Hooks
 from fastcifar.lifecycle import Interrupted
 from fastcifar.loader import DeviceLoader
 from fastcifar.recipe import AugmentCfg, recipe_from_dict, recipe_to_toml
 from fastcifar.run import run_training
-from fastcifar.train import Hooks
 
 QUIET = Console(quiet=True)
 TIME_COLUMNS = ("epoch_time_s", "img_per_s", "train_time_s")

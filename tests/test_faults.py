@@ -14,11 +14,11 @@ from rich.console import Console
 
 import fastcifar.atomic
 from fastcifar.checkpoint import load_checkpoint
+from fastcifar.context import Hooks
 from fastcifar.errors import DataError, DiskFullError
 from fastcifar.lifecycle import Interrupted, RunInUse, RunLock
 from fastcifar.run import run_training
 from fastcifar.step import NonFiniteError, OutOfMemory
-from fastcifar.train import Hooks
 
 QUIET = Console(quiet=True)
 

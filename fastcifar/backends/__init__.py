@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from fastcifar.data.store import Store
 
 KINDS = ("torchvision", "dali", "ffcv")
 
@@ -41,7 +45,7 @@ def fitted_workers(asked: int, kind: str, log=print) -> int:
     return max(asked, 1) if kind in ("dali", "ffcv") else asked
 
 
-def make_loader(recipe, store, idx: np.ndarray, labels: np.ndarray, device: torch.device, *, seed: int,
+def make_loader(recipe, store: Store, idx: np.ndarray, labels: np.ndarray, device: torch.device, *, seed: int,
                 log=print):
     """The training loader of kind recipe.train.loader over rows `idx` of the store's [train ; test] (labels:
     all of them), meeting DeviceLoader's contract. Evaluation stays on the device loader."""

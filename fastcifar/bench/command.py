@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 DEFAULT_STORE = "data/cifar10"
 
@@ -125,7 +128,7 @@ def _plan(args, device):
         budget_s=args.budget)
 
 
-def run_bench(args: argparse.Namespace, console) -> dict[str, Any] | None:
+def run_bench(args: argparse.Namespace, console: Console) -> dict[str, Any] | None:
     """Run the bench the arguments ask for, print its tables, write --json / --md, print --compare."""
     from fastcifar.atomic import write_json, write_text
     from fastcifar.bench.compare import load_result, print_comparison

@@ -15,7 +15,7 @@ import inspect
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from fastcifar.bench.timing import cycle, measure_rate, quiet_workers
 from fastcifar.data import store_stats
 from fastcifar.errors import first_line
 from fastcifar.recipe import AugmentCfg
+
+if TYPE_CHECKING:
+    from fastcifar.data.store import Store
 
 LOADERS = ("fastcifar", "seeds", "dali", "ffcv")
 _LIBS = {"dali": "nvidia.dali", "ffcv": "ffcv"}
@@ -118,7 +121,7 @@ def _row(loader: str, preset: str, batch: int, make, reason: str | None, device,
     return row
 
 
-def run_loader_bench(store, device: torch.device, *, batch: int = 512, seconds: float = 3.0, repeats: int = 3,
+def run_loader_bench(store: Store, device: torch.device, *, batch: int = 512, seconds: float = 3.0, repeats: int = 3,
                      warmup: int = 3, workers: int = 4, presets: list[str] | None = None,
                      loaders: tuple[str, ...] = LOADERS, log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Every loader x preset; returns the JSON-ready result (environment, settings, rows)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -31,6 +31,9 @@ from fastcifar.models import create_model
 from fastcifar.preflight import resolve_stats
 from fastcifar.recipe import Recipe, ScheduleCfg
 from fastcifar.step import EpochTotals, NonFiniteStep, build_step, make_scaler
+
+if TYPE_CHECKING:
+    from fastcifar.data.store import Store
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -267,7 +270,7 @@ def measure_cell(ctx: _Ctx, cell: Cell) -> dict[str, Any]:
     return row
 
 
-def run_model_bench(store, device: torch.device, plan: Plan, log: Callable[[str], Any] = print,
+def run_model_bench(store: Store, device: torch.device, plan: Plan, log: Callable[[str], Any] = print,
                     seeds_cache: dict | None = None,
                     on_row: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
     """Every cell of the plan (skipping, with a note, those that would overrun plan.budget_s). `seeds_cache`
@@ -307,7 +310,7 @@ def run_model_bench(store, device: torch.device, plan: Plan, log: Callable[[str]
             "settings": plan_settings(plan, store), "rows": rows}
 
 
-def plan_settings(plan: Plan, store) -> dict[str, Any]:
+def plan_settings(plan: Plan, store: Store) -> dict[str, Any]:
     settings = {k: getattr(plan, k) for k in ("seconds", "repeats", "warmup", "serve_batch", "workers", "budget_s",
                                               "augment_name")}
     settings.update(store=str(store.path), images=int(len(store.train_labels)), recipe=plan.recipe.name)

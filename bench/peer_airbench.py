@@ -93,11 +93,12 @@ def run_ours(recipe: Recipe, store: Store, device: torch.device, console: Consol
     """One timed run of `recipe` through the trainer's own fold (official split) and a final test evaluation."""
     from fastcifar.context import Hooks, RunContext
     from fastcifar.evaluate import evaluate
+    from fastcifar.fold_run import build_fold, first_stage
     from fastcifar.progress import RunProgress
     from fastcifar.splits import make_folds
     from fastcifar.state import TrainState
     from fastcifar.strategy import Solo
-    from fastcifar.train import build_fold, first_stage, fit
+    from fastcifar.train import fit
 
     labels = np.concatenate([store.train_labels, store.test_labels])
     fold = make_folds(len(store.train_labels), labels, recipe.split)[0]
@@ -111,7 +112,7 @@ def run_ours(recipe: Recipe, store: Store, device: torch.device, console: Consol
                   on_epoch_end=lambda e: marks.append(("epoch_end", clock.mark())))
     with tempfile.TemporaryDirectory(prefix="peer-ours-") as tmp:
         ctx = RunContext(validating, store, device, Path(tmp), console, Solo(), hooks, stop=None, resuming=False)
-        run = build_fold(ctx, fold, Path(tmp))  # data prep: not timed
+        run = build_fold(ctx, fold)  # data prep: not timed
         state = TrainState(stage=first_stage(recipe))
         last = len(run.data.train) - 1
         marks.append(("start", clock.mark()))

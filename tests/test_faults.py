@@ -145,10 +145,10 @@ class _SmallMemory(torch.nn.Module):
 
 
 def _small_memory(monkeypatch):
-    import fastcifar.train as train_mod
+    import fastcifar.fold_run as fold_run
 
-    real = train_mod.build_model
-    monkeypatch.setattr(train_mod, "build_model", lambda *a, **k: _SmallMemory(real(*a, **k)))
+    real = fold_run.build_model
+    monkeypatch.setattr(fold_run, "build_model", lambda *a, **k: _SmallMemory(real(*a, **k)))
 
 
 def test_out_of_memory_message_and_automatic_retry(tiny, tmp_path, monkeypatch):

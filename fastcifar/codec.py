@@ -1,0 +1,130 @@
+"""A fold's state to and from its checkpoints: last.pt (everything a resume needs) and best.pt (the weights that
+were validated best).
+
+The parts of a fold's state are one list, PARTS: each a name (its key in last.pt and its TrainState field) with
+how to capture it from the running fold and how to restore it into a fold built at the saved stage
+(fastcifar.fold_run.build_fold). save_last captures every part; restore_fold restores every part in the list's
+order (the random number generators after everything else). A new part is one row here. Several folds trained
+as one stacked model would keep one member view per fold and run each through the same list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fastcifar.checkpoint import load_checkpoint, save_checkpoint
+from fastcifar.errors import CheckpointError, first_line
+from fastcifar.fold_run import FoldRun
+from fastcifar.state import TrainState
+from fastcifar.step import EpochTotals
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str  # its key in last.pt: a TrainState field
+    capture: Callable[[FoldRun], Any]  # a state dict or tensor on the CPU; None where the fold has no such part
+    restore: Callable[[FoldRun, Any], None]
+
+
+def _optional(holder: Callable[[FoldRun], Any]) -> tuple[Callable[[FoldRun], Any], Callable[[FoldRun, Any], None]]:
+    """Capture and restore of a part not every fold has (EMA, Lookahead): None when absent; a fold that has it
+    restores it (train.ema_decay and optim.lookahead_every cannot change on resume: preflight.RESUMABLE_DIFFS)."""
+    def capture(f: FoldRun) -> Any:
+        part = holder(f)
+        return part.state_dict() if part is not None else None
+
+    def restore(f: FoldRun, saved: Any) -> None:
+        part = holder(f)
+        if part is not None:
+            part.load_state_dict(saved)
+
+    return capture, restore
+
+
+def _restore_scaler(f: FoldRun, saved: Any) -> None:
+    # fp16 on CUDA only has a GradScaler: a run resumed on another device (train.device may change) may lack one
+    if f.scaler is not None and saved is not None:
+        f.scaler.load_state_dict(saved)
+
+
+def _capture_cuda_rng(f: FoldRun) -> torch.Tensor | None:
+    return torch.cuda.get_rng_state(f.device) if f.device.type == "cuda" else None
+
+
+def _restore_cuda_rng(f: FoldRun, saved: Any) -> None:
+    if f.device.type == "cuda" and saved is not None:
+        torch.cuda.set_rng_state(saved, f.device)
+
+
+def _restore_partial(f: FoldRun, saved: Any) -> None:
+    f.partial = EpochTotals.from_state(saved, f.device) if saved is not None else None
+
+
+PARTS: tuple[Part, ...] = (
+    Part("model", lambda f: f.model.state_dict(), lambda f, saved: f.model.load_state_dict(saved)),
+    # The optimizer and its schedule belong to the stage they were saved in: build_fold makes that stage's step.
+    Part("optimizer", lambda f: f.step.optimizer.state_dict(), lambda f, saved: f.step.optimizer.load_state_dict(saved)),
+    Part("scheduler", lambda f: f.step.scheduler.state_dict(), lambda f, saved: f.step.scheduler.load_state_dict(saved)),
+    Part("ema", *_optional(lambda f: f.engine.ema)),
+    Part("lookahead", *_optional(lambda f: f.step.lookahead)),
+    Part("scaler", lambda f: f.scaler.state_dict() if f.scaler is not None else None, _restore_scaler),
+    Part("loader", lambda f: f.data.train.state_dict(), lambda f, saved: f.data.train.load_state_dict(saved)),
+    Part("torch_rng", lambda f: torch.get_rng_state(), lambda f, saved: torch.set_rng_state(saved)),
+    Part("cuda_rng", _capture_cuda_rng, _restore_cuda_rng),
+    # The epoch in progress's running totals: None at an epoch's end (a mid-epoch checkpoint holds them).
+    Part("partial", lambda f: f.partial.state_dict() if f.partial is not None else None, _restore_partial),
+)
+
+
+def fold_meta(run: FoldRun) -> dict[str, Any]:
+    """What every checkpoint of the fold carries besides its state: evaluate and predict rebuild the model from it."""
+    return {"recipe": run.recipe.to_dict(), "classes": run.classes, "fold": run.fold.index,
+            "image_size": run.image_size}
+
+
+def save_last(run: FoldRun, state: TrainState) -> None:
+    """last.pt: `state`'s progress with every part captured (run.partial: the epoch in progress, if any)."""
+    state.accum_steps, state.skipped_total = run.step.accum, run.step.skipped_total
+    if not run.strategy.writes_fold:
+        return
+    for part in PARTS:
+        setattr(state, part.name, part.capture(run))
+    save_checkpoint(run.last_path, {**fold_meta(run), **state.to_dict()})
+
+
+def save_best(run: FoldRun, row: dict[str, Any]) -> None:
+    """best.pt holds the weights that were validated: the EMA's when train.ema_decay is on."""
+    if run.strategy.writes_fold:
+        ema = run.engine.ema
+        save_checkpoint(run.dir / "checkpoints" / "best.pt",
+                        {**fold_meta(run), "model": (ema.module if ema is not None else run.model).state_dict(),
+                         "weights": "ema" if ema is not None else "model", "epoch": row["epoch"], "metrics": row})
+
+
+def read_last(path: Path) -> TrainState | None:
+    """The TrainState last.pt holds, parts included; None when there is no checkpoint (the fold had not
+    written one yet)."""
+    if not path.exists():
+        return None
+    try:
+        return TrainState.from_dict(load_checkpoint(path))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot resume from it ({first_line(e)})") from None
+
+
+def restore_fold(run: FoldRun, saved: TrainState) -> None:
+    """Every part of `saved` into `run` (built at saved.stage), in PARTS order."""
+    try:
+        for part in PARTS:
+            part.restore(run, getattr(saved, part.name))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{run.last_path}: cannot resume from it ({first_line(e)})") from None
+    resumed_mid_epoch = run.partial is not None
+    run.partial = run.strategy.resumed(run.partial)  # after the RNG: DDP ranks other than 0 re-seed their own
+    where = f"epoch {saved.epoch + 1} step {run.data.train.position}" if resumed_mid_epoch else \
+        f"the end of epoch {saved.epoch}"
+    run.say(f"resumed {run.last_path} at {where}")

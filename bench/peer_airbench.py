@@ -91,7 +91,7 @@ def _with_epochs(recipe: Recipe, epochs: int) -> Recipe:
 
 def run_ours(recipe: Recipe, store: Store, device: torch.device, console: Console) -> dict[str, float]:
     """One timed run of `recipe` through the trainer's own fold (official split) and a final test evaluation."""
-    from fastcifar.context import Hooks, RunContext
+    from fastcifar.context import Hooks, RunContext, RunPlan
     from fastcifar.evaluate import evaluate
     from fastcifar.fold_run import build_fold, first_stage
     from fastcifar.progress import RunProgress
@@ -100,8 +100,7 @@ def run_ours(recipe: Recipe, store: Store, device: torch.device, console: Consol
     from fastcifar.strategy import Solo
     from fastcifar.train import fit
 
-    labels = np.concatenate([store.train_labels, store.test_labels])
-    fold = make_folds(len(store.train_labels), labels, recipe.split)[0]
+    fold = make_folds(len(store.train_labels), store.labels, recipe.split)[0]
     clock = Clock(device)
     # The per-epoch validation only picks best.pt, which this harness never reads: it runs without TTA (on 2
     # CPU cores 6-view TTA costs ~70 s per epoch, 1 view ~12 s). It is outside train_s either way, and eval
@@ -111,7 +110,8 @@ def run_ours(recipe: Recipe, store: Store, device: torch.device, console: Consol
     hooks = Hooks(on_step=lambda e, s: marks.append(("steps_done", clock.mark())) if s == last else None,
                   on_epoch_end=lambda e: marks.append(("epoch_end", clock.mark())))
     with tempfile.TemporaryDirectory(prefix="peer-ours-") as tmp:
-        ctx = RunContext(validating, store, device, Path(tmp), console, Solo(), hooks, stop=None, resuming=False)
+        plan = RunPlan(validating, store, device, Path(tmp), resume=False, folds=(fold,), beton=None)
+        ctx = RunContext(plan, console, Solo(), hooks, stop=None, resuming=False)
         run = build_fold(ctx, fold)  # data prep: not timed
         state = TrainState(stage=first_stage(recipe))
         last = len(run.data.train) - 1

@@ -1,9 +1,10 @@
-"""What every fold of one run shares, built once by the run driver (fastcifar.run.drive) and handed down whole:
+"""What one run is and what its folds share, each built once and handed down whole:
 
-    RunContext(recipe, store, device, run_dir, console, strategy, hooks, stop, resuming)
+    plan = check_inputs(recipe, run_dir, resume, device)        # fastcifar.preflight: a RunPlan, all checked
+    ctx = RunContext(plan, console, strategy, hooks, stop, resuming)   # fastcifar.run.drive
 
 The driver passes the context to the fold loop (fastcifar.train), which passes it to the fold it assembles
-(fastcifar.fold_run): nobody threads these by hand.
+(fastcifar.fold_run): nobody threads these by hand, and nothing the plan holds is checked twice.
 """
 
 from __future__ import annotations
@@ -32,16 +33,43 @@ class Hooks:
 
 
 @dataclass(frozen=True)
-class RunContext:
+class RunPlan:
+    """What fastcifar.preflight checked, for the run to consume as it is. The one check repeated is the run
+    folder's, under the run lock (preflight.recheck_run_dir): another process may act between the two."""
+
     recipe: Recipe  # data.mean / data.std resolved from the store
     store: Store  # opened, hashes verified
     device: torch.device
     run_dir: Path
+    resume: bool  # --resume: continue the run the folder holds
+    folds: tuple[Fold, ...]  # the folds to train (split.fold picks one of k), each with a full training batch
+    beton: Path | None  # train.loader = "ffcv": the .beton, written from this store
+
+
+@dataclass(frozen=True)
+class RunContext:
+    plan: RunPlan
     console: Console  # what this process prints (quiet on DDP ranks other than 0)
     strategy: Strategy  # what differs across processes (fastcifar.strategy)
     hooks: Hooks
     stop: StopFlag | None  # read once per step; None: nothing can ask this run to stop
     resuming: bool  # run_dir holds this run and --resume was given: finished folds are kept, the rest resume
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.plan.recipe
+
+    @property
+    def store(self) -> Store:
+        return self.plan.store
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device
+
+    @property
+    def run_dir(self) -> Path:
+        return self.plan.run_dir
 
     def fold_dir(self, fold: Fold) -> Path:
         """k-fold runs keep each fold in foldN/; other splits keep their one fold in the run directory."""

@@ -322,13 +322,11 @@ def run_distributed(recipe: Recipe, run_dir: Path, console: Console, *, resume: 
     elif rank:
         console = Console(quiet=True)
     try:
-        recipe, store = check_inputs(recipe, run_dir if rank == 0 else None, resume, device)
+        plan = check_inputs(recipe, run_dir, resume, device, check_dir=rank == 0)
         if folds_parallel:
-            strategy = FoldsParallel(FoldBoard(FOLDS_PARALLEL_TIMEOUT))
-            return drive(recipe, run_dir, console, store, device, strategy, resume=resume, hooks=hooks)
+            return drive(plan, console, FoldsParallel(FoldBoard(FOLDS_PARALLEL_TIMEOUT)), hooks)
         with process_group(device, local_rank) as ctx:
-            return drive(recipe, run_dir, console, store, device, DDP(ctx, recipe.train.sync_bn), resume=resume,
-                         hooks=hooks)
+            return drive(plan, console, DDP(ctx, plan.recipe.train.sync_bn), hooks)
     except FastCifarError as e:
         if rank == 0:
             raise

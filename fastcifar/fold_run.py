@@ -91,7 +91,7 @@ def build_fold(ctx: RunContext, fold: Fold, saved: TrainState | None = None) -> 
     recipe, store, device, strategy = ctx.recipe, ctx.store, ctx.device, ctx.strategy
     fold_dir = ctx.fold_dir(fold)
     torch.manual_seed(recipe.train.seed * 1000 + fold.index)
-    data = make_loaders(recipe, store, fold, device, log=ctx.say)
+    data = make_loaders(ctx.plan, fold, log=ctx.say)
     strategy.adopt_loader(data.train)
     model = build_model(recipe, len(store.classes), int(store.train_images.shape[1]), device)
     init_from_data(recipe.model.name, model, data.train.images, recipe.data.mean, recipe.data.std)

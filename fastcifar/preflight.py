@@ -19,13 +19,14 @@ import torch
 from fastcifar.augment import build_eval_transform, build_train_transform
 from fastcifar.backends import check_loader
 from fastcifar.backends.ffcv import check_beton, default_beton
+from fastcifar.context import RunPlan
 from fastcifar.data import Store, open_store, store_stats
 from fastcifar.errors import DataError, FastCifarError, RecipeError, first_line
 from fastcifar.gradcam import get_layer
 from fastcifar.models import build_model, create_model
 from fastcifar.ownership import check_own_dir, legacy_run
 from fastcifar.recipe import Recipe, load_recipe, recipe_diff
-from fastcifar.splits import make_folds, take_per_class
+from fastcifar.splits import Fold, make_folds, take_per_class
 from fastcifar.tblog import check_tensorboard
 
 # Keys that may differ when a run is resumed: where it runs does not change what it computes.
@@ -43,25 +44,30 @@ def resolve_stats(recipe: Recipe, store: Store) -> Recipe:
     return replace(recipe, data=data)
 
 
-def check_inputs(recipe: Recipe, run_dir: Path | None = None, resume: bool = False,
-                 device: torch.device | None = None) -> tuple[Recipe, Store]:
-    """All pre-run checks; returns the recipe with the store's statistics filled in (data.mean / data.std =
-    "auto") and the opened, hash-verified store. `run_dir`: also check the folder may hold this run (new,
-    empty, or this run with --resume on the same data)."""
+def check_inputs(recipe: Recipe, run_dir: Path, resume: bool = False, device: torch.device | None = None, *,
+                 check_dir: bool = True) -> RunPlan:
+    """All pre-run checks, as the plan the run consumes: the recipe with the store's statistics filled in
+    (data.mean / data.std = "auto"), the opened, hash-verified store, the folds, the .beton. `check_dir`: also
+    check `run_dir` may hold this run (new, empty, or this run with --resume on the same data); a DDP rank other
+    than 0 leaves that to rank 0."""
+    device = device or torch.device("cpu")
     store = open_store(Path(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
     recipe = resolve_stats(recipe, store)
     check_loader(recipe)  # a missing DALI / FFCV extra, or an augment section the loader cannot express
     check_tensorboard(recipe)
     if len(store.classes) < 2:
         raise DataError(f"data.store: {store.path} holds {len(store.classes)} class; a classifier needs at least 2")
-    check_model(recipe, store, device or torch.device("cpu"))
+    check_model(recipe, store, device)
     check_augment(recipe, store)
-    check_folds(recipe, store)
-    if recipe.train.loader == "ffcv":  # the .beton must exist (and match the store) before the run folder does
-        check_beton(default_beton(store.path), store)
-    if run_dir is not None:
-        check_run_dir(run_dir, recipe, resume, store)
-    return recipe, store
+    folds = check_folds(recipe, store)
+    if recipe.split.kind == "kfold" and recipe.split.fold >= 0:
+        folds = [folds[recipe.split.fold]]
+    # The .beton must exist (and match the store) before the run folder does.
+    beton = check_beton(default_beton(store.path), store) if recipe.train.loader == "ffcv" else None
+    plan = RunPlan(recipe, store, device, Path(run_dir), resume, tuple(folds), beton)
+    if check_dir:
+        check_run_dir(plan.run_dir, recipe, resume, store)
+    return plan
 
 
 def check_distributed(recipe: Recipe, world: int, device: torch.device, folds_parallel: bool) -> None:
@@ -88,10 +94,11 @@ def check_distributed(recipe: Recipe, world: int, device: torch.device, folds_pa
         raise RecipeError("train.sync_bn: SyncBatchNorm runs on CUDA only (torch has no CPU kernel for it)")
 
 
-def check_folds(recipe: Recipe, store: Store) -> None:
-    """Every fold has validation images and at least one full training batch, and k-fold has at least k images
-    of every class in its pool (else some folds would validate on classes they never saw, or on nothing)."""
-    labels = np.concatenate([store.train_labels, store.test_labels])
+def check_folds(recipe: Recipe, store: Store) -> list[Fold]:
+    """All folds of the split, each with validation images and at least one full training batch; k-fold needs
+    at least k images of every class in its pool (else some folds would validate on classes they never saw, or
+    on nothing)."""
+    labels = store.labels
     split = recipe.split
     if split.kind == "kfold":
         pool = labels if split.pool == "train+test" else store.train_labels
@@ -100,7 +107,8 @@ def check_folds(recipe: Recipe, store: Store) -> None:
         if counts[c] < split.k:
             raise RecipeError(f"split.k: {split.k} folds need at least {split.k} images of every class in the pool, "
                               f"but class '{store.classes[c]}' has {counts[c]}; lower split.k")
-    for fold in make_folds(len(store.train_labels), labels, split):
+    folds = make_folds(len(store.train_labels), labels, split)
+    for fold in folds:
         train = fold.train
         if recipe.data.train_subset:
             train = take_per_class(train, labels, recipe.data.train_subset)
@@ -110,6 +118,7 @@ def check_folds(recipe: Recipe, store: Store) -> None:
         if len(train) < recipe.train.batch_size:
             raise RecipeError(f"train.batch_size: {recipe.train.batch_size} is more than fold {fold.index}'s "
                               f"{len(train)} training images (no full batch to train on); lower it")
+    return folds
 
 
 def check_augment(recipe: Recipe, store: Store) -> None:
@@ -194,6 +203,12 @@ def _gradcam_probe(model: torch.nn.Module, recipe: Recipe) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the run folder
+
+
+def recheck_run_dir(plan: RunPlan) -> bool:
+    """check_run_dir again, under the run lock (fastcifar.run.start_run): between preflight and the lock another
+    process may have started, finished or removed a run in the folder. True when resuming."""
+    return check_run_dir(plan.run_dir, plan.recipe, plan.resume, plan.store)
 
 
 def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, store: Store) -> bool:

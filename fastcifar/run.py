@@ -20,17 +20,15 @@ from rich.table import Table
 
 from fastcifar.atomic import write_json, write_text
 from fastcifar.artifacts import FIGURES
-from fastcifar.context import Hooks, RunContext
-from fastcifar.data.store import Store
+from fastcifar.context import Hooks, RunContext, RunPlan
 from fastcifar.device import resolve_device
 from fastcifar.errors import first_line
 from fastcifar.lifecycle import GracefulStop, RunLock
 from fastcifar.ownership import remove_atomic_temps, write_marker
-from fastcifar.preflight import check_inputs, check_run_dir, data_identity
+from fastcifar.preflight import check_inputs, data_identity, recheck_run_dir
 from fastcifar.progress import RunProgress
 from fastcifar.recipe import Recipe, recipe_to_toml
 from fastcifar.report import write_report
-from fastcifar.splits import make_folds
 from fastcifar.strategy import Solo, Strategy
 from fastcifar.train import train_one_fold
 
@@ -107,14 +105,9 @@ def _remove_orphans(run_dir: Path) -> None:
 
 
 def train_folds(ctx: RunContext) -> list[dict]:
-    """This process's share of the folds (strategy.folds), in order; folds that finished are kept, not re-run."""
-    recipe, store = ctx.recipe, ctx.store
-    labels = np.concatenate([store.train_labels, store.test_labels])
-    folds = make_folds(len(store.train_labels), labels, recipe.split)
-    if recipe.split.kind == "kfold" and recipe.split.fold >= 0:
-        folds = [folds[recipe.split.fold]]
+    """This process's share of the plan's folds (strategy.folds), in order; folds that finished are kept."""
     results, todo = [], []
-    for fold in ctx.strategy.folds(folds):
+    for fold in ctx.strategy.folds(list(ctx.plan.folds)):
         done = ctx.fold_dir(fold) / "result.json"
         if ctx.resuming and done.exists():
             results.append(json.loads(done.read_text()))
@@ -130,46 +123,45 @@ def train_folds(ctx: RunContext) -> list[dict]:
 def run_training(recipe: Recipe, run_dir: Path, console: Console, *, resume: bool = False,
                  hooks: Hooks | None = None) -> dict[str, Any]:
     """`fastcifar train` in one process: the pre-run checks, then the run."""
-    device = resolve_device(recipe.train.device)
-    recipe, store = check_inputs(recipe, run_dir, resume, device)
-    return drive(recipe, run_dir, console, store, device, Solo(), resume=resume, hooks=hooks)
+    plan = check_inputs(recipe, run_dir, resume, resolve_device(recipe.train.device))
+    return drive(plan, console, Solo(), hooks)
 
 
-def drive(recipe: Recipe, run_dir: Path, console: Console, store: Store, device: torch.device, strategy: Strategy,
-          *, resume: bool = False, hooks: Hooks | None = None) -> dict[str, Any] | None:
+def drive(plan: RunPlan, console: Console, strategy: Strategy, hooks: Hooks | None = None) -> dict[str, Any] | None:
     """The one run driver of every mode: lock -> stop handler -> start_run -> the run's context -> folds ->
     finish_run. Returns the summary on the process that writes the run, None on the others."""
     with contextlib.ExitStack() as stack:
         stop = strategy.stop(stack.enter_context(GracefulStop()))
 
         def start() -> bool:
-            stack.enter_context(RunLock(run_dir))
-            return start_run(recipe, run_dir, device, store, resume, strategy.env)
+            stack.enter_context(RunLock(plan.run_dir))
+            return start_run(plan, strategy.env)
 
         resuming = strategy.open_run(start)
-        ctx = RunContext(recipe, store, device, run_dir, console, strategy, hooks or Hooks(), stop, resuming)
-        configure_runtime(recipe)
+        ctx = RunContext(plan, console, strategy, hooks or Hooks(), stop, resuming)
+        configure_runtime(plan.recipe)
         results = strategy.gather(train_folds(ctx))
         if results is None:
             return None
-        summary, report = finish_run(recipe, run_dir, results, console)
+        summary, report = finish_run(plan.recipe, plan.run_dir, results, console)
     if report is not None:
         console.print(f"report: {report}")
     return summary
 
 
-def start_run(recipe: Recipe, run_dir: Path, device: torch.device, store: Store, resume: bool,
-              extra_env: dict[str, Any] | None = None) -> bool:
-    """Under the run lock: accept or refuse run_dir, clear orphans, write recipe.toml and env.json; True when
-    resuming. A distributed run calls it on rank 0 only (extra_env: its world size and mode)."""
-    resuming = check_run_dir(run_dir, recipe, resume, store)
+def start_run(plan: RunPlan, extra_env: dict[str, Any] | None = None) -> bool:
+    """Under the run lock: accept or refuse the run folder once more (preflight.recheck_run_dir), clear orphans,
+    write recipe.toml, data.json and env.json; True when resuming. A distributed run calls it on rank 0 only
+    (extra_env: its world size and mode)."""
+    recipe, run_dir, store = plan.recipe, plan.run_dir, plan.store
+    resuming = recheck_run_dir(plan)
     write_marker(run_dir, "run")  # before anything else: from here on the folder is recognisably a run
     _remove_orphans(run_dir)
     if not resuming:
         write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
     if not resuming or not (run_dir / "data.json").exists():  # a resumed run's data was checked above
         write_json(run_dir / "data.json", data_identity(store))
-    write_json(run_dir / "env.json", {**environment(device), **(extra_env or {}), "store": {
+    write_json(run_dir / "env.json", {**environment(plan.device), **(extra_env or {}), "store": {
         "path": str(store.path), "sha256": store.meta["sha256"], "source": store.meta["source"]}})
     return resuming
 

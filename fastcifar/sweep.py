@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastcifar.atomic import write_text
+from fastcifar.device import resolve_device
 from fastcifar.errors import RecipeError
 from fastcifar.ownership import check_own_dir, has_marker, legacy_run, write_marker
 from fastcifar.preflight import check_inputs
 from fastcifar.recipe import Recipe, load_recipe
-from fastcifar.run import run_training
+from fastcifar.run import drive
+from fastcifar.strategy import Solo
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -42,8 +44,8 @@ def split_values(text: str) -> list[str]:
     return [v for v in out if v]
 
 
-def plan(recipe_path: str, overrides: list[str], varies: list[str]) -> list[tuple[str, Recipe]]:
-    """The baseline and every variant, each fully validated before anything runs."""
+def sweep_variants(recipe_path: str, overrides: list[str], varies: list[str]) -> list[tuple[str, Recipe]]:
+    """The baseline and every variant, each a loaded (type-checked) recipe."""
     base = load_recipe(recipe_path, overrides)
     variants = [("baseline", base)]
     for item in varies:
@@ -96,16 +98,17 @@ def run_sweep(recipe_path: str, overrides: list[str], varies: list[str], out_dir
     """Train the baseline and each variant into out_dir/<variant>/ (resumable), then write sweep.csv / .md."""
     from rich.table import Table
 
-    variants = plan(recipe_path, overrides, varies)
+    variants = sweep_variants(recipe_path, overrides, varies)
     check_own_dir(out_dir, "sweep", _legacy_sweep)
-    for name, recipe in variants:  # every variant's refusals before the first one trains
-        check_inputs(recipe, out_dir / _dirname(name), resume=True)
+    # Every variant's refusals before the first one trains; each run then consumes its checked plan.
+    plans = [(name, check_inputs(recipe, out_dir / _dirname(name), True, resolve_device(recipe.train.device)))
+             for name, recipe in variants]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_marker(out_dir, "sweep")
     rows: list[dict[str, Any]] = []
-    for name, recipe in variants:
+    for name, run_plan in plans:
         console.print(f"[bold]sweep: {name}[/bold]")
-        summary = run_training(recipe, out_dir / _dirname(name), console, resume=True)
+        summary = drive(run_plan, console, Solo())
         rows.append(_row(name, summary, rows[0]["accuracy"] if rows else None))
     rows[0]["delta_pp"] = 0.0
     buf = io.StringIO()

@@ -165,7 +165,7 @@ def test_trainer_seam_fits_whitening(store: Path, tiny) -> None:
     the whitening filters are the ones fitted to exactly the fold's training images."""
     from rich.console import Console
 
-    from fastcifar.context import Hooks, RunContext
+    from fastcifar.context import Hooks, RunContext, RunPlan
     from fastcifar.fold_run import build_fold
     from fastcifar.preflight import resolve_stats
     from fastcifar.splits import make_folds
@@ -174,7 +174,8 @@ def test_trainer_seam_fits_whitening(store: Path, tiny) -> None:
     s = open_store(store)
     recipe = resolve_stats(tiny(model={"name": "speedrun_net", "width": 8}, data={"train_subset": 8}), s)
     fold = make_folds(len(s.train_labels), np.concatenate([s.train_labels, s.test_labels]), recipe.split)[0]
-    ctx = RunContext(recipe, s, torch.device("cpu"), Path("unused"), Console(quiet=True), Solo(), Hooks(), None, False)
+    plan = RunPlan(recipe, s, torch.device("cpu"), Path("unused"), False, (fold,), None)
+    ctx = RunContext(plan, Console(quiet=True), Solo(), Hooks(), None, False)
     run = build_fold(ctx, fold)
     want = SpeedrunNet(widths=(8, 32, 32))
     want.init_whitening(run.data.train.images, recipe.data.mean, recipe.data.std)

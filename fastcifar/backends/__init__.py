@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from fastcifar.data.store import Store
+    from fastcifar.context import RunPlan
 
 KINDS = ("torchvision", "dali", "ffcv")
 
@@ -45,22 +45,22 @@ def fitted_workers(asked: int, kind: str, log=print) -> int:
     return max(asked, 1) if kind in ("dali", "ffcv") else asked
 
 
-def make_loader(recipe, store: Store, idx: np.ndarray, labels: np.ndarray, device: torch.device, *, seed: int,
-                log=print):
-    """The training loader of kind recipe.train.loader over rows `idx` of the store's [train ; test] (labels:
-    all of them), meeting DeviceLoader's contract. Evaluation stays on the device loader."""
+def make_loader(plan: RunPlan, idx: np.ndarray, *, seed: int, log=print):
+    """The training loader of kind plan.recipe.train.loader over rows `idx` of the store's [train ; test],
+    meeting DeviceLoader's contract. Evaluation stays on the device loader. The plan's checks hold: the library
+    is there, the augment section fits the loader (check_loader), the FFCV .beton matches the store."""
     from fastcifar.loader import gather_images
 
+    recipe, store = plan.recipe, plan.store
     kind = recipe.train.loader
     if kind not in KINDS:
         raise ValueError(f"unknown loader {kind!r}")  # the recipe's Literal type admits only KINDS + "device"
-    check_loader(recipe)
     images = gather_images(store.train_images, store.test_images, idx)
     module = importlib.import_module(f"fastcifar.backends.{kind}")
     workers = fitted_workers(recipe.train.workers, kind, log)
-    kwargs = dict(train=True, workers=workers, seed=seed, device=device, num_classes=len(store.classes))
+    kwargs = dict(train=True, workers=workers, seed=seed, device=plan.device, num_classes=len(store.classes))
     if kind == "ffcv":
-        kwargs.update(beton=module.check_beton(module.default_beton(store.path), store), indices=idx)
+        kwargs.update(beton=plan.beton, indices=idx)
     make = getattr(module, f"make_{kind}_loader")
-    return make(images, labels[idx], recipe.train.batch_size, recipe.augment, recipe.data.mean, recipe.data.std,
-                **kwargs)
+    return make(images, store.labels[idx], recipe.train.batch_size, recipe.augment, recipe.data.mean,
+                recipe.data.std, **kwargs)

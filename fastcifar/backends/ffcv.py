@@ -99,7 +99,7 @@ def write_beton(store_dir: str | os.PathLike, out: str | os.PathLike, *, workers
     check_beton_out(out)
     store = open_store(Path(store_dir).expanduser(), verify=True)
     n_train = len(store.train_labels)
-    labels = np.concatenate([store.train_labels, store.test_labels])
+    labels = store.labels
 
     def image(i: int) -> np.ndarray:
         return store.train_images[i] if i < n_train else store.test_images[i - n_train]

@@ -207,7 +207,7 @@ class DDP(Solo):
         loader.shard = (self.ctx.rank, self.ctx.world)  # preflight: a "device" loader, batch divisible by W
 
     def adopt_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.sync_bn:  # preflight: CUDA only, and not speedrun_net
+        if self.sync_bn:  # preflight: CUDA only, and a model whose entry allows it (models.ModelEntry)
             return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the Parameters
         return model
 

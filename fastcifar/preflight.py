@@ -23,7 +23,7 @@ from fastcifar.context import RunPlan
 from fastcifar.data import Store, open_store, store_stats
 from fastcifar.errors import DataError, FastCifarError, RecipeError, first_line
 from fastcifar.gradcam import get_layer
-from fastcifar.models import build_model, create_model
+from fastcifar.models import build_model, create_model, model_entry
 from fastcifar.ownership import check_own_dir, legacy_run
 from fastcifar.recipe import Recipe, load_recipe, recipe_diff
 from fastcifar.splits import Fold, make_folds, take_per_class
@@ -87,9 +87,9 @@ def check_distributed(recipe: Recipe, world: int, device: torch.device, folds_pa
     if tr.oom_retry:
         raise RecipeError("train.oom_retry: not supported under DDP (an out-of-memory retry on one rank would "
                           "change its number of gradient all-reduces); lower train.batch_size instead")
-    if tr.sync_bn and recipe.model.name == "speedrun_net":  # convert_sync_batchnorm rebuilds plain BatchNorms
-        raise RecipeError("train.sync_bn: speedrun_net's scale-free BatchNorm keeps its shift in its own parameter, "
-                          "which SyncBatchNorm would drop; set train.sync_bn = false")
+    if tr.sync_bn and not model_entry(recipe.model.name).sync_bn:  # its BatchNorm is not torch's plain one
+        raise RecipeError(f"train.sync_bn: {recipe.model.name}'s scale-free BatchNorm keeps its shift in its own "
+                          "parameter, which SyncBatchNorm would drop; set train.sync_bn = false")
     if tr.sync_bn and device.type != "cuda":
         raise RecipeError("train.sync_bn: SyncBatchNorm runs on CUDA only (torch has no CPU kernel for it)")
 

@@ -76,14 +76,14 @@ class ModelCfg:
     whiten_bias_epochs: int = 0
 
     def validate(self) -> None:
-        from fastcifar.models import known_model, model_names  # late: keeps recipe loading light
+        from fastcifar.models import known_model, model_entry, model_names  # late: keeps recipe loading light
 
         check(known_model(self.name), "model.name",
               f"unknown model '{self.name}' (choose from {', '.join(model_names())}, or timm:<name>)")
         check(self.width >= 0, "model.width", f"must be >= 0, got {self.width}")
         check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.whiten_bias_epochs >= 0, "model.whiten_bias_epochs", f"must be >= 0, got {self.whiten_bias_epochs}")
-        check(not self.whiten_bias_epochs or self.name.startswith("speedrun_net"), "model.whiten_bias_epochs",
+        check(not self.whiten_bias_epochs or model_entry(self.name).whiten_bias, "model.whiten_bias_epochs",
               f"applies to the speedrun nets (their whitening layer), not {self.name}")
 
 

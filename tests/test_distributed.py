@@ -243,3 +243,16 @@ def test_sync_bn_is_refused_for_speedrun_net(tiny):
     recipe = tiny(model={"name": "speedrun_net", "width": 8}, train={"sync_bn": True})
     with pytest.raises(RecipeError, match=r"^train\.sync_bn: speedrun_net's scale-free BatchNorm"):
         check_recipe(recipe, 2, torch.device("cuda"), False)
+
+
+@pytest.mark.parametrize("name", ["speedrun_net95", "speedrun_net96"])
+def test_sync_bn_is_refused_for_the_other_speedrun_nets(tiny, name):
+    # The same ShiftBatchNorm: the refusal follows the registry entry (models.ModelEntry.sync_bn), not the name.
+    import torch
+
+    from fastcifar.errors import RecipeError
+    from fastcifar.preflight import check_distributed
+
+    recipe = tiny(model={"name": name, "width": 8}, train={"sync_bn": True})
+    with pytest.raises(RecipeError, match=rf"^train\.sync_bn: {name}'s scale-free BatchNorm"):
+        check_distributed(recipe, 2, torch.device("cuda"), False)

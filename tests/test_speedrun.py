@@ -161,7 +161,7 @@ def test_recipe_trains_one_tiny_epoch(store: Path, tmp_path: Path) -> None:
 
 
 def test_trainer_seam_fits_whitening(store: Path, tiny) -> None:
-    """build_fold runs the registry's data-dependent init (models.DATA_INIT: speedrun_net's whitening fit):
+    """build_fold runs the registry's data-dependent init (ModelEntry.data_init: speedrun_net's whitening fit):
     the whitening filters are the ones fitted to exactly the fold's training images."""
     from rich.console import Console
 

@@ -42,6 +42,7 @@ from fastcifar.device import resolve_device
 from fastcifar.engine import Engine, compile_model
 from fastcifar.errors import FastCifarError, RecipeError
 from fastcifar.lifecycle import GracefulStop, Interrupted, StopFlag
+from fastcifar.loader import DeviceLoader, TrainLoader
 from fastcifar.preflight import check_distributed, check_inputs
 from fastcifar.recipe import Recipe
 from fastcifar.run import drive
@@ -49,7 +50,6 @@ from fastcifar.step import EpochTotals
 from fastcifar.strategy import Solo
 
 if TYPE_CHECKING:
-    from fastcifar.loader import DeviceLoader
     from fastcifar.splits import Fold
 
 check_recipe = check_distributed  # the name the DDP tests use
@@ -203,8 +203,9 @@ class DDP(Solo):
     def stop(self, stop: GracefulStop) -> StopFlag:
         return AgreedStop(stop, self.ctx, STOP_POLL.get(self.ctx.device.type, 1))
 
-    def adopt_loader(self, loader: DeviceLoader) -> None:
-        loader.shard = (self.ctx.rank, self.ctx.world)  # preflight: a "device" loader, batch divisible by W
+    def adopt_loader(self, loader: TrainLoader) -> None:
+        assert isinstance(loader, DeviceLoader)  # preflight.check_distributed: DDP shards the "device" loader only
+        loader.shard = (self.ctx.rank, self.ctx.world)  # batch_size divisible by W: preflight too
 
     def adopt_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.sync_bn:  # preflight: CUDA only, and a model whose entry allows it (models.ModelEntry)

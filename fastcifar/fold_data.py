@@ -13,15 +13,15 @@ from fastcifar.augment import build_eval_transform, build_mixer, build_train_tra
 from fastcifar.backends import make_loader
 from fastcifar.context import RunPlan
 from fastcifar.device import recipe_amp_dtype
-from fastcifar.loader import DeviceLoader, gather_images
+from fastcifar.loader import DeviceLoader, TrainLoader, gather_images
 from fastcifar.splits import Fold, take_per_class
 
 
 @dataclass
 class FoldData:
-    train: DeviceLoader
+    train: TrainLoader  # the device loader, or train.loader's backend (fastcifar.backends)
     val: DeviceLoader
-    test: DeviceLoader | None
+    test: DeviceLoader | None  # None: the pool merged the test set (k-fold over train+test)
 
 
 def make_loaders(plan: RunPlan, fold: Fold, log: Callable[[str], Any] = print) -> FoldData:

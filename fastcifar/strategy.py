@@ -16,7 +16,7 @@ from fastcifar.lifecycle import GracefulStop, StopFlag
 
 if TYPE_CHECKING:
     from fastcifar.engine import Engine
-    from fastcifar.loader import DeviceLoader
+    from fastcifar.loader import TrainLoader
     from fastcifar.splits import Fold
     from fastcifar.step import EpochTotals
 
@@ -32,7 +32,7 @@ class Strategy(Protocol):
     def open_run(self, start: Callable[[], bool]) -> bool: ...
     def folds(self, folds: list[Fold]) -> list[Fold]: ...
     def stop(self, stop: GracefulStop) -> StopFlag: ...
-    def adopt_loader(self, loader: DeviceLoader) -> None: ...
+    def adopt_loader(self, loader: TrainLoader) -> None: ...
     def adopt_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
     def train_net(self, model: torch.nn.Module, engine: Engine) -> torch.nn.Module: ...
     def seeded(self) -> None: ...
@@ -63,7 +63,7 @@ class Solo:
         """The stop flag the step loop reads (DDP: one the ranks agree on)."""
         return stop
 
-    def adopt_loader(self, loader: DeviceLoader) -> None:
+    def adopt_loader(self, loader: TrainLoader) -> None:
         """Fit the training loader to this process (DDP: keep this rank's slice of every global batch)."""
 
     def adopt_model(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -224,13 +224,14 @@ class EpochState:
 
 
 class StateLoader:
-    """The device loader's interface (len, num_images, position, epoch, images, state_dict) for loaders whose
+    """fastcifar.loader.TrainLoader (len, num_images, position, images, state_dict, ...) for loaders whose
     position lives in an EpochState; subclasses set _images, labels, state and batch_size, and yield batches."""
 
     kind = "?"
     _images: np.ndarray
     labels: torch.Tensor
     state: EpochState
+    batch_size: int
 
     @property
     def images(self) -> torch.Tensor:

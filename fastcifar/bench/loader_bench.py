@@ -9,9 +9,7 @@ it is on the device, ready for the model.
 from __future__ import annotations
 
 import gc
-import importlib
 import importlib.util
-import inspect
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from fastcifar.backends import fitted_workers
+from fastcifar.backends import BACKENDS, fitted_workers
 from fastcifar.bench.env import environment, peak_hbm_gbs
 from fastcifar.bench.presets import PRESETS, missing_ops
 from fastcifar.bench.seeds import seed_loader
@@ -33,7 +31,6 @@ if TYPE_CHECKING:
     from fastcifar.data.store import Store
 
 LOADERS = ("fastcifar", "seeds", "dali", "ffcv")
-_LIBS = {"dali": "nvidia.dali", "ffcv": "ffcv"}
 
 
 def _out_dtype(device: torch.device) -> torch.dtype:
@@ -78,23 +75,17 @@ def _backend_maker(kind: str, images, labels, batch: int, cfg: AugmentCfg, mean,
                    shared: dict):
     """(maker, None) for an installed DALI / FFCV backend, else (None, the one-line reason). `shared` keeps what
     every preset reuses: FFCV's .beton of the rows, written once per bench run."""
-    module = f"fastcifar.backends.{kind}"
+    backend = BACKENDS[kind]
     try:
-        if importlib.util.find_spec(module) is None:
-            return None, f"n/a ({module} not present)"
-        if importlib.util.find_spec(_LIBS[kind]) is None:
-            return None, f"n/a ({_LIBS[kind]} not installed: pip install 'fastcifar[{kind}]')"
+        if importlib.util.find_spec(backend.library) is None:
+            return None, f"n/a ({backend.library} not installed: pip install 'fastcifar[{kind}]')"
     except (ImportError, ValueError) as e:
         return None, f"n/a ({first_line(e)})"
-    fn = getattr(importlib.import_module(module), f"make_{kind}_loader", None)
-    if fn is None:
-        return None, f"n/a ({module} has no make_{kind}_loader)"
-    params = inspect.signature(fn).parameters
     workers = fitted_workers(workers, kind, log=lambda _: None)  # the settings record what was asked
-    extra = {k: v for k, v in dict(train=True, workers=workers, seed=0, device=device).items() if k in params}
+    extra: dict[str, Any] = dict(train=True, workers=workers, seed=0, device=device)
     if kind == "ffcv":
         extra.update(beton=_shared_beton(shared, images, labels, workers), indices=np.arange(len(labels)))
-    return (lambda: fn(images, labels, batch, cfg, mean, std, **extra)), None
+    return (lambda: backend.make(images, labels, batch, cfg, mean, std, **extra)), None
 
 
 def _shared_beton(shared: dict, images, labels, workers: int) -> Path:

@@ -47,7 +47,7 @@ except ImportError:  # a checkout without `pip install -e .`: use the repository
 
 from fastcifar.atomic import write_json  # noqa: E402
 from fastcifar.bench.airbench import AB_HYP, run_airbench, write_airbench_data  # noqa: E402
-from fastcifar.bench.env import environment, free_stem, slug  # noqa: E402
+from fastcifar.bench.env import bench_environment, free_stem, slug  # noqa: E402
 from fastcifar.bench.timing import Clock  # noqa: E402
 from fastcifar.errors import FastCifarError  # noqa: E402
 from fastcifar.recipe import Recipe, load_recipe  # noqa: E402
@@ -259,7 +259,7 @@ def run_harness(args: argparse.Namespace) -> Path:
         torch.backends.cudnn.benchmark = True  # airbench sets it at import; the same for both sides
     # The environment (git commit, load) as the runs start: the code that ran, not the tree at the end of a
     # run of hours in which later commits may land.
-    env = environment(device)
+    env = bench_environment(device)
     ours, airbench = compare(args, recipe, store, device, console)
     env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     result: dict[str, Any] = {

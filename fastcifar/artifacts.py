@@ -1,6 +1,6 @@
 """What a finished fold leaves behind besides its checkpoints: its best.pt evaluated once on validation and test
 (the full metric set), cost figures (parameters, inference time, peak memory), result.json, and the figures of
-the seeds' write-ups, all from one pass over the evaluation set.
+the seed projects' write-ups, all from one pass over the evaluation set.
 
     result = finish_fold(run, state)
 """
@@ -26,10 +26,8 @@ from fastcifar.evaluate import evaluate
 from fastcifar.fold_run import FoldRun
 from fastcifar.gradcam import get_layer, grad_cam
 from fastcifar.metrics import compute_metrics
+from fastcifar.runfiles import FIGURE_FILES, FIGURES_DIR
 from fastcifar.state import TrainState
-
-FIGURES = "figures"
-
 
 def finish_fold(run: FoldRun, state: TrainState) -> dict[str, Any]:
     """Evaluate the best checkpoint on validation and test: full metrics, costs, figures -> result.json."""
@@ -109,20 +107,20 @@ def write_figures(fold_dir: Path, history: list[dict], final: dict[str, Any], cl
                   train_images: np.ndarray, train_labels: np.ndarray, model, stage_boundary: int | None,
                   gradcam_layer: str = "") -> list[str]:
     """Curves, confusion, samples, predictions, most-confident mistakes and Grad-CAM of one fold."""
-    out = fold_dir / FIGURES
+    path = {name: fold_dir / FIGURES_DIR / file for name, file in FIGURE_FILES.items()}
     probs = torch.softmax(final["logits"], 1).numpy()
     labels = final["targets"].numpy()
     preds = probs.argmax(1)
     spread = np.linspace(0, len(labels) - 1, min(32, len(labels))).astype(np.int64)
     images = loader.images.cpu().numpy()  # uint8 (N, H, W, 3), the evaluation set in loader order
     written = [
-        fig.plot_curves(history, out / "curves.png", stage_boundary=stage_boundary),
-        fig.plot_confusion(final["confusion"], classes, out / "confusion.png"),
-        fig.plot_samples(train_images, train_labels, classes, out / "samples.png"),
+        fig.plot_curves(history, path["curves"], stage_boundary=stage_boundary),
+        fig.plot_confusion(final["confusion"], classes, path["confusion"]),
+        fig.plot_samples(train_images, train_labels, classes, path["samples"]),
         # Evenly spaced picks: evaluation sets are stored class by class, so the first 32 would be one class.
         fig.plot_predictions(*(a[spread] for a in (images, labels, preds, probs)), classes,
-                             out / "predictions.png"),
-        fig.plot_mistakes(images, labels, probs, classes, out / "mistakes.png"),
+                             path["predictions"]),
+        fig.plot_mistakes(images, labels, probs, classes, path["mistakes"]),
     ]
     if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):  # Grad-CAM needs a conv layer
         idx = _gradcam_picks(labels, preds, len(classes))
@@ -132,7 +130,7 @@ def write_figures(fold_dir: Path, history: list[dict], final: dict[str, Any], cl
         if cams.shape[-2:] != images.shape[1:3]:  # resized inputs: bring the map back to the stored image
             cams = torch.nn.functional.interpolate(cams[:, None], size=images.shape[1:3], mode="bilinear")[:, 0]
         written.append(fig.plot_gradcam(images[idx], cams.detach().cpu().numpy(), labels[idx], preds[idx],
-                                        classes, out / "gradcam.png"))
+                                        classes, path["gradcam"]))
     return [str(Path(p).relative_to(fold_dir)) for p in written]
 
 

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastcifar.errors import FastCifarError
+from fastcifar.recipe import DEFAULT_STORE
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-DEFAULT_STORE = "data/cifar10"
 
 
 def _parser() -> argparse.ArgumentParser:

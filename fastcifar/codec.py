@@ -65,15 +65,15 @@ def _restore_partial(f: FoldRun, saved: Any) -> None:
 
 
 PARTS: tuple[Part, ...] = (
-    Part("model", lambda f: f.model.state_dict(), lambda f, saved: f.model.load_state_dict(saved)),
+    Part("model", lambda f: f.model.state_dict(), lambda f, s: f.model.load_state_dict(s)),
     # The optimizer and its schedule belong to the stage they were saved in: build_fold makes that stage's step.
-    Part("optimizer", lambda f: f.step.optimizer.state_dict(), lambda f, saved: f.step.optimizer.load_state_dict(saved)),
-    Part("scheduler", lambda f: f.step.scheduler.state_dict(), lambda f, saved: f.step.scheduler.load_state_dict(saved)),
+    Part("optimizer", lambda f: f.step.optimizer.state_dict(), lambda f, s: f.step.optimizer.load_state_dict(s)),
+    Part("scheduler", lambda f: f.step.scheduler.state_dict(), lambda f, s: f.step.scheduler.load_state_dict(s)),
     Part("ema", *_optional(lambda f: f.engine.ema)),
     Part("lookahead", *_optional(lambda f: f.step.lookahead)),
     Part("scaler", lambda f: f.scaler.state_dict() if f.scaler is not None else None, _restore_scaler),
-    Part("loader", lambda f: f.data.train.state_dict(), lambda f, saved: f.data.train.load_state_dict(saved)),
-    Part("torch_rng", lambda f: torch.get_rng_state(), lambda f, saved: torch.set_rng_state(saved)),
+    Part("loader", lambda f: f.data.train.state_dict(), lambda f, s: f.data.train.load_state_dict(s)),
+    Part("torch_rng", lambda f: torch.get_rng_state(), lambda f, s: torch.set_rng_state(s)),
     Part("cuda_rng", _capture_cuda_rng, _restore_cuda_rng),
     # The epoch in progress's running totals: None at an epoch's end (a mid-epoch checkpoint holds them).
     Part("partial", lambda f: f.partial.state_dict() if f.partial is not None else None, _restore_partial),

@@ -307,8 +307,8 @@ def share_start(is_main: bool, share: Callable[[Any], Any], start: Callable[[], 
     return bool(outcome[1])
 
 
-def run_distributed(recipe: Recipe, run_dir: Path, console: Console, *, resume: bool = False, folds_parallel: bool = False,
-                    hooks: Hooks | None = None) -> dict[str, Any] | None:
+def run_distributed(recipe: Recipe, run_dir: Path, console: Console, *, resume: bool = False,
+                    folds_parallel: bool = False, hooks: Hooks | None = None) -> dict[str, Any] | None:
     """`fastcifar train` in one torchrun worker: DDP, or with folds_parallel this rank's share of the folds.
     Returns the summary on rank 0, None on the other ranks."""
     env = torchrun_env()

@@ -5,21 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from fastcifar.atomic import write_json, write_text
-from fastcifar.artifacts import FIGURES
 from fastcifar.context import Hooks, RunContext, RunPlan
 from fastcifar.device import resolve_device
 from fastcifar.errors import first_line
@@ -27,33 +22,14 @@ from fastcifar.lifecycle import GracefulStop, RunLock
 from fastcifar.ownership import remove_atomic_temps, write_marker
 from fastcifar.preflight import check_inputs, data_identity, recheck_run_dir
 from fastcifar.progress import RunProgress
+from fastcifar.provenance import run_environment
 from fastcifar.recipe import Recipe, recipe_to_toml
 from fastcifar.report import write_report
+from fastcifar.runfiles import FIGURES_DIR
 from fastcifar.strategy import Solo, Strategy
 from fastcifar.train import train_one_fold
 
 SUMMARY_KEYS = ["val_acc", "val_loss", "test_acc", "test_loss", "best_epoch", "train_time_s"]
-
-
-def git_commit(cwd: Path | None = None) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    import torchvision
-
-    env = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
-           "torchvision": torchvision.__version__, "numpy": np.__version__, "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "device": str(device), "git_commit": git_commit()}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    return env
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -101,7 +77,7 @@ def _remove_orphans(run_dir: Path) -> None:
     """Temp files of writes that a SIGKILL cut short (the targets themselves are intact), only in the folders a
     run writes: the run directory, its fold directories, and their checkpoints/ and figures/."""
     roots = [run_dir, *(d for d in run_dir.iterdir() if re.fullmatch(r"fold\d+", d.name) and not d.is_symlink())]
-    remove_atomic_temps([d / sub for d in roots for sub in ("", "checkpoints", FIGURES)])
+    remove_atomic_temps([d / sub for d in roots for sub in ("", "checkpoints", FIGURES_DIR)])
 
 
 def train_folds(ctx: RunContext) -> list[dict]:
@@ -161,7 +137,7 @@ def start_run(plan: RunPlan, extra_env: dict[str, Any] | None = None) -> bool:
         write_text(run_dir / "recipe.toml", recipe_to_toml(recipe))
     if not resuming or not (run_dir / "data.json").exists():  # a resumed run's data was checked above
         write_json(run_dir / "data.json", data_identity(store))
-    write_json(run_dir / "env.json", {**environment(plan.device), **(extra_env or {}), "store": {
+    write_json(run_dir / "env.json", {**run_environment(plan.device), **(extra_env or {}), "store": {
         "path": str(store.path), "sha256": store.meta["sha256"], "source": store.meta["source"]}})
     return resuming
 

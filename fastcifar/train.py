@@ -68,7 +68,7 @@ def fit(run: FoldRun, state: TrainState, progress: RunProgress) -> None:
             run.say(f"fold {run.fold.index}: stage 2 from epoch {epoch + 1}: all layers train")
         whiten = run.recipe.model.whiten_bias_epochs
         if whiten and state.stage == 2 and set_whiten_bias(run.model, epoch < whiten):
-            run.step.model = run.strategy.train_net(run.model, run.engine)  # DDP hooks what requires grad
+            run.step.net = run.strategy.train_net(run.model, run.engine)  # DDP hooks what requires grad
         totals = run.strategy.reduce(train_epoch(run, state, epoch, progress))
         row = run.strategy.agree(validate(run, epoch, totals, validates(run.recipe, epoch)))
         end_epoch(run, state, early, row)

@@ -229,8 +229,8 @@ def test_peer_harness_tiny_on_cpu(store: Path, tmp_path: Path, monkeypatch) -> N
     originals = (torch.cuda.Event, torch.cuda.synchronize, torch.nn.Module.half, torch.nn.Module.cuda)
     harness = _harness()
     seen = []  # the environment (its git commit) is read before the runs, not after hours of them
-    real_compare, real_env = harness.compare, harness.environment
-    monkeypatch.setattr(harness, "environment", lambda device: seen.append("environment") or real_env(device))
+    real_compare, real_env = harness.compare, harness.bench_environment
+    monkeypatch.setattr(harness, "bench_environment", lambda device: seen.append("environment") or real_env(device))
     monkeypatch.setattr(harness, "compare", lambda *a: seen.append("compare") or real_compare(*a))
     out = harness.main(["--tiny", "--device", "cpu", "--store", str(store), "--out-dir", str(tmp_path),
                         "--set", "model.width=8", "--set", "data.train_subset=8"])

@@ -7,10 +7,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fastcifar.recipe import DEFAULT_STORE
+
 if TYPE_CHECKING:
     from rich.console import Console
-
-DEFAULT_STORE = "data/cifar10"
 
 
 def add_bench_parser(sub) -> None:
@@ -18,7 +18,7 @@ def add_bench_parser(sub) -> None:
 
     b = sub.add_parser(
         "bench", help="throughput, latency, memory, energy and FLOPs of models (or, with `loader`, of the input "
-                      "pipelines), the seeds' way measured beside ours in the same run",
+                      "pipelines), the seed projects' way measured beside ours in the same run",
         description="fastcifar bench [--model ...]: train/infer img/s, latency, memory, energy, FLOPs, MFU per "
                     "model x precision x batch x compile x channels-last. fastcifar bench loader: img/s of each "
                     "input pipeline x augmentation preset.")
@@ -40,8 +40,8 @@ def add_bench_parser(sub) -> None:
                                                  "(default 2 on CPU/MPS, 3 on CUDA)")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats per phase (default 3)")
     b.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per phase (default 3)")
-    b.add_argument("--workers", type=int, default=4, help="the seeds' and torchvision's DataLoader workers, DALI's and "
-                                                          "FFCV's threads (fitted to the cores; default 4)")
+    b.add_argument("--workers", type=int, default=4, help="the seed projects' and torchvision's DataLoader workers, "
+                                                          "DALI's and FFCV's threads (fitted to the cores; default 4)")
     b.add_argument("--serve-batch", type=int, help="serving batch for latency (default 32 on CPU/MPS, 256 on CUDA)")
     b.add_argument("--budget", type=float, metavar="S", help="global wall-clock budget; cells that would not fit "
                                                              "are skipped with a note")

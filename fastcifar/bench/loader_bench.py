@@ -1,9 +1,9 @@
 """`fastcifar bench loader`: images/s of every input pipeline x augmentation preset on one device, in one run.
 
 Rows: "fastcifar" (the device loader: resident uint8 store, batched augmentation, bf16 output on CUDA), "seeds"
-(PIL + per-image v2 transforms in a DataLoader with workers, batches copied to the device), and "dali" / "ffcv"
-when their backends and libraries are installed (otherwise the row says why). A batch counts as delivered when
-it is on the device, ready for the model.
+(the seed projects' way: PIL + per-image v2 transforms in a DataLoader with workers, batches copied to the
+device), and "dali" / "ffcv" when their backends and libraries are installed (otherwise the row says why). A batch
+counts as delivered when it is on the device, ready for the model.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from fastcifar.backends import BACKENDS, fitted_workers
-from fastcifar.bench.env import environment, peak_hbm_gbs
+from fastcifar.bench.env import bench_environment, peak_hbm_gbs
 from fastcifar.bench.presets import PRESETS, missing_ops
-from fastcifar.bench.seeds import seed_loader
+from fastcifar.bench.seed_projects import seed_project_loader
 from fastcifar.bench.timing import cycle, measure_rate, quiet_workers
 from fastcifar.data import store_stats
 from fastcifar.errors import first_line
@@ -133,7 +133,7 @@ def run_loader_bench(store: Store, device: torch.device, *, batch: int = 512, se
     seeds_impl = shared.get("seeds_impl")
     _ratios(rows)
     settings["seeds_impl"] = seeds_impl
-    return {"kind": "fastcifar-bench", "what": "loader", "version": 1, "environment": environment(device),
+    return {"kind": "fastcifar-bench", "what": "loader", "version": 1, "environment": bench_environment(device),
             "settings": settings, "rows": rows}
 
 
@@ -148,14 +148,14 @@ def _all_rows(rows, shared, presets, loaders, images, labels, batch, mean, std, 
                 make, reason = _fastcifar_maker(images, labels, batch, cfg, mean, std, device)
             elif loader == "seeds":
                 def make(cfg=cfg):
-                    built, shared["seeds_impl"] = seed_loader(images, labels, batch, cfg, mean, std, workers=workers,
-                                                              seed=0, device=device)
+                    built, shared["seeds_impl"] = seed_project_loader(images, labels, batch, cfg, mean, std,
+                                                                      workers=workers, seed=0, device=device)
                     return built
                 reason = None
             else:
                 make, reason = _backend_maker(loader, images, labels, batch, cfg, mean, std, device, workers, shared)
-            # The seeds' warm-up starts the workers and drains their first prefetch (2 batches per worker queued
-            # ahead), so the timed repeats see the steady state; capped at `seconds` of wall time.
+            # The seed projects' warm-up starts the workers and drains their first prefetch (2 batches per worker
+            # queued ahead), so the timed repeats see the steady state; capped at `seconds` of wall time.
             s = dict(settings, warmup=max(warmup, 2 * workers + 1) if loader == "seeds" else warmup)
             with quiet_workers():
                 row = _row(loader, name, batch, make, reason, device, s, in_bytes)
@@ -176,8 +176,8 @@ def _fastcifar_maker(images, labels, batch, cfg: AugmentCfg, mean, std, device):
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
-    """ratio = this loader's img/s / the seeds' img/s for the same preset (None where either is missing)."""
-    seeds = {r["preset"]: r["img_s"] for r in rows if r["loader"] == "seeds"}
+    """ratio = this loader's img/s / the seed projects' img/s for the same preset (None where either is missing)."""
+    theirs = {r["preset"]: r["img_s"] for r in rows if r["loader"] == "seeds"}
     for r in rows:
-        base = seeds.get(r["preset"])
+        base = theirs.get(r["preset"])
         r["ratio_vs_seeds"] = r["img_s"] / base if r["img_s"] and base else None

@@ -52,8 +52,6 @@ from fastcifar.strategy import Solo
 if TYPE_CHECKING:
     from fastcifar.splits import Fold
 
-check_recipe = check_distributed  # the name the DDP tests use
-
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Fold-parallel ranks meet only at the end; with 5 folds on 4 GPUs one rank trains a second fold while rank 0
 # waits for it, far past the store's default 30 min. A rank that fails makes torchrun stop the others.

@@ -237,12 +237,12 @@ def test_sync_bn_is_refused_for_speedrun_net(tiny):
     # convert_sync_batchnorm would replace ShiftBatchNorm by a plain SyncBatchNorm and lose its learned shifts.
     import torch
 
-    from fastcifar.distributed import check_recipe
     from fastcifar.errors import RecipeError
+    from fastcifar.preflight import check_distributed
 
     recipe = tiny(model={"name": "speedrun_net", "width": 8}, train={"sync_bn": True})
     with pytest.raises(RecipeError, match=r"^train\.sync_bn: speedrun_net's scale-free BatchNorm"):
-        check_recipe(recipe, 2, torch.device("cuda"), False)
+        check_distributed(recipe, 2, torch.device("cuda"), False)
 
 
 @pytest.mark.parametrize("name", ["speedrun_net95", "speedrun_net96"])

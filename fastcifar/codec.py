@@ -4,40 +4,58 @@ were validated best).
 The parts of a fold's state are one list, PARTS: each a name (its key in last.pt and its TrainState field) with
 how to capture it from the running fold and how to restore it into a fold built at the saved stage
 (fastcifar.fold_run.build_fold). save_last captures every part; restore_fold restores every part in the list's
-order (the random number generators after everything else). A new part is one row here. Several folds trained
-as one stacked model would keep one member view per fold and run each through the same list.
+order (the random number generators after everything else). A new part is one row here. A part reads only what
+FoldParts names, so several folds trained as one stacked model can run a view of each member through the list.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
 from fastcifar.checkpoint import load_checkpoint, save_checkpoint
+from fastcifar.engine import Engine
 from fastcifar.errors import CheckpointError, first_line
+from fastcifar.fold_data import FoldData
 from fastcifar.fold_run import FoldRun
 from fastcifar.state import TrainState
-from fastcifar.step import EpochTotals
+from fastcifar.step import EpochTotals, StepRunner
+
+
+class FoldParts(Protocol):
+    """What the parts are captured from and restored into: a FoldRun, or one member of a model that stacks
+    several folds (it keeps a view like this per fold)."""
+
+    model: torch.nn.Module
+    step: StepRunner
+    engine: Engine
+    scaler: torch.amp.GradScaler | None
+    data: FoldData
+    partial: EpochTotals | None
+
+    @property
+    def device(self) -> torch.device: ...
 
 
 @dataclass(frozen=True)
 class Part:
     name: str  # its key in last.pt: a TrainState field
-    capture: Callable[[FoldRun], Any]  # a state dict or tensor on the CPU; None where the fold has no such part
-    restore: Callable[[FoldRun, Any], None]
+    capture: Callable[[FoldParts], Any]  # a state dict or tensor on the CPU; None where the fold has no such part
+    restore: Callable[[FoldParts, Any], None]
 
 
-def _optional(holder: Callable[[FoldRun], Any]) -> tuple[Callable[[FoldRun], Any], Callable[[FoldRun, Any], None]]:
+def _optional(holder: Callable[[FoldParts], Any]) -> tuple[Callable[[FoldParts], Any],
+                                                          Callable[[FoldParts, Any], None]]:
     """Capture and restore of a part not every fold has (EMA, Lookahead): None when absent; a fold that has it
     restores it (train.ema_decay and optim.lookahead_every cannot change on resume: preflight.RESUMABLE_DIFFS)."""
-    def capture(f: FoldRun) -> Any:
+    def capture(f: FoldParts) -> Any:
         part = holder(f)
         return part.state_dict() if part is not None else None
 
-    def restore(f: FoldRun, saved: Any) -> None:
+    def restore(f: FoldParts, saved: Any) -> None:
         part = holder(f)
         if part is not None:
             part.load_state_dict(saved)
@@ -45,22 +63,22 @@ def _optional(holder: Callable[[FoldRun], Any]) -> tuple[Callable[[FoldRun], Any
     return capture, restore
 
 
-def _restore_scaler(f: FoldRun, saved: Any) -> None:
+def _restore_scaler(f: FoldParts, saved: Any) -> None:
     # fp16 on CUDA only has a GradScaler: a run resumed on another device (train.device may change) may lack one
     if f.scaler is not None and saved is not None:
         f.scaler.load_state_dict(saved)
 
 
-def _capture_cuda_rng(f: FoldRun) -> torch.Tensor | None:
+def _capture_cuda_rng(f: FoldParts) -> torch.Tensor | None:
     return torch.cuda.get_rng_state(f.device) if f.device.type == "cuda" else None
 
 
-def _restore_cuda_rng(f: FoldRun, saved: Any) -> None:
+def _restore_cuda_rng(f: FoldParts, saved: Any) -> None:
     if f.device.type == "cuda" and saved is not None:
         torch.cuda.set_rng_state(saved, f.device)
 
 
-def _restore_partial(f: FoldRun, saved: Any) -> None:
+def _restore_partial(f: FoldParts, saved: Any) -> None:
     f.partial = EpochTotals.from_state(saved, f.device) if saved is not None else None
 
 
@@ -80,6 +98,18 @@ PARTS: tuple[Part, ...] = (
 )
 
 
+def capture(fold: FoldParts, state: TrainState) -> None:
+    """Every part of `fold` into `state`'s fields of the same names."""
+    for part in PARTS:
+        setattr(state, part.name, part.capture(fold))
+
+
+def restore(fold: FoldParts, saved: TrainState) -> None:
+    """Every part `saved` holds into `fold` (built at saved.stage), in PARTS order."""
+    for part in PARTS:
+        part.restore(fold, getattr(saved, part.name))
+
+
 def fold_meta(run: FoldRun) -> dict[str, Any]:
     """What every checkpoint of the fold carries besides its state: evaluate and predict rebuild the model from it."""
     return {"recipe": run.recipe.to_dict(), "classes": run.classes, "fold": run.fold.index,
@@ -91,8 +121,7 @@ def save_last(run: FoldRun, state: TrainState) -> None:
     state.accum_steps, state.skipped_total = run.step.accum, run.step.skipped_total
     if not run.strategy.writes_fold:
         return
-    for part in PARTS:
-        setattr(state, part.name, part.capture(run))
+    capture(run, state)
     save_checkpoint(run.last_path, {**fold_meta(run), **state.to_dict()})
 
 
@@ -117,10 +146,10 @@ def read_last(path: Path) -> TrainState | None:
 
 
 def restore_fold(run: FoldRun, saved: TrainState) -> None:
-    """Every part of `saved` into `run` (built at saved.stage), in PARTS order."""
+    """`run` (built at saved.stage) as `saved` left it: every part restored, then the strategy's say on the
+    epoch in progress."""
     try:
-        for part in PARTS:
-            part.restore(run, getattr(saved, part.name))
+        restore(run, saved)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{run.last_path}: cannot resume from it ({first_line(e)})") from None
     resumed_mid_epoch = run.partial is not None

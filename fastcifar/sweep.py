@@ -9,13 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastcifar.atomic import write_text
-from fastcifar.device import resolve_device
 from fastcifar.errors import RecipeError
 from fastcifar.ownership import check_own_dir, has_marker, legacy_run, write_marker
 from fastcifar.preflight import check_inputs
 from fastcifar.recipe import Recipe, load_recipe
-from fastcifar.run import drive
-from fastcifar.strategy import Solo
+from fastcifar.run import run_training
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -100,15 +98,14 @@ def run_sweep(recipe_path: str, overrides: list[str], varies: list[str], out_dir
 
     variants = sweep_variants(recipe_path, overrides, varies)
     check_own_dir(out_dir, "sweep", _legacy_sweep)
-    # Every variant's refusals before the first one trains; each run then consumes its checked plan.
-    plans = [(name, check_inputs(recipe, out_dir / _dirname(name), True, resolve_device(recipe.train.device)))
-             for name, recipe in variants]
+    for name, recipe in variants:  # every variant's refusals before the first one trains
+        check_inputs(recipe, out_dir / _dirname(name), resume=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_marker(out_dir, "sweep")
     rows: list[dict[str, Any]] = []
-    for name, run_plan in plans:
+    for name, recipe in variants:
         console.print(f"[bold]sweep: {name}[/bold]")
-        summary = drive(run_plan, console, Solo())
+        summary = run_training(recipe, out_dir / _dirname(name), console, resume=True)
         rows.append(_row(name, summary, rows[0]["accuracy"] if rows else None))
     rows[0]["delta_pp"] = 0.0
     buf = io.StringIO()

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -47,11 +47,16 @@ except ImportError:  # a checkout without `pip install -e .`: use the repository
 
 from fastcifar.atomic import write_json  # noqa: E402
 from fastcifar.bench.airbench import AB_HYP, run_airbench, write_airbench_data  # noqa: E402
-from fastcifar.bench.env import environment, free_stem, slug  # noqa: E402
+from fastcifar.bench.env import bench_environment, free_stem, slug  # noqa: E402
 from fastcifar.bench.timing import Clock  # noqa: E402
 from fastcifar.errors import FastCifarError  # noqa: E402
 from fastcifar.recipe import Recipe, load_recipe  # noqa: E402
 from fastcifar.splits import take_per_class  # noqa: E402
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from fastcifar.data.store import Store
 
 AIRBENCH_VERSION = "0.1.8"
 TINY_PER_CLASS = 30  # 300 training images
@@ -84,31 +89,35 @@ def _with_epochs(recipe: Recipe, epochs: int) -> Recipe:
     return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, epochs=epochs))
 
 
-def run_ours(recipe: Recipe, store, device: torch.device, console) -> dict[str, float]:
+def run_ours(recipe: Recipe, store: Store, device: torch.device, console: Console) -> dict[str, float]:
     """One timed run of `recipe` through the trainer's own fold (official split) and a final test evaluation."""
+    from fastcifar.context import Hooks, RunContext, RunPlan
     from fastcifar.evaluate import evaluate
+    from fastcifar.fold_run import build_fold, first_stage
     from fastcifar.progress import RunProgress
     from fastcifar.splits import make_folds
     from fastcifar.state import TrainState
-    from fastcifar.train import Hooks, build_fold, first_stage, fit
+    from fastcifar.strategy import Solo
+    from fastcifar.train import fit
 
-    labels = np.concatenate([store.train_labels, store.test_labels])
-    fold = make_folds(len(store.train_labels), labels, recipe.split)[0]
+    fold = make_folds(len(store.train_labels), store.labels, recipe.split)[0]
     clock = Clock(device)
     # The per-epoch validation only picks best.pt, which this harness never reads: it runs without TTA (on 2
     # CPU cores 6-view TTA costs ~70 s per epoch, 1 view ~12 s). It is outside train_s either way, and eval
     # touches no random generator, so the training run is the same.
     validating = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, tta="none"))
+    marks: list[tuple[str, Any]] = []
+    hooks = Hooks(on_step=lambda e, s: marks.append(("steps_done", clock.mark())) if s == last else None,
+                  on_epoch_end=lambda e: marks.append(("epoch_end", clock.mark())))
     with tempfile.TemporaryDirectory(prefix="peer-ours-") as tmp:
-        run = build_fold(validating, store, fold, Path(tmp), device, console)  # data prep: not timed
+        plan = RunPlan(validating, store, device, Path(tmp), resume=False, folds=(fold,), beton=None)
+        ctx = RunContext(plan, console, Solo(), hooks, stop=None, resuming=False)
+        run = build_fold(ctx, fold)  # data prep: not timed
         state = TrainState(stage=first_stage(recipe))
         last = len(run.data.train) - 1
-        marks: list[tuple[str, Any]] = []
-        hooks = Hooks(on_step=lambda e, s: marks.append(("steps_done", clock.mark())) if s == last else None,
-                      on_epoch_end=lambda e: marks.append(("epoch_end", clock.mark())))
         marks.append(("start", clock.mark()))
         with RunProgress(console, 1) as progress:
-            fit(run, state, hooks, progress)
+            fit(run, state, progress)
         t_eval = clock.mark()
         # The final model (not the best-on-test checkpoint), as airbench reports, evaluated the way the trainer
         # validates: its eval net (the EMA copy when train.ema_decay is on) with eval.tta.
@@ -150,7 +159,7 @@ def _with_seed(recipe: Recipe, seed: int) -> Recipe:
     return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, seed=seed))
 
 
-def _airbench_runner(args, store, device: torch.device, per_class: int,
+def _airbench_runner(args, store: Store, device: torch.device, per_class: int,
                      work: Path) -> tuple[dict[str, Any], Callable[[float], dict[str, float]] | None]:
     """(facts for the report, a run(epochs) function, or None where airbench cannot run here)."""
     ab = import_airbench(Path(args.wheels))
@@ -168,11 +177,11 @@ def _airbench_runner(args, store, device: torch.device, per_class: int,
     return {**info, "status": "ok"}, lambda epochs, seed=0: run_airbench(ab, data_dir, device, epochs, batch, seed)
 
 
-def _log(console, label: str, i: int, n: int, run: dict[str, float]) -> None:
+def _log(console: Console, label: str, i: int, n: int, run: dict[str, float]) -> None:
     console.print(f"{label} run {i + 1}/{n}: " + ", ".join(f"{k} {v:.4g}" for k, v in run.items()))
 
 
-def compare(args, recipe: Recipe, store, device: torch.device, console) -> tuple[dict, dict]:
+def compare(args, recipe: Recipe, store: Store, device: torch.device, console: Console) -> tuple[dict, dict]:
     """Warm both sides up, then alternate airbench and ours n times (drift in clocks or temperature then
     hits both alike); our run i uses seed train.seed + i, airbench draws from torch's global generator."""
     with tempfile.TemporaryDirectory(prefix="peer-airbench-") as work:
@@ -250,7 +259,7 @@ def run_harness(args: argparse.Namespace) -> Path:
         torch.backends.cudnn.benchmark = True  # airbench sets it at import; the same for both sides
     # The environment (git commit, load) as the runs start: the code that ran, not the tree at the end of a
     # run of hours in which later commits may land.
-    env = environment(device)
+    env = bench_environment(device)
     ours, airbench = compare(args, recipe, store, device, console)
     env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     result: dict[str, Any] = {

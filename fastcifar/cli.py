@@ -7,10 +7,13 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastcifar.errors import FastCifarError
+from fastcifar.recipe import DEFAULT_STORE
 
-DEFAULT_STORE = "data/cifar10"
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,7 +101,7 @@ def _result_parsers(sub) -> None:
     pd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
 
 
-def _prepare(args, console) -> None:
+def _prepare(args, console: Console) -> None:
     from fastcifar.data import ReadOptions, prepare_store, resolve_source, verify_store
     from fastcifar.data.store import is_store_dir
     from fastcifar.lifecycle import stop_raises
@@ -136,16 +139,16 @@ def _prepare(args, console) -> None:
         _write_beton(Path(args.out), default_beton(Path(args.out)), console)  # a stop keeps the finished store
 
 
-def _write_beton(store: Path, out: Path, console) -> None:
+def _write_beton(store_dir: Path, out: Path, console: Console) -> None:
     """The store's .beton under prepare's signal handler: a stop is one line, the temp file removed."""
     from fastcifar.backends.ffcv import write_beton
     from fastcifar.lifecycle import stop_raises
 
     with stop_raises(f"writing {out}"):
-        write_beton(store, out, log_fn=console.print)
+        write_beton(store_dir, out, log_fn=console.print)
 
 
-def _train(args, console) -> None:
+def _train(args, console: Console) -> None:
     from fastcifar.distributed import run_distributed, torchrun_env
     from fastcifar.recipe import load_recipe
     from fastcifar.run import run_training
@@ -168,7 +171,7 @@ def _train(args, console) -> None:
         console.print(f"[yellow]{run_dir}: {note}[/yellow]")
 
 
-def _sweep(args, console) -> None:
+def _sweep(args, console: Console) -> None:
     from fastcifar.recipe import load_recipe
     from fastcifar.sweep import run_sweep
 
@@ -176,33 +179,33 @@ def _sweep(args, console) -> None:
     run_sweep(args.recipe, args.overrides, args.vary, out, console)
 
 
-def _eval(args, console) -> None:
+def _eval(args, console: Console) -> None:
     from fastcifar.evaluate import eval_checkpoint
 
     eval_checkpoint(args.checkpoint, args.data, args.device, console)
 
 
-def _report(args, console) -> None:
+def _report(args, console: Console) -> None:
     from fastcifar.report import combine_reports
 
     path = combine_reports([Path(d) for d in args.runs], Path(args.out))
     console.print(f"wrote {path}")
 
 
-def _predict(args, console) -> None:
+def _predict(args, console: Console) -> None:
     from fastcifar.predict import predict, print_predictions
 
     results = predict(Path(args.checkpoint), [Path(p) for p in args.images], args.top_k, args.device)
     print_predictions(results, console)
 
 
-def _export(args, console) -> None:
+def _export(args, console: Console) -> None:
     from fastcifar.export import export
 
     export(args.checkpoint, args.format, args.out, args.opset, log=console.print)
 
 
-def _recipes(args, console) -> None:
+def _recipes(args, console: Console) -> None:
     from rich.table import Table
 
     from fastcifar.recipe import builtin_recipes, recipe_summary
@@ -215,7 +218,7 @@ def _recipes(args, console) -> None:
     console.print(table)
 
 
-def _bench(args, console) -> None:
+def _bench(args, console: Console) -> None:
     from fastcifar.bench.command import run_bench
 
     run_bench(args, console)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from fastcifar.errors import CheckpointError, FastCifarError, first_line
 from fastcifar.loader import DeviceLoader
 from fastcifar.models import build_model
 from fastcifar.recipe import recipe_from_dict
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @torch.no_grad()
@@ -88,7 +91,7 @@ def load_trained_model(checkpoint: str | Path, device: torch.device):
     return model, recipe, classes, image_size
 
 
-def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str, console) -> dict[str, Any]:
+def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str, console: Console) -> dict[str, Any]:
     """`fastcifar eval`: test accuracy and a per-class table for a saved checkpoint."""
     from rich.table import Table
 

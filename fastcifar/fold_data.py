@@ -4,27 +4,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from fastcifar.augment import build_eval_transform, build_mixer, build_train_transform
 from fastcifar.backends import make_loader
+from fastcifar.context import RunPlan
 from fastcifar.device import recipe_amp_dtype
-from fastcifar.loader import DeviceLoader, gather_images
-from fastcifar.recipe import Recipe
+from fastcifar.loader import DeviceLoader, TrainLoader, gather_images
 from fastcifar.splits import Fold, take_per_class
 
 
 @dataclass
 class FoldData:
-    train: DeviceLoader
+    train: TrainLoader  # the device loader, or train.loader's backend (fastcifar.backends)
     val: DeviceLoader
-    test: DeviceLoader | None
+    test: DeviceLoader | None  # None: the pool merged the test set (k-fold over train+test)
 
 
-def make_loaders(recipe: Recipe, store, fold: Fold, device: torch.device, log=print) -> FoldData:
-    labels = np.concatenate([store.train_labels, store.test_labels])
+def make_loaders(plan: RunPlan, fold: Fold, log: Callable[[str], Any] = print) -> FoldData:
+    recipe, store, device = plan.recipe, plan.store, plan.device
+    labels = store.labels
     train_idx = fold.train
     if recipe.data.train_subset:
         train_idx = take_per_class(train_idx, labels, recipe.data.train_subset)
@@ -45,5 +47,5 @@ def make_loaders(recipe: Recipe, store, fold: Fold, device: torch.device, log=pr
     val = loader(fold.val, eval_tf, False, ebs)
     test = val if same else (loader(fold.test, eval_tf, False, ebs) if fold.test is not None else None)
     if recipe.train.loader != "device":  # torchvision / DALI / FFCV train; evaluation stays on the device loader
-        return FoldData(make_loader(recipe, store, train_idx, labels, device, seed=seed, log=log), val, test)
+        return FoldData(make_loader(plan, train_idx, seed=seed, log=log), val, test)
     return FoldData(loader(train_idx, train_tf, True, bs, mixer), val, test)

@@ -19,7 +19,7 @@ import stat
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 from fastcifar.errors import FastCifarError
 from fastcifar.ownership import NotOurs, pid_alive
@@ -185,6 +185,16 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class StopFlag(Protocol):
+    """What the step loop reads once per step: GracefulStop, or a flag the DDP ranks agree on
+    (fastcifar.distributed.AgreedStop)."""
+
+    signum: int | None
+
+    @property
+    def requested(self) -> bool: ...
 
 
 class GracefulStop:

@@ -4,7 +4,7 @@ or export, preprocessed as in evaluation."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from fastcifar.engine import tta_logits
 from fastcifar.errors import DataError, FastCifarError, first_line
 from fastcifar.evaluate import load_trained_model
 from fastcifar.export import exported_runner, looks_exported, read_export
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 BATCH = 256  # images per forward pass: bounds memory when many files (or augment.resize = 224) are given
 
@@ -107,7 +110,7 @@ def _exported_probs(path: Path, images: list[Path]) -> tuple[torch.Tensor, list[
     return torch.softmax(torch.cat(logits).float(), dim=1), [str(c) for c in meta["classes"]]
 
 
-def print_predictions(results: list[dict[str, Any]], console) -> None:
+def print_predictions(results: list[dict[str, Any]], console: Console) -> None:
     """One row per image: its top-k classes with probabilities, most probable first."""
     from rich.table import Table
 

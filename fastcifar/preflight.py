@@ -19,13 +19,14 @@ import torch
 from fastcifar.augment import build_eval_transform, build_train_transform
 from fastcifar.backends import check_loader
 from fastcifar.backends.ffcv import check_beton, default_beton
-from fastcifar.data import open_store, store_stats
+from fastcifar.context import RunPlan
+from fastcifar.data import Store, open_store, store_stats
 from fastcifar.errors import DataError, FastCifarError, RecipeError, first_line
 from fastcifar.gradcam import get_layer
-from fastcifar.models import build_model, create_model
+from fastcifar.models import build_model, create_model, model_entry
 from fastcifar.ownership import check_own_dir, legacy_run
 from fastcifar.recipe import Recipe, load_recipe, recipe_diff
-from fastcifar.splits import make_folds, take_per_class
+from fastcifar.splits import Fold, make_folds, take_per_class
 from fastcifar.tblog import check_tensorboard
 
 # Keys that may differ when a run is resumed: where it runs does not change what it computes.
@@ -33,7 +34,7 @@ RESUMABLE_DIFFS = {"train.device", "train.threads"}
 BYTES_PER_PARAM = 16  # fp32 weights + gradients + two optimizer moments (Adam); SGD with momentum needs 12
 
 
-def resolve_stats(recipe: Recipe, store) -> Recipe:
+def resolve_stats(recipe: Recipe, store: Store) -> Recipe:
     """The recipe with data.mean / data.std = "auto" replaced by the store's training statistics."""
     if recipe.data.mean != "auto" and recipe.data.std != "auto":
         return recipe
@@ -43,25 +44,30 @@ def resolve_stats(recipe: Recipe, store) -> Recipe:
     return replace(recipe, data=data)
 
 
-def check_inputs(recipe: Recipe, run_dir: Path | None = None, resume: bool = False,
-                 device=None) -> tuple[Recipe, Any]:
-    """All pre-run checks; returns the recipe with the store's statistics filled in (data.mean / data.std =
-    "auto") and the opened, hash-verified store. `run_dir`: also check the folder may hold this run (new,
-    empty, or this run with --resume on the same data)."""
+def check_inputs(recipe: Recipe, run_dir: Path, resume: bool = False, device: torch.device | None = None, *,
+                 check_dir: bool = True) -> RunPlan:
+    """All pre-run checks, as the plan the run consumes: the recipe with the store's statistics filled in
+    (data.mean / data.std = "auto"), the opened, hash-verified store, the folds, the .beton. `check_dir`: also
+    check `run_dir` may hold this run (new, empty, or this run with --resume on the same data); a DDP rank other
+    than 0 leaves that to rank 0."""
+    device = device or torch.device("cpu")
     store = open_store(Path(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
     recipe = resolve_stats(recipe, store)
     check_loader(recipe)  # a missing DALI / FFCV extra, or an augment section the loader cannot express
     check_tensorboard(recipe)
     if len(store.classes) < 2:
         raise DataError(f"data.store: {store.path} holds {len(store.classes)} class; a classifier needs at least 2")
-    check_model(recipe, store, device or torch.device("cpu"))
+    check_model(recipe, store, device)
     check_augment(recipe, store)
-    check_folds(recipe, store)
-    if recipe.train.loader == "ffcv":  # the .beton must exist (and match the store) before the run folder does
-        check_beton(default_beton(store.path), store)
-    if run_dir is not None:
-        check_run_dir(run_dir, recipe, resume, store)
-    return recipe, store
+    folds = check_folds(recipe, store)
+    if recipe.split.kind == "kfold" and recipe.split.fold >= 0:
+        folds = [folds[recipe.split.fold]]
+    # The .beton must exist (and match the store) before the run folder does.
+    beton = check_beton(default_beton(store.path), store) if recipe.train.loader == "ffcv" else None
+    plan = RunPlan(recipe, store, device, Path(run_dir), resume, tuple(folds), beton)
+    if check_dir:
+        check_run_dir(plan.run_dir, recipe, resume, store)
+    return plan
 
 
 def check_distributed(recipe: Recipe, world: int, device: torch.device, folds_parallel: bool) -> None:
@@ -81,17 +87,18 @@ def check_distributed(recipe: Recipe, world: int, device: torch.device, folds_pa
     if tr.oom_retry:
         raise RecipeError("train.oom_retry: not supported under DDP (an out-of-memory retry on one rank would "
                           "change its number of gradient all-reduces); lower train.batch_size instead")
-    if tr.sync_bn and recipe.model.name == "speedrun_net":  # convert_sync_batchnorm rebuilds plain BatchNorms
-        raise RecipeError("train.sync_bn: speedrun_net's scale-free BatchNorm keeps its shift in its own parameter, "
-                          "which SyncBatchNorm would drop; set train.sync_bn = false")
+    if tr.sync_bn and not model_entry(recipe.model.name).sync_bn:  # its BatchNorm is not torch's plain one
+        raise RecipeError(f"train.sync_bn: {recipe.model.name}'s scale-free BatchNorm keeps its shift in its own "
+                          "parameter, which SyncBatchNorm would drop; set train.sync_bn = false")
     if tr.sync_bn and device.type != "cuda":
         raise RecipeError("train.sync_bn: SyncBatchNorm runs on CUDA only (torch has no CPU kernel for it)")
 
 
-def check_folds(recipe: Recipe, store) -> None:
-    """Every fold has validation images and at least one full training batch, and k-fold has at least k images
-    of every class in its pool (else some folds would validate on classes they never saw, or on nothing)."""
-    labels = np.concatenate([store.train_labels, store.test_labels])
+def check_folds(recipe: Recipe, store: Store) -> list[Fold]:
+    """All folds of the split, each with validation images and at least one full training batch; k-fold needs
+    at least k images of every class in its pool (else some folds would validate on classes they never saw, or
+    on nothing)."""
+    labels = store.labels
     split = recipe.split
     if split.kind == "kfold":
         pool = labels if split.pool == "train+test" else store.train_labels
@@ -100,7 +107,8 @@ def check_folds(recipe: Recipe, store) -> None:
         if counts[c] < split.k:
             raise RecipeError(f"split.k: {split.k} folds need at least {split.k} images of every class in the pool, "
                               f"but class '{store.classes[c]}' has {counts[c]}; lower split.k")
-    for fold in make_folds(len(store.train_labels), labels, split):
+    folds = make_folds(len(store.train_labels), labels, split)
+    for fold in folds:
         train = fold.train
         if recipe.data.train_subset:
             train = take_per_class(train, labels, recipe.data.train_subset)
@@ -110,9 +118,10 @@ def check_folds(recipe: Recipe, store) -> None:
         if len(train) < recipe.train.batch_size:
             raise RecipeError(f"train.batch_size: {recipe.train.batch_size} is more than fold {fold.index}'s "
                               f"{len(train)} training images (no full batch to train on); lower it")
+    return folds
 
 
-def check_augment(recipe: Recipe, store) -> None:
+def check_augment(recipe: Recipe, store: Store) -> None:
     """Run the train and eval transforms once on two stored images (CPU): an augment setting the image size
     does not allow (reflect padding wider than the image, ...) fails here, not at the first step."""
     images = torch.from_numpy(np.array(store.train_images[:2]))  # a writable copy of two memory-mapped images
@@ -142,7 +151,7 @@ def _param_count(recipe: Recipe, num_classes: int, size: int) -> int | None:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_model(recipe: Recipe, store, device: torch.device) -> None:
+def check_model(recipe: Recipe, store: Store, device: torch.device) -> None:
     """Build the model on the CPU (a bad width or pretrained file fails here), run one 2-image batch of the
     store's (resized) image size through it, and check the Grad-CAM layer yields a feature map."""
     m, num_classes, size = recipe.model, len(store.classes), int(store.train_images.shape[1])
@@ -196,7 +205,13 @@ def _gradcam_probe(model: torch.nn.Module, recipe: Recipe) -> dict:
 # ---------------------------------------------------------------------------------------------- the run folder
 
 
-def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, store) -> bool:
+def recheck_run_dir(plan: RunPlan) -> bool:
+    """check_run_dir again, under the run lock (fastcifar.run.start_run): between preflight and the lock another
+    process may have started, finished or removed a run in the folder. True when resuming."""
+    return check_run_dir(plan.run_dir, plan.recipe, plan.resume, plan.store)
+
+
+def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, store: Store) -> bool:
     """True if run_dir already holds this run; refuse a folder fastcifar did not write, two different recipes in
     one directory, and a resume on data other than the run was trained on."""
     check_own_dir(run_dir, "run", legacy_run)
@@ -214,7 +229,7 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, store) -> bool:
     return True
 
 
-def data_identity(store) -> dict[str, Any]:
+def data_identity(store: Store) -> dict[str, Any]:
     """What a run was trained on, as data.json records it: a resume or evaluation on other data is refused."""
     return {"store": str(store.path), "classes": list(store.classes),
             "image_shape": list(store.train_images.shape[1:]), "sha256": dict(store.meta["sha256"])}

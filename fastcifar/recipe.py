@@ -28,11 +28,12 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_STORE = "data/cifar10"  # where `fastcifar prepare` writes and recipes and the benchmarks read by default
 
 
 @dataclass(frozen=True)
 class DataCfg:
-    store: str = "data/cifar10"  # a directory written by `fastcifar prepare`
+    store: str = DEFAULT_STORE  # a directory written by `fastcifar prepare`
     train_subset: int = 0  # >0: keep this many training images per class (smoke tests); 0 = all
     # Per-channel normalisation in [0, 1] units; "auto": the store's own training statistics (meta.json "stats",
     # recorded by prepare). A run saves the numbers it used, so evaluation and predict apply the same ones.
@@ -76,14 +77,14 @@ class ModelCfg:
     whiten_bias_epochs: int = 0
 
     def validate(self) -> None:
-        from fastcifar.models import known_model, model_names  # late: keeps recipe loading light
+        from fastcifar.models import known_model, model_entry, model_names  # late: keeps recipe loading light
 
         check(known_model(self.name), "model.name",
               f"unknown model '{self.name}' (choose from {', '.join(model_names())}, or timm:<name>)")
         check(self.width >= 0, "model.width", f"must be >= 0, got {self.width}")
         check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.whiten_bias_epochs >= 0, "model.whiten_bias_epochs", f"must be >= 0, got {self.whiten_bias_epochs}")
-        check(not self.whiten_bias_epochs or self.name.startswith("speedrun_net"), "model.whiten_bias_epochs",
+        check(not self.whiten_bias_epochs or model_entry(self.name).whiten_bias, "model.whiten_bias_epochs",
               f"applies to the speedrun nets (their whitening layer), not {self.name}")
 
 

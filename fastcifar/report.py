@@ -12,10 +12,9 @@ from typing import Any, Callable
 
 from fastcifar.atomic import write_text
 from fastcifar.ownership import MARKERS, MD_MARKER, has_marker, legacy_run, md_ours, output_guard
-from fastcifar.runfiles import Fold, ReportError, Run, dig, load_run, num  # noqa: F401 - the report API too
+from fastcifar.runfiles import FIGURE_FILES, FIGURES_DIR, FoldFiles, ReportError, RunFiles, dig, load_run, num
 
 DASH = "–"
-FIGURES = ["curves.png", "confusion.png", "samples.png", "predictions.png", "mistakes.png", "gradcam.png"]
 # (key, label, path inside result["metrics"], format): "pct" for accuracies, "num" (4 decimals) otherwise.
 HEADLINE = [
     ("accuracy", "accuracy", ("accuracy",), "pct"),
@@ -55,7 +54,7 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
-def fold_timing(fold: Fold) -> dict[str, float | None]:
+def fold_timing(fold: FoldFiles) -> dict[str, float | None]:
     r, rows = fold.result, fold.rows
     times = [t for t in (row.get("epoch_time_s") for row in rows) if t is not None]
     rates = [t for t in (row.get("img_per_s") for row in rows) if t is not None]
@@ -99,19 +98,19 @@ def md_table(header: list[str], rows: list[list[str]], numeric: bool = True) -> 
     return out + [""]
 
 
-def _rel(run: Run, path: Path) -> str:
+def _rel(run: RunFiles, path: Path) -> str:
     return path.relative_to(run.dir).as_posix()
 
 
-def _figures(fold: Fold) -> list[Path]:
+def _figures(fold: FoldFiles) -> list[Path]:
     """Existing figures: the known ones in a fixed order, then any other PNG the fold left."""
-    d = fold.dir / "figures"
-    known = [d / n for n in FIGURES if (d / n).is_file()]
-    extra = sorted(p for p in d.glob("*.png") if p.name not in FIGURES) if d.is_dir() else []
+    d = fold.dir / FIGURES_DIR
+    known = [d / n for n in FIGURE_FILES.values() if (d / n).is_file()]
+    extra = sorted(p for p in d.glob("*.png") if p.name not in FIGURE_FILES.values()) if d.is_dir() else []
     return known + extra
 
 
-def _env_section(run: Run) -> list[str]:
+def _env_section(run: RunFiles) -> list[str]:
     if not run.env:
         return ["## Environment", "", "env.json is missing.", ""]
     env = run.env
@@ -127,13 +126,13 @@ def _env_section(run: Run) -> list[str]:
     return ["## Environment", ""] + md_table(["key", "value"], rows, numeric=False)
 
 
-def _recipe_section(run: Run) -> list[str]:
+def _recipe_section(run: RunFiles) -> list[str]:
     if run.recipe_text is None:
         return ["## Recipe", "", "recipe.toml is missing.", ""]
     return ["## Recipe", "", "```toml", run.recipe_text.rstrip("\n"), "```", ""]
 
 
-def _timing_section(run: Run) -> list[str]:
+def _timing_section(run: RunFiles) -> list[str]:
     rows = []
     for fold in run.folds:
         t = fold_timing(fold)
@@ -146,7 +145,7 @@ def _timing_section(run: Run) -> list[str]:
             + [f"Total wall (train time over all folds): {fmt(total_train_time(run), 's')} s", ""])
 
 
-def _metrics_section(run: Run) -> list[str]:
+def _metrics_section(run: RunFiles) -> list[str]:
     per_fold = [headline(f.result) for f in run.folds]
     split = split_of(run.folds[0].result)
     n = num(dig(run.folds[0].result, "metrics", "n"))
@@ -176,7 +175,7 @@ def per_class(result: dict[str, Any]) -> dict[str, list[float | None]]:
     return out
 
 
-def _per_class_section(run: Run) -> list[str]:
+def _per_class_section(run: RunFiles) -> list[str]:
     classes = next((f.result["classes"] for f in run.folds if isinstance(f.result.get("classes"), list)), None)
     if not classes:
         return []
@@ -197,7 +196,7 @@ def _per_class_section(run: Run) -> list[str]:
         ["class", "accuracy", "precision", "recall", "F1", "specificity"], rows)
 
 
-def _kfold_section(run: Run) -> list[str]:
+def _kfold_section(run: RunFiles) -> list[str]:
     """The fold table with mean and std rows, and each fold's confusion matrix."""
     header = ["fold", "best epoch"] + [LABEL[k].replace(" (macro)", "").replace(" (mean)", "") for k in FOLD_TABLE]
     per_fold = [(f, headline(f.result)) for f in run.folds]
@@ -207,13 +206,13 @@ def _kfold_section(run: Run) -> list[str]:
         best = mean_std([num(f.result.get("best_epoch")) for f, _ in per_fold])[pick]
         rows.append([f"**{stat}**", fmt(best, "num" if stat == "std" else "s")]
                     + [fmt(mean_std([m[k] for _, m in per_fold])[pick], FORMAT[k]) for k in FOLD_TABLE])
-    links = [f"[fold {f.index}]({_rel(run, f.dir / 'figures' / 'confusion.png')})"
-             for f in run.folds if (f.dir / "figures" / "confusion.png").is_file()]
+    confusion = [(f, f.dir / FIGURES_DIR / FIGURE_FILES["confusion"]) for f in run.folds]
+    links = [f"[fold {f.index}]({_rel(run, path)})" for f, path in confusion if path.is_file()]
     out = [f"## Folds ({len(run.folds)}, {split_of(run.folds[0].result)} metrics)", ""] + md_table(header, rows)
     return out + ([f"Confusion matrices: {' · '.join(links)}", ""] if links else [])
 
 
-def _figures_section(run: Run) -> list[str]:
+def _figures_section(run: RunFiles) -> list[str]:
     out = []
     for fold in run.folds:
         figs = _figures(fold)
@@ -245,7 +244,7 @@ def selection_note(results: list[dict[str, Any]]) -> str | None:
             "last epoch only) avoids that")
 
 
-def _headline_line(run: Run) -> list[str]:
+def _headline_line(run: RunFiles) -> list[str]:
     """What a reader came for, first: the accuracy, mean ± std over the folds (and how far it flatters)."""
     accs = [headline(f.result)["accuracy"] for f in run.folds]
     mean, std = mean_std(accs)
@@ -261,7 +260,7 @@ def _collapsed(section: list[str]) -> list[str]:
     return ["<details>", f"<summary>{title}</summary>", "", *section[1:], "</details>", ""]
 
 
-def render_report(run: Run) -> str:
+def render_report(run: RunFiles) -> str:
     """The headline accuracy first; environment and resolved recipe folded away under it; then timing and the
     results (metric table, folds, curves and confusion matrices, per-class metrics). Everything that differs
     between two runs of the same numbers (paths, environment, times) stays above "## Final metrics"."""
@@ -285,24 +284,24 @@ def write_report(run_dir: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- comparing
 
 
-def _column_name(run: Run) -> str:
+def _column_name(run: RunFiles) -> str:
     where = run.env.get("gpu") or run.env.get("device")
     name = run.dir.resolve().name
     return f"{name} ({where})" if where else name
 
 
-def total_train_time(run: Run) -> float | None:
+def total_train_time(run: RunFiles) -> float | None:
     """Sum of the folds' train times; unknown if any fold's is (a partial sum would flatter that run)."""
     times = [fold_timing(f)["train_time_s"] for f in run.folds]
     return None if None in times else sum(times)  # type: ignore[arg-type]
 
 
-def _compare_rows(runs: list[Run]) -> list[list[str]]:
+def _compare_rows(runs: list[RunFiles]) -> list[list[str]]:
     """Rows of the comparison table: headline metrics (mean ± std over folds), timing, environment."""
-    def over_folds(run: Run, get: Callable[[Fold], float | None]) -> tuple[float | None, float | None]:
+    def over_folds(run: RunFiles, get: Callable[[FoldFiles], float | None]) -> tuple[float | None, float | None]:
         return mean_std([get(f) for f in run.folds])
 
-    def metric_cell(run: Run, key: str) -> str:
+    def metric_cell(run: RunFiles, key: str) -> str:
         mean, std = over_folds(run, lambda f: headline(f.result)[key])
         return fmt(mean, FORMAT[key]) + (f" ± {fmt(std, FORMAT[key])}" if std is not None else "")
 

@@ -14,13 +14,19 @@ from typing import Any
 
 from fastcifar.errors import FastCifarError, first_line
 
+FIGURES_DIR = "figures"  # a fold's figures, beside its result.json
+# The figures a finished fold writes into FIGURES_DIR (fastcifar.artifacts), in the order report.md shows them;
+# gradcam.png only for a model with a conv layer.
+FIGURE_FILES = {"curves": "curves.png", "confusion": "confusion.png", "samples": "samples.png",
+                "predictions": "predictions.png", "mistakes": "mistakes.png", "gradcam": "gradcam.png"}
+
 
 class ReportError(FastCifarError):
     """A run directory that is missing or empty, or a file in it that cannot be parsed."""
 
 
 @dataclass
-class Fold:
+class FoldFiles:
     index: int
     dir: Path
     result: dict[str, Any]
@@ -28,13 +34,13 @@ class Fold:
 
 
 @dataclass
-class Run:
+class RunFiles:
     dir: Path
     name: str  # the recipe's name
     env: dict[str, Any]
     summary: dict[str, Any]
     recipe_text: str | None
-    folds: list[Fold]
+    folds: list[FoldFiles]
     kfold: bool
 
 
@@ -99,7 +105,7 @@ def _fold_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_run(run_dir: Path) -> Run:
+def load_run(run_dir: Path) -> RunFiles:
     run_dir = Path(run_dir)
     not_run = ReportError(f"{run_dir}: not a run directory (no metrics.csv or result.json)")
     if not run_dir.is_dir():
@@ -114,9 +120,9 @@ def load_run(run_dir: Path) -> Run:
     folds = []
     for index, d in dirs:
         result = _read_json(d / "result.json") or from_summary.get(index, {})
-        folds.append(Fold(int(num(result.get("fold")) or index), d, result, _read_csv(d / "metrics.csv")))
+        folds.append(FoldFiles(int(num(result.get("fold")) or index), d, result, _read_csv(d / "metrics.csv")))
     if not folds:  # a summary without its fold files still tells the headline numbers
-        folds = [Fold(i, run_dir, r, []) for i, r in enumerate(from_summary.values())]
+        folds = [FoldFiles(i, run_dir, r, []) for i, r in enumerate(from_summary.values())]
         kfold = len(folds) > 1
     if not folds:
         raise not_run
@@ -126,5 +132,5 @@ def load_run(run_dir: Path) -> Run:
     if not isinstance(name, str) and recipe_text:
         m = re.search(r'^name\s*=\s*"([^"]*)"', recipe_text, re.M)
         name = m.group(1) if m else None
-    return Run(run_dir, name if isinstance(name, str) else run_dir.resolve().name,
+    return RunFiles(run_dir, name if isinstance(name, str) else run_dir.resolve().name,
                _read_json(run_dir / "env.json") or {}, summary, recipe_text, folds, kfold)

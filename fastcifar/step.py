@@ -75,11 +75,13 @@ class EpochTotals:
 class StepRunner:
     """Forward, backward, optimizer and scheduler step of one batch; built complete by build_step."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
+    def __init__(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
                  recipe: Recipe, device: torch.device, dtype: torch.dtype | None, log: Callable[[str], Any], *,
                  ema: engine.WeightEMA | None = None, prepare: Callable[[torch.Tensor], None] | None = None,
                  lookahead: Lookahead | None = None, accum: int = 1, skipped_total: int = 0):
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        # net: the model as the step calls it (compiled, graphed or DDP-wrapped); its parameters are the plain
+        # model's, which the optimizer holds
+        self.net, self.optimizer, self.scheduler, self.scaler = net, optimizer, scheduler, scaler
         self.cfg, self.device, self.dtype, self.log = recipe.train, device, dtype, log
         self.accum = accum  # micro-batches per batch; grows only through oom_retry
         self.skipped_total = skipped_total
@@ -101,7 +103,7 @@ class StepRunner:
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         for xc, yc in zip(x.chunk(self.accum), y.chunk(self.accum)):
             with autocast(self.device, self.dtype):
-                logits = self.model(xc)
+                logits = self.net(xc)
             # Class-index targets, or (MixUp / CutMix) class probabilities: cross_entropy takes both.
             loss = F.cross_entropy(logits.float(), yc, label_smoothing=self.cfg.label_smoothing)
             loss = loss * (len(yc) / len(y))  # micro-batch losses add up to the batch mean
@@ -140,7 +142,7 @@ class StepRunner:
         self.scheduler.step()
 
     def _unscale_and_clip(self) -> torch.Tensor | None:
-        params = self.model.parameters()
+        params = self.net.parameters()
         if self.scaler is not None:
             if not self.cfg.grad_clip:
                 return None  # fp16 overflow in the gradients is the scaler's business, not an error

@@ -6,7 +6,7 @@ import csv
 import io
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastcifar.atomic import write_text
 from fastcifar.errors import RecipeError
@@ -14,6 +14,9 @@ from fastcifar.ownership import check_own_dir, has_marker, legacy_run, write_mar
 from fastcifar.preflight import check_inputs
 from fastcifar.recipe import Recipe, load_recipe
 from fastcifar.run import run_training
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 COLUMNS = ["variant", "accuracy", "delta_pp", "peak_memory_mb", "inference_ms_per_image", "params", "wall_time_s"]
 
@@ -39,8 +42,8 @@ def split_values(text: str) -> list[str]:
     return [v for v in out if v]
 
 
-def plan(recipe_path: str, overrides: list[str], varies: list[str]) -> list[tuple[str, Recipe]]:
-    """The baseline and every variant, each fully validated before anything runs."""
+def sweep_variants(recipe_path: str, overrides: list[str], varies: list[str]) -> list[tuple[str, Recipe]]:
+    """The baseline and every variant, each a loaded (type-checked) recipe."""
     base = load_recipe(recipe_path, overrides)
     variants = [("baseline", base)]
     for item in varies:
@@ -89,11 +92,11 @@ def _fmt(key: str, v: Any) -> str:
     return "–" if v is None else FORMATS.get(key, "{}").format(v)
 
 
-def run_sweep(recipe_path: str, overrides: list[str], varies: list[str], out_dir: Path, console) -> list[dict]:
+def run_sweep(recipe_path: str, overrides: list[str], varies: list[str], out_dir: Path, console: Console) -> list[dict]:
     """Train the baseline and each variant into out_dir/<variant>/ (resumable), then write sweep.csv / .md."""
     from rich.table import Table
 
-    variants = plan(recipe_path, overrides, varies)
+    variants = sweep_variants(recipe_path, overrides, varies)
     check_own_dir(out_dir, "sweep", _legacy_sweep)
     for name, recipe in variants:  # every variant's refusals before the first one trains
         check_inputs(recipe, out_dir / _dirname(name), resume=True)

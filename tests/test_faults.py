@@ -14,11 +14,11 @@ from rich.console import Console
 
 import fastcifar.atomic
 from fastcifar.checkpoint import load_checkpoint
+from fastcifar.context import Hooks
 from fastcifar.errors import DataError, DiskFullError
 from fastcifar.lifecycle import Interrupted, RunInUse, RunLock
 from fastcifar.run import run_training
 from fastcifar.step import NonFiniteError, OutOfMemory
-from fastcifar.train import Hooks
 
 QUIET = Console(quiet=True)
 
@@ -145,10 +145,10 @@ class _SmallMemory(torch.nn.Module):
 
 
 def _small_memory(monkeypatch):
-    import fastcifar.train as train_mod
+    import fastcifar.fold_run as fold_run
 
-    real = train_mod.build_model
-    monkeypatch.setattr(train_mod, "build_model", lambda *a, **k: _SmallMemory(real(*a, **k)))
+    real = fold_run.build_model
+    monkeypatch.setattr(fold_run, "build_model", lambda *a, **k: _SmallMemory(real(*a, **k)))
 
 
 def test_out_of_memory_message_and_automatic_retry(tiny, tmp_path, monkeypatch):

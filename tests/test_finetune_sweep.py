@@ -8,12 +8,12 @@ from rich.console import Console
 
 from conftest import tiny_table
 from fastcifar.checkpoint import load_checkpoint
+from fastcifar.context import Hooks
 from fastcifar.errors import RecipeError
 from fastcifar.models import build_model
 from fastcifar.recipe import recipe_from_dict, recipe_to_toml
 from fastcifar.run import run_training
 from fastcifar.sweep import run_sweep, split_values
-from fastcifar.train import Hooks
 from resume import full_and_resumed
 
 QUIET = Console(quiet=True)

@@ -10,10 +10,10 @@ from rich.console import Console
 
 from fastcifar.checkpoint import load_checkpoint
 from fastcifar.cli import main
+from fastcifar.context import Hooks
 from fastcifar.errors import FastCifarError, RecipeError
 from fastcifar.recipe import recipe_to_toml
 from fastcifar.run import run_training
-from fastcifar.train import Hooks
 from resume import full_and_resumed
 from synth import make_store
 

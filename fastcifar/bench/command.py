@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-DEFAULT_STORE = "data/cifar10"
+from fastcifar.recipe import DEFAULT_STORE
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def add_bench_parser(sub) -> None:
@@ -15,7 +18,7 @@ def add_bench_parser(sub) -> None:
 
     b = sub.add_parser(
         "bench", help="throughput, latency, memory, energy and FLOPs of models (or, with `loader`, of the input "
-                      "pipelines), the seeds' way measured beside ours in the same run",
+                      "pipelines), the seed projects' way measured beside ours in the same run",
         description="fastcifar bench [--model ...]: train/infer img/s, latency, memory, energy, FLOPs, MFU per "
                     "model x precision x batch x compile x channels-last. fastcifar bench loader: img/s of each "
                     "input pipeline x augmentation preset.")
@@ -37,8 +40,8 @@ def add_bench_parser(sub) -> None:
                                                  "(default 2 on CPU/MPS, 3 on CUDA)")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats per phase (default 3)")
     b.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per phase (default 3)")
-    b.add_argument("--workers", type=int, default=4, help="the seeds' and torchvision's DataLoader workers, DALI's and "
-                                                          "FFCV's threads (fitted to the cores; default 4)")
+    b.add_argument("--workers", type=int, default=4, help="the seed projects' and torchvision's DataLoader workers, "
+                                                          "DALI's and FFCV's threads (fitted to the cores; default 4)")
     b.add_argument("--serve-batch", type=int, help="serving batch for latency (default 32 on CPU/MPS, 256 on CUDA)")
     b.add_argument("--budget", type=float, metavar="S", help="global wall-clock budget; cells that would not fit "
                                                              "are skipped with a note")
@@ -128,7 +131,7 @@ def _plan(args, device):
         budget_s=args.budget)
 
 
-def run_bench(args: argparse.Namespace, console) -> dict[str, Any] | None:
+def run_bench(args: argparse.Namespace, console: Console) -> dict[str, Any] | None:
     """Run the bench the arguments ask for, print its tables, write --json / --md, print --compare."""
     from fastcifar.atomic import write_json, write_text
     from fastcifar.bench.compare import load_result, print_comparison

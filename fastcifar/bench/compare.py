@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastcifar.errors import DataError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 KEYS = {
     "model": ("model", "image_size", "augment", "precision", "batch", "compile", "channels_last"),
@@ -77,7 +80,7 @@ def _label(key: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def print_comparison(this: dict[str, Any], other: dict[str, Any], console, this_name: str = "this",
+def print_comparison(this: dict[str, Any], other: dict[str, Any], console: Console, this_name: str = "this",
                      other_name: str = "other") -> list[dict[str, Any]]:
     from rich.table import Table
 

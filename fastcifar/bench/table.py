@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 Row = dict[str, Any]
 Column = tuple[str, Callable[[Row], str]]
@@ -120,14 +123,14 @@ def tables_for(result: dict[str, Any]) -> list[tuple[str, list[Column]]]:
     return [("training and inference throughput", MODEL_THROUGHPUT), ("latency, memory, energy, FLOPs", MODEL_COST)]
 
 
-def widen(console, width: int = 220) -> None:
+def widen(console: Console, width: int = 220) -> None:
     """A log file does not wrap: print the wide tables whole there instead of folding every cell (a terminal
     keeps its own width)."""
     if not console.is_terminal and console.width < width:
         console.width = width
 
 
-def print_result(result: dict[str, Any], console) -> None:
+def print_result(result: dict[str, Any], console: Console) -> None:
     from rich.markup import escape
 
     widen(console)

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +43,11 @@ class Store:
     test_images: np.ndarray
     test_labels: np.ndarray
     meta: dict
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """Every row's label, train then test: the global index order of fastcifar.splits and the .beton."""
+        return np.concatenate([self.train_labels, self.test_labels])
 
 
 STORE_FILES = frozenset({*(f"{n}.npy" for n in ARRAYS), META, MARKERS["store"]})

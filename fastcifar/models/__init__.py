@@ -1,13 +1,16 @@
-"""Model registry: name -> builder(num_classes=, image_size=, width=, dropout=) -> nn.Module, and, for models
-that fit part of themselves to the training data before training (speedrun_net's whitening layer), that hook.
+"""Model registry: name -> ModelEntry (its builder, and what the model needs and supports), as timm's model
+entries do, so the trainer and the pre-run checks ask the entry instead of testing names.
 
     create_model(name, ...)                          a registered model (timm-style verb), random init or a file
     build_model(recipe, num_classes, image_size, device)   the recipe's model, on the device, in its layout
-    init_from_data(name, model, images, mean, std)   the registry's data-dependent init (a no-op for most)
+    model_entry(name)                                what the model needs (data init) and supports (sync BN, ...)
+    init_from_data(name, model, images, mean, std)   the entry's data-dependent init (a no-op for most)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -20,20 +23,40 @@ from .speedrun import fit_whitening, speedrun_net, speedrun_net95, speedrun_net9
 from .speedrun import set_whiten_bias as set_whiten_bias  # re-exported for train.py
 from .timm_models import is_timm, timm_model
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    f.__name__: f for f in (softmax, mlp, cnn, cnn_bn, resnet9, resnet18, resnet34,
-                            tv_resnet18, tv_resnet34, efficientnet_b2, speedrun_net, speedrun_net95, speedrun_net96)
+# init(model, uint8 (N, H, W, 3) training images on the device, mean, std): run once, before training.
+DataInit = Callable[[nn.Module, torch.Tensor, Sequence[float], Sequence[float]], None]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    build: Callable[..., nn.Module]  # builder(num_classes=, image_size=, width=, dropout=)
+    data_init: DataInit | None = None  # fitted to the fold's training images before training (speedrun nets)
+    whiten_bias: bool = False  # has a whitening layer whose bias model.whiten_bias_epochs may freeze
+    # train.sync_bn leaves it intact: convert_sync_batchnorm rebuilds every BatchNorm as a plain SyncBatchNorm,
+    # which would drop ShiftBatchNorm's fixed scale and scaled shift
+    sync_bn: bool = True
+    # Built only of convolutions, BatchNorm, linear, pooling and pointwise layers (tests/test_models.py checks
+    # it): torch.func can stack several copies into one model (stack_module_state + vmap)
+    stackable: bool = False
+
+
+_PLAIN = dict(stackable=True)
+_SPEEDRUN = dict(data_init=fit_whitening, whiten_bias=True, sync_bn=False, stackable=True)
+MODELS: dict[str, ModelEntry] = {
+    "softmax": ModelEntry(softmax, **_PLAIN),
+    "mlp": ModelEntry(mlp, **_PLAIN),
+    "cnn": ModelEntry(cnn, **_PLAIN),
+    "cnn_bn": ModelEntry(cnn_bn, **_PLAIN),
+    "resnet9": ModelEntry(resnet9, **_PLAIN),
+    "resnet18": ModelEntry(resnet18, **_PLAIN),
+    "resnet34": ModelEntry(resnet34, **_PLAIN),
+    "tv_resnet18": ModelEntry(tv_resnet18, **_PLAIN),
+    "tv_resnet34": ModelEntry(tv_resnet34, **_PLAIN),
+    "efficientnet_b2": ModelEntry(efficientnet_b2),  # stochastic depth draws per sample
+    "speedrun_net": ModelEntry(speedrun_net, **_SPEEDRUN),
+    "speedrun_net95": ModelEntry(speedrun_net95, **_SPEEDRUN),
+    "speedrun_net96": ModelEntry(speedrun_net96, **_SPEEDRUN),
 }
-
-
-# name -> init(model, uint8 (N, H, W, 3) training images on the device, mean, std): run once, before training.
-DATA_INIT: dict[str, Callable[[nn.Module, torch.Tensor, Sequence[float], Sequence[float]], None]] = {
-    "speedrun_net": fit_whitening,
-    "speedrun_net95": fit_whitening,
-    "speedrun_net96": fit_whitening,
-}
-
-
 def model_names() -> list[str]:
     return list(MODELS)
 
@@ -41,6 +64,12 @@ def model_names() -> list[str]:
 def known_model(name: str) -> bool:
     """A registered model, or "timm:<name>" (checked against timm's own list when the model is built)."""
     return name in MODELS or is_timm(name)
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The entry of a known model (known_model(name)); KeyError otherwise. Of a "timm:<name>" model nothing is
+    known before it is built: the defaults."""
+    return ModelEntry(partial(timm_model, name)) if is_timm(name) else MODELS[name]
 
 
 def create_model(name: str, *, num_classes: int = 10, image_size: int = 32, width: int = 0,
@@ -53,7 +82,7 @@ def create_model(name: str, *, num_classes: int = 10, image_size: int = 32, widt
     if not 0.0 <= dropout < 1.0:
         raise RecipeError(f"model.dropout: must be in [0, 1), got {dropout}")
     size = dict(num_classes=num_classes, image_size=image_size, width=width, dropout=dropout)
-    model = timm_model(name, **size) if is_timm(name) else MODELS[name](**size)
+    model = model_entry(name).build(**size)
     if pretrained:
         load_pretrained(model, pretrained, name)
     return model
@@ -72,10 +101,10 @@ def build_model(recipe, num_classes: int, image_size: int, device: torch.device,
 
 def init_from_data(name: str, model: nn.Module, images: torch.Tensor, mean: Sequence[float],
                    std: Sequence[float]) -> None:
-    """The registered data-dependent initialisation of model `name` (nothing for most models)."""
-    hook = DATA_INIT.get(name)
-    if hook is not None:
-        hook(model, images, mean, std)
+    """The entry's data-dependent initialisation of model `name` (nothing for most models)."""
+    init = model_entry(name).data_init
+    if init is not None:
+        init(model, images, mean, std)
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:

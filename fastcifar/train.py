@@ -49,10 +49,13 @@ CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "
 
 @dataclass
 class Hooks:
-    """Callbacks for tests and tooling: on_step(epoch, step) and on_epoch_end(epoch) after the checkpoint."""
+    """Callbacks for tests and tooling: on_step(epoch, step), on_epoch_end(epoch) after the checkpoint, and
+    on_epoch_row(fold, row) after that with the epoch's metrics.csv row (`fastcifar tune` reports its validation
+    numbers to the pruner, which may stop the run by raising: the checkpoint is already written)."""
 
     on_step: Callable[[int, int], None] | None = None
     on_epoch_end: Callable[[int], None] | None = None
+    on_epoch_row: Callable[[int, dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -218,6 +221,8 @@ def fit(run: FoldRun, state: TrainState, hooks: Hooks, progress: RunProgress, st
                 + (f"  skipped {row['skipped_steps']} steps" if row["skipped_steps"] else ""))
         if hooks.on_epoch_end:
             hooks.on_epoch_end(epoch + 1)
+        if hooks.on_epoch_row:
+            hooks.on_epoch_row(run.fold.index, row)
         if state.stopped_early:
             run.say(f"early stopping: no improvement of {run.recipe.eval.metric} for "
                     f"{tr.early_stopping_patience} epochs (best epoch {state.best_epoch})")

@@ -49,7 +49,9 @@ def build_pruner(cfg: TuneConfig):
     if cfg.pruner == "halving":
         return optuna.pruners.SuccessiveHalvingPruner()
     if cfg.pruner == "wilcoxon":  # per-fold scores against the best trial's, fold by fold (a paired test)
-        return optuna.pruners.WilcoxonPruner(p_threshold=0.1)
+        with warnings.catch_warnings():  # "experimental" in Optuna since 3.6
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=0.1)
     return optuna.pruners.NopPruner()
 
 

@@ -29,6 +29,7 @@ from typing import Iterator
 from fastcifar.errors import FastCifarError, first_line
 
 HEARTBEAT_ATTR = "fastcifar:heartbeat"
+OPEN_TRIES = 4  # 0 + 0.5 + 1 + 1.5 s of waiting: enough for another worker to finish creating the schema
 DRIVERS = {"postgresql": "psycopg2-binary (or psycopg)", "mysql": "pymysql (mysql+pymysql://...)",
            "mariadb": "pymysql (mariadb+pymysql://...)"}
 
@@ -128,12 +129,21 @@ def open_storage(spec: StorageSpec, heartbeat: int, max_retry: int = 2):
         from optuna.storages.journal import JournalFileBackend
 
         return _journal_class()(JournalFileBackend(spec.url), heartbeat, retry)
-    try:
-        with _quiet():
-            return optuna.storages.RDBStorage(spec.url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                                              **{_stale_keyword(): retry})
-    except (SQLAlchemyError, OSError, RuntimeError, ValueError) as e:
-        raise StorageError(f"--storage {spec.shown}: cannot open it ({first_line(e)[:200]})") from None
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(OPEN_TRIES):
+        try:
+            with _quiet():
+                return optuna.storages.RDBStorage(spec.url, heartbeat_interval=heartbeat,
+                                                  grace_period=2 * heartbeat, **{_stale_keyword(): retry})
+        except (IntegrityError, OperationalError) as e:
+            # workers starting together race to create the schema (alembic_version is written once): the loser
+            # finds it made a moment later; a server that is not there fails every try
+            if attempt == OPEN_TRIES - 1:
+                raise StorageError(f"--storage {spec.shown}: cannot open it ({first_line(e)[:200]})") from None
+            time.sleep(0.5 * (attempt + 1))
+        except (SQLAlchemyError, OSError, RuntimeError, ValueError) as e:
+            raise StorageError(f"--storage {spec.shown}: cannot open it ({first_line(e)[:200]})") from None
 
 
 @contextlib.contextmanager

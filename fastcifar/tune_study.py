@@ -82,9 +82,8 @@ def plan_tune(args) -> TuneConfig:
     params = build_space(args.recipe, args.overrides, args.space_file, args.space)
     _check_numbers(args)
     kfold_all = recipe.split.kind == "kfold" and recipe.split.fold == -1
-    if args.pruner == "wilcoxon" and not kfold_all:
-        raise RecipeError('--pruner wilcoxon: compares trials fold by fold; it needs split.kind = "kfold" with '
-                          f'split.fold = -1 (this recipe: kind = "{recipe.split.kind}", fold = {recipe.split.fold})')
+    if args.pruner == "wilcoxon":
+        _check_wilcoxon(recipe, kfold_all)
     if args.metric.startswith("test_") and recipe.split.pool == "train+test":
         raise RecipeError(f"--metric {args.metric}: split.pool = \"train+test\" leaves no test set; use val_acc")
     _, store = check_inputs(recipe)  # the base recipe against its store, then each end of the space
@@ -102,6 +101,19 @@ def plan_tune(args) -> TuneConfig:
                       default_storage=args.storage is None, metric=args.metric, trials=args.trials,
                       timeout=args.timeout, sampler=args.sampler, seed=args.seed, pruner=args.pruner,
                       startup_trials=args.startup_trials, heartbeat=args.heartbeat)
+
+
+def _check_wilcoxon(recipe: Recipe, kfold_all: bool) -> None:
+    if not kfold_all:
+        raise RecipeError('--pruner wilcoxon: compares trials fold by fold; it needs split.kind = "kfold" with '
+                          f'split.fold = -1 (this recipe: kind = "{recipe.split.kind}", fold = {recipe.split.fold})')
+    if recipe.split.k < 4:  # a one-sided signed-rank test on n pairs has p >= 2^-n: p < 0.1 needs n >= 4
+        raise RecipeError(f"--pruner wilcoxon: with split.k = {recipe.split.k} folds it can never prune (p < 0.1 "
+                          "needs at least 4 paired fold scores); use --pruner median")
+    try:
+        import scipy.stats  # noqa: F401 - Optuna's WilcoxonPruner needs it; Optuna itself does not install it
+    except ImportError:
+        raise RecipeError("--pruner wilcoxon: needs scipy (pip install scipy)") from None
 
 
 def _check_numbers(args) -> None:

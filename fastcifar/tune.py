@@ -15,7 +15,9 @@ writes anything.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import socket
 import time
 import warnings
@@ -31,6 +33,7 @@ from fastcifar.train import Hooks
 from fastcifar.tune_space import overrides_for, suggest
 from fastcifar.tune_storage import open_storage, retry_callback
 from fastcifar.tune_study import METRICS, TuneConfig, make_study_dir, open_study, require_optuna
+
 
 def build_sampler(cfg: TuneConfig):
     optuna = require_optuna()
@@ -64,7 +67,6 @@ class Reporter:
         self.all_folds = recipe.split.kind == "kfold" and recipe.split.fold == -1
         self.best: dict[int, dict] = {}
         self.reported: set[int] = set()
-        self.last_step = 0
 
     def __call__(self, fold: int, row: dict[str, Any]) -> None:
         if row[self.key] is None:  # eval.every: not validated this epoch
@@ -85,7 +87,6 @@ class Reporter:
         import optuna
 
         self.trial.report(float(value), step)
-        self.last_step = step
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned after {where}: {self.key} {value:.4f}")
 
@@ -188,6 +189,7 @@ def run_tune(cfg: TuneConfig, console) -> dict[str, Any]:
 
     optuna = require_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a worker prints its own lines per trial
+    logging.getLogger("optuna.study._optimize").addFilter(_no_trial_failed)
     study = start_study(cfg)
     objective = Objective(cfg, console)
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
@@ -213,6 +215,12 @@ def run_tune(cfg: TuneConfig, console) -> dict[str, Any]:
         waiting = True
         time.sleep(min(cfg.heartbeat, 5))
     return write_tune_report(study, cfg, console)
+
+
+def _no_trial_failed(record: logging.LogRecord) -> bool:
+    """Optuna's "Trial N failed ..." warnings (with a traceback) repeat what the worker prints in one line: a
+    stopped trial, a surplus one, or an error the command line reports itself."""
+    return not re.match(r"Trial \d+ failed", record.getMessage())
 
 
 def one_trial(study, objective: Objective, cfg: TuneConfig) -> None:

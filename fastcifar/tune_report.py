@@ -186,7 +186,10 @@ def _slice(study, cfg: TuneConfig, trials, complete, path: Path) -> None:
         xs = [t.params[p.key] if p.kind != "choice" else str(t.params[p.key]) for t in done]
         ax.scatter(xs, [t.value for t in done], c=[t.number for t in done], cmap="viridis")
         if p.log:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # "2x10^-2 3x10^-2 ..." labels would overlap
         ax.set_xlabel(p.key)
     axes[0].set_ylabel(cfg.metric)
     fig.suptitle(f"{cfg.study}: {cfg.metric} against each parameter (colour: trial number)")

@@ -30,8 +30,9 @@ from fastcifar.errors import FastCifarError, first_line
 
 HEARTBEAT_ATTR = "fastcifar:heartbeat"
 OPEN_TRIES = 4  # 0 + 0.5 + 1 + 1.5 s of waiting: enough for another worker to finish creating the schema
-DRIVERS = {"postgresql": "psycopg2-binary (or psycopg)", "mysql": "pymysql (mysql+pymysql://...)",
-           "mariadb": "pymysql (mariadb+pymysql://...)"}
+# the missing driver module -> what installs it
+DRIVERS = {"psycopg2": "psycopg2-binary", "psycopg": "'psycopg[binary]'", "pymysql": "pymysql",
+           "MySQLdb": "mysqlclient", "asyncpg": "asyncpg"}
 
 
 class StorageError(FastCifarError):
@@ -94,7 +95,7 @@ def _rdb_spec(url: str) -> StorageSpec:
     try:
         dialect.import_dbapi()
     except ImportError as e:
-        hint = DRIVERS.get(backend, e.name or "its driver")
+        hint = DRIVERS.get(e.name or "", e.name or "its driver")
         raise StorageError(f"--storage {shown}: the {backend} driver is not installed ({first_line(e)}); "
                            f"pip install {hint}") from None
     if backend == "sqlite":

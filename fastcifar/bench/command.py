@@ -176,17 +176,7 @@ def run_bench(args: argparse.Namespace, console) -> dict[str, Any] | None:
                                   repeats=args.repeats, warmup=args.warmup, workers=args.workers,
                                   presets=args.preset, log=log)
     elif args.find_batch:
-        from fastcifar.bench.batch_finder import default_candidates, find_batch, print_batch_result
-
-        plan = _plan(args, device)
-        store = open_store(Path(args.data or (plan.recipe.data.store if args.recipe else DEFAULT_STORE)))
-        candidates = args.batch or default_candidates(device, len(store.train_labels))
-        result = find_batch(store, device, plan, candidates, args.margin, log=log, budget_s=args.budget)
-        print_batch_result(result, console)
-        if args.json:
-            write_json(args.json, result)
-            console.print(f"wrote {args.json}")
-        return result
+        return _find_batch(args, device, console, log)
     else:
         from fastcifar.bench.model_bench import run_model_bench
 
@@ -202,4 +192,20 @@ def run_bench(args: argparse.Namespace, console) -> dict[str, Any] | None:
         console.print(f"wrote {args.md}")
     if others:
         print_comparison(result, others[0], console, "this run", args.compare[0])
+    return result
+
+
+def _find_batch(args, device, console, log) -> dict[str, Any]:
+    from fastcifar.atomic import write_json
+    from fastcifar.bench.batch_finder import default_candidates, find_batch, print_batch_result
+    from fastcifar.data import open_store
+
+    plan = _plan(args, device)
+    store = open_store(Path(args.data or (plan.recipe.data.store if args.recipe else DEFAULT_STORE)))
+    candidates = args.batch or default_candidates(device, len(store.train_labels))
+    result = find_batch(store, device, plan, candidates, args.margin, log=log, budget_s=args.budget)
+    print_batch_result(result, console)
+    if args.json:
+        write_json(args.json, result)
+        console.print(f"wrote {args.json}")
     return result

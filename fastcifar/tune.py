@@ -228,7 +228,9 @@ def one_trial(study, objective: Objective, cfg: TuneConfig) -> None:
     again for the study before it leaves."""
     objective.current = None
     try:
-        study.optimize(objective, n_trials=1, catch=(_Surplus,))
+        with warnings.catch_warnings():  # Optuna 4.3 calls its "experimental" fail_stale_trials unsilenced
+            warnings.simplefilter("ignore", require_optuna().exceptions.ExperimentalWarning)
+            study.optimize(objective, n_trials=1, catch=(_Surplus,))
     except (Interrupted, KeyboardInterrupt) as e:
         if objective.current is None:
             raise

@@ -5,7 +5,6 @@ import json
 import math
 import re
 
-import pytest
 import torch
 from rich.console import Console
 

@@ -265,3 +265,33 @@ def test_without_optuna_tune_is_one_line_and_the_rest_runs(store, tmp_path):
     assert proc.stderr.strip() == ("fastcifar: error: fastcifar tune needs Optuna, which is not installed: "
                                    "pip install 'fastcifar[tune]'")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["val_acc_mean"] >= 0
+
+
+def test_a_space_file_and_arguments_give_typed_parameters(store, tmp_path):
+    from fastcifar.tune_space import build_space, overrides_for
+
+    recipe = _recipe(tmp_path, store)
+    space = tmp_path / "space.toml"
+    space.write_text('[optim]\nlr = {low = 0.01, high = 1.0, log = true}\nnesterov = {choices = [true, false]}\n'
+                     '[train]\nlabel_smoothing = {low = 0.0, high = 0.2, step = 0.05}\n')
+    params = build_space(str(recipe), [], str(space), ["train.batch_size=16:64:16", "augment.color_jitter="
+                                                       "[0.1,0.1,0.1,0.0],[0.0,0.0,0.0,0.0]"])
+    kinds = {p.key: (p.kind, p.low, p.high, p.log, p.step) for p in params if p.kind != "choice"}
+    assert kinds == {"optim.lr": ("float", 0.01, 1.0, True, None), "train.label_smoothing": ("float", 0.0, 0.2,
+                     False, 0.05), "train.batch_size": ("int", 16, 64, False, 16)}
+    jitter = next(p for p in params if p.key == "augment.color_jitter")
+    assert [text for _, text in jitter.choices] == ["[0.1, 0.1, 0.1, 0.0]", "[0.0, 0.0, 0.0, 0.0]"]
+    sets = overrides_for(params, {"optim.lr": 0.1, "optim.nesterov": False, "train.label_smoothing": 0.05,
+                                  "train.batch_size": 32, "augment.color_jitter": "[0.1, 0.1, 0.1, 0.0]"})
+    assert sets == ["optim.lr=0.1", "optim.nesterov=false", "train.label_smoothing=0.05", "train.batch_size=32",
+                    "augment.color_jitter=[0.1, 0.1, 0.1, 0.0]"]
+
+
+def test_timeout_starts_no_trial_and_still_writes_tune_md(store, tmp_path):
+    recipe = _recipe(tmp_path, store)
+    cfg = _plan(recipe, tmp_path / "s", *SPACE, "--timeout", "1e-9")
+    result = run_tune(cfg, QUIET)
+    assert result["trials"] == 0 and result["best"] is None
+    md = (tmp_path / "s" / "tune.md").read_text()
+    assert "0 complete" in md and "- optimisation history: not drawn (no complete trial yet)" in md
+    assert not list((tmp_path / "s").glob("trial-*"))

@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _prepare_parser(sub)
     _train_parsers(sub)
+    _tune_parser(sub)
+    _lr_find_parser(sub)
     _result_parsers(sub)
     from fastcifar.bench.command import add_bench_parser  # `bench` and `bench loader` (fastcifar/bench/)
 
@@ -73,6 +75,50 @@ def _train_parsers(sub) -> None:
                     help="change the baseline itself; repeatable")
     sw.add_argument("--out", help="sweep directory (default runs/<recipe name>-sweep)")
     sub.add_parser("recipes", help="list the built-in recipes (usable by name: fastcifar train quickstart)")
+
+
+def _tune_parser(sub) -> None:
+    tu = sub.add_parser("tune", help="hyper-parameter search with Optuna (extra [tune]); workers on many machines "
+                                     "share one study through --storage")
+    tu.add_argument("recipe", help="the base recipe: a TOML file or a built-in recipe's name")
+    tu.add_argument("--space", action="append", default=[], metavar="SECTION.KEY=LO:HI[:log]|A,B,C",
+                    help="a searched key: a range (float or int, by the key's type; :log for a log scale, :N for a "
+                         "step) or choices; repeatable")
+    tu.add_argument("--space-file", metavar="TOML", help="search space file ([optim] lr = {low = 0.01, high = 1, "
+                                                          "log = true}; batch_size = {choices = [128, 256]})")
+    tu.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="change the base recipe; repeatable")
+    tu.add_argument("--trials", type=int, default=20, help="finished trials the study needs, over all its workers "
+                                                           "(default 20)")
+    tu.add_argument("--timeout", type=float, metavar="S", help="this worker starts no trial after S seconds")
+    tu.add_argument("--metric", choices=["val_acc", "val_loss", "test_acc", "test_loss"], default="val_acc",
+                    help="the objective, from summary.json (the mean over folds for k-fold; default val_acc)")
+    tu.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="default tpe")
+    tu.add_argument("--seed", type=int, help="the sampler's seed (give each worker its own, or none)")
+    tu.add_argument("--pruner", choices=["median", "halving", "wilcoxon", "none"], default="median",
+                    help="stops trials on their per-epoch validation reports: median, successive halving, or "
+                         "(k-fold) Wilcoxon on per-fold scores (default median)")
+    tu.add_argument("--startup-trials", type=int, default=5, help="median pruner: finished trials before it "
+                                                                    "prunes (default 5)")
+    tu.add_argument("--storage", metavar="URL", help="sqlite:///PATH, postgresql://..., mysql+pymysql://..., or "
+                                                     "journal:PATH (default sqlite:///OUT/study.db)")
+    tu.add_argument("--study", help="study name (default <recipe name>-tune)")
+    tu.add_argument("--out", help="this worker's study folder: trial folders, tune.md (default runs/<study>)")
+    tu.add_argument("--heartbeat", type=int, default=30, metavar="S", help="seconds between a trial's heartbeats; "
+                    "a trial silent for twice this is failed and run again (default 30)")
+
+
+def _lr_find_parser(sub) -> None:
+    lf = sub.add_parser("lr-find", help="the learning-rate range test: loss against an exponentially rising lr, "
+                                        "a suggested --set optim.lr=...")
+    lf.add_argument("recipe")
+    lf.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    lf.add_argument("--steps", type=int, default=100, help="optimizer steps per sweep (default 100)")
+    lf.add_argument("--start", type=float, default=1e-7, help="first lr (default 1e-7)")
+    lf.add_argument("--end", type=float, default=10.0, help="last lr (default 10)")
+    lf.add_argument("--rule", choices=["valley", "steepest"], default="valley",
+                    help="the suggestion: fastai's valley (default) or the steepest descent against log lr")
+    lf.add_argument("--out", help="folder for lr_find.png and lr_find.json (default runs/<recipe name>-lr-find)")
 
 
 def _result_parsers(sub) -> None:
@@ -179,6 +225,21 @@ def _sweep(args, console: Console) -> None:
     run_sweep(args.recipe, args.overrides, args.vary, out, console)
 
 
+def _tune(args, console: Console) -> None:
+    from fastcifar.tune_study import plan_tune
+
+    cfg = plan_tune(args)  # every refusal before the study folder or a trial exists; needs Optuna
+    from fastcifar.tune import run_tune
+
+    run_tune(cfg, console)
+
+
+def _lr_find(args, console: Console) -> None:
+    from fastcifar.lrfind_run import run_lr_find
+
+    run_lr_find(args, console)
+
+
 def _eval(args, console: Console) -> None:
     from fastcifar.evaluate import eval_checkpoint
 
@@ -245,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console()
     try:
-        {"prepare": _prepare, "train": _train, "sweep": _sweep, "eval": _eval, "report": _report,
-         "predict": _predict, "export": _export, "recipes": _recipes, "bench": _bench}[args.command](args, console)
+        {"prepare": _prepare, "train": _train, "sweep": _sweep, "tune": _tune, "lr-find": _lr_find, "eval": _eval,
+         "report": _report, "predict": _predict, "export": _export, "recipes": _recipes,
+         "bench": _bench}[args.command](args, console)
     except FastCifarError as e:
         print(f"fastcifar: error: {error_line(str(e))}", file=sys.stderr)
         return e.exit_code
@@ -258,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         print("fastcifar: error: out of memory (a smaller train.batch_size, model or store may fit)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = " (continue with --resume)" if args.command == "train" else ""
+        hint = {"train": " (continue with --resume)", "tune": " (rerun the same command to carry on)"}.get(
+            args.command, "")
         print(f"fastcifar: interrupted{hint}", file=sys.stderr)
         return 130
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from rich.console import Console
@@ -26,10 +26,13 @@ from fastcifar.strategy import Strategy
 
 @dataclass
 class Hooks:
-    """Callbacks for tests and tooling: on_step(epoch, step) and on_epoch_end(epoch) after the checkpoint."""
+    """Callbacks for tests and tooling: on_step(epoch, step), on_epoch_end(epoch) after the checkpoint, and
+    on_epoch_row(fold, row) after that with the epoch's metrics.csv row (`fastcifar tune` reports its validation
+    numbers to the pruner, which may stop the run by raising: the checkpoint is already written)."""
 
     on_step: Callable[[int, int], None] | None = None
     on_epoch_end: Callable[[int], None] | None = None
+    on_epoch_row: Callable[[int, dict[str, Any]], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """What fastcifar may delete or overwrite: only what it wrote itself, recognised by a marker it wrote with it.
 
-- A store, a run and a sweep directory each hold a marker file (`.fastcifar-store`, `.fastcifar-run`,
-  `.fastcifar-sweep`). A directory without one is the user's: fastcifar writes into it only while it is new or
+- A store, a run, a sweep, a tuning study and an lr-find directory each hold a marker file (`.fastcifar-store`,
+  `.fastcifar-run`, `.fastcifar-sweep`, `.fastcifar-study`, `.fastcifar-lrfind`). A directory without one is the user's: fastcifar writes into it only while it is new or
   empty, and never replaces or cleans it, `--force` or not.
 - A file the user names as an output (`report --out`, `bench --json/--md`, a .beton) is overwritten only when it
   is recognisably fastcifar's own output of that kind (a marker line or key that fastcifar writes).
@@ -21,7 +21,8 @@ from typing import Callable
 from fastcifar.atomic import write_json
 from fastcifar.errors import FastCifarError
 
-MARKERS = {"store": ".fastcifar-store", "run": ".fastcifar-run", "sweep": ".fastcifar-sweep"}
+MARKERS = {"store": ".fastcifar-store", "run": ".fastcifar-run", "sweep": ".fastcifar-sweep",
+           "study": ".fastcifar-study", "lrfind": ".fastcifar-lrfind"}
 MD_MARKER = "<!-- written by fastcifar: {kind} -->"  # first line of every Markdown file a command writes
 # atomic_open's temp files: mkstemp's 8 random characters are lowercase letters, digits and "_".
 ATOMIC_TMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")

@@ -81,6 +81,8 @@ def fit(run: FoldRun, state: TrainState, progress: RunProgress) -> None:
                 + (f"  skipped {row['skipped_steps']} steps" if row["skipped_steps"] else ""))
         if hooks.on_epoch_end:
             hooks.on_epoch_end(epoch + 1)
+        if hooks.on_epoch_row:
+            hooks.on_epoch_row(run.fold.index, row)
         if state.stopped_early:
             run.say(f"early stopping: no improvement of {run.recipe.eval.metric} for "
                     f"{tr.early_stopping_patience} epochs (best epoch {state.best_epoch})")

@@ -49,6 +49,11 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--md", metavar="OUT", help="write the tables as Markdown")
     b.add_argument("--compare", nargs="+", metavar="JSON", help="OTHER.json: this run beside it, with ratios; "
                                                                  "THIS.json OTHER.json: two saved results, no run")
+    b.add_argument("--find-batch", action="store_true",
+                   help="find the training batch size with the best img/s that fits with --margin to spare (--batch: "
+                        "the candidates, default powers of two from 32); prints --set train.batch_size=N")
+    b.add_argument("--margin", type=float, default=0.1, help="--find-batch: fraction of the memory left free "
+                                                             "(default 0.1)")
 
 
 def _check(args) -> dict[str, Any]:
@@ -72,7 +77,25 @@ def _check(args) -> dict[str, Any]:
         raise RecipeError(f"--batch: bench loader takes one batch size, got {len(args.batch)}")
     if args.compare and len(args.compare) > 2:
         raise RecipeError("--compare: give OTHER.json (compare this run with it) or THIS.json OTHER.json")
+    if args.find_batch:
+        _check_find_batch(args)
     return check_outputs(args)
+
+
+def _check_find_batch(args) -> None:
+    from fastcifar.errors import RecipeError
+
+    if args.what != "model":
+        raise RecipeError("--find-batch: finds a training batch size; not with `bench loader`")
+    if not 0 <= args.margin < 1:
+        raise RecipeError(f"--margin: must be in [0, 1), got {args.margin}")
+    for flag, values in (("--model", args.model), ("--precision", args.precision), ("--compile", args.compile),
+                         ("--channels-last", args.channels_last)):
+        if values and len(values) > 1:
+            raise RecipeError(f"{flag}: --find-batch searches one setting, got {len(values)}")
+    for flag in ("md", "compare"):
+        if getattr(args, flag):
+            raise RecipeError(f"--{flag}: not with --find-batch (its result is printed; --json saves it)")
 
 
 def _bench_md(path: Path) -> bool:
@@ -158,6 +181,8 @@ def run_bench(args: argparse.Namespace, console: Console) -> dict[str, Any] | No
                                   seconds=args.seconds or (3.0 if device.type == "cuda" else 2.0),
                                   repeats=args.repeats, warmup=args.warmup, workers=args.workers,
                                   presets=args.preset, log=log)
+    elif args.find_batch:
+        return _find_batch(args, device, console, log)
     else:
         from fastcifar.bench.model_bench import run_model_bench
 
@@ -173,4 +198,20 @@ def run_bench(args: argparse.Namespace, console: Console) -> dict[str, Any] | No
         console.print(f"wrote {args.md}")
     if others:
         print_comparison(result, others[0], console, "this run", args.compare[0])
+    return result
+
+
+def _find_batch(args, device, console, log) -> dict[str, Any]:
+    from fastcifar.atomic import write_json
+    from fastcifar.bench.batch_finder import default_candidates, find_batch, print_batch_result
+    from fastcifar.data import open_store
+
+    plan = _plan(args, device)
+    store = open_store(Path(args.data or (plan.recipe.data.store if args.recipe else DEFAULT_STORE)))
+    candidates = args.batch or default_candidates(device, len(store.train_labels))
+    result = find_batch(store, device, plan, candidates, args.margin, log=log, budget_s=args.budget)
+    print_batch_result(result, console)
+    if args.json:
+        write_json(args.json, result)
+        console.print(f"wrote {args.json}")
     return result

@@ -113,10 +113,11 @@ def _cell_recipe(recipe: Recipe, cell: Cell) -> Recipe:
                                          compile=cell.compile, channels_last=cell.channels_last))
 
 
-def _train(ctx: _Ctx, cell: Cell, eager: torch.nn.Module, dtype) -> tuple[dict[str, Any], torch.Tensor, Any]:
-    """End to end (loader + step) and model-only (a resident batch) training img/s, through the engine training
-    uses (compile, CUDA graphs and weight EMA as the recipe asks). Returns the row fields, a sample batch and
-    the engine (its eval_net is what inference is timed on)."""
+def _train(ctx: _Ctx, cell: Cell, eager: torch.nn.Module, dtype,
+           model_only: bool = True) -> tuple[dict[str, Any], torch.Tensor, Any]:
+    """End to end (loader + step) and model-only (a resident batch; skipped when not `model_only`) training img/s,
+    through the engine training uses (compile, CUDA graphs and weight EMA as the recipe asks). Returns the row
+    fields, a sample batch and the engine (its eval_net is what inference is timed on)."""
     plan, dev = ctx.plan, ctx.device
     recipe = _cell_recipe(plan.recipe, cell)
     engine = build_engine(eager, recipe, dev, dtype, lambda text: ctx.log(f"warning: {text}"))
@@ -147,14 +148,14 @@ def _train(ctx: _Ctx, cell: Cell, eager: torch.nn.Module, dtype) -> tuple[dict[s
     x0, y0 = next(batches)
     batches.close()
     x0, y0 = fmt(x0).clone(), y0.clone()
-    only = measure_rate(lambda: step(x0, y0), dev, **kw)
+    only = measure_rate(lambda: step(x0, y0), dev, **kw) if model_only else None
     try:
         runner.check_pending()
     except NonFiniteStep as e:
         diverged.append(e.step)
     notes = list(engine.plan.notes) + ([f"loss went non-finite at step {diverged[0]} (timing kept)"] if diverged
                                        else [])
-    out = {**e2e.fields("train_img_s"), **only.fields("model_only_img_s"),
+    out = {**e2e.fields("train_img_s"), **(only.fields("model_only_img_s") if only else {}),
            **(e2e.probe or empty("NVML not sampled")), "engine": engine.summary(runner.optimizer),
            "_compile_s": e2e.warmup_s if cell.compile else 0.0, "_note": "; ".join(notes)}
     return out, x0, engine
@@ -269,6 +270,17 @@ def measure_cell(ctx: _Ctx, cell: Cell) -> dict[str, Any]:
     row["ratio_vs_seeds"] = row["train_img_s"] / base if base else None
     row["cell_s"] = time.perf_counter() - t0
     return row
+
+
+def training_rate(store: Store, device: torch.device, plan: Plan, cell: Cell,
+                  log: Callable[[str], Any] = print) -> dict:
+    """One cell's end-to-end training img/s alone (no model-only, inference, cost or seeds' columns): the batch
+    finder's probe, through the same engine, loader and step as a bench row."""
+    plan = replace(plan, recipe=resolve_stats(plan.recipe, store))
+    ctx = _Ctx(store, device, plan, log, num_classes=len(store.classes))
+    out, _, _ = _train(ctx, cell, _model(ctx, cell.model, cell.channels_last), PRECISIONS[cell.precision],
+                       model_only=False)
+    return out
 
 
 def run_model_bench(store: Store, device: torch.device, plan: Plan, log: Callable[[str], Any] = print,

@@ -26,6 +26,7 @@ from rich.markup import escape
 from fastcifar.artifacts import peak_memory_mb, timed_evaluate, write_figures
 from fastcifar.atomic import write_json, write_text
 from fastcifar.checkpoint import load_checkpoint, save_checkpoint
+from fastcifar.data.images import PREPROCESS
 from fastcifar.device import recipe_amp_dtype
 from fastcifar.engine import Engine, StepClock, build_engine, images_per_second, sync
 from fastcifar.errors import CheckpointError, first_line
@@ -76,6 +77,7 @@ class FoldRun:
     partial: EpochTotals | None = None  # the interrupted epoch's totals, after a mid-epoch resume
     tb: FoldLog = field(default_factory=lambda: FoldLog(Path(), None, False))  # TensorBoard; off by default
     warmup_left: int = 0  # steps still timed as warm-up (engine.StepClock)
+    preprocess: str = PREPROCESS  # how an image file became a store image: predict applies the same
 
     @property
     def last_path(self) -> Path:
@@ -90,7 +92,7 @@ class FoldRun:
 
     def meta(self) -> dict[str, Any]:
         return {"recipe": self.recipe.to_dict(), "classes": self.classes, "fold": self.fold.index,
-                "image_size": self.image_size}
+                "image_size": self.image_size, "preprocess": self.preprocess}
 
 
 def warn(console, text: str) -> None:
@@ -116,7 +118,8 @@ def build_fold(recipe: Recipe, store, fold: Fold, fold_dir: Path, device: torch.
     # the plain module, so checkpoints never carry torch.compile's "_orig_mod." prefix.
     engine = build_engine(model, recipe, device, dtype, lambda text: warn(console, text))
     run = FoldRun(recipe, fold, fold_dir, device, console, strategy, list(store.classes), image_size, data, model,
-                  engine, dtype, make_scaler(dtype, device), warmup_left=engine.plan.warmup_steps)
+                  engine, dtype, make_scaler(dtype, device), warmup_left=engine.plan.warmup_steps,
+                  preprocess=store.meta.get("preprocess", PREPROCESS))
     run.step = make_step(run, first_stage(recipe))
     strategy.seeded()
     return run

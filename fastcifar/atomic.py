@@ -17,12 +17,14 @@ from fastcifar.errors import DiskFullError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, guard: Callable[[], None] | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, guard: Callable[[], None] | None = None,
+                again: str = "resume") -> Iterator[Path]:
     """A temp path beside `path` for writers that take a file name (the ONNX exporter, torch.jit.save); on clean
     exit the file is fsynced and renamed onto `path`, on any error (a failed check included) removed.
 
     `guard`: called just before the rename, to check again that `path` may be replaced (what the user named
-    may have appeared or changed while the file was being written); an error it raises leaves `path` alone."""
+    may have appeared or changed while the file was being written); an error it raises leaves `path` alone.
+    `again`: what the disk-full line tells the user to do once space is freed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -42,8 +44,9 @@ def atomic_path(path: str | os.PathLike, guard: Callable[[], None] | None = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"{path}: disk full while writing ({e.strerror}); the previous "
-                                f"{path.name} is intact, free some space and resume") from None
+            kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+            raise DiskFullError(f"{path}: disk full while writing ({e.strerror}); {kept}, free some space and "
+                                f"{again}") from None
         raise
     fsync_dir(path.parent)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -285,6 +286,7 @@ def _bench(args, console: Console) -> None:
     run_bench(args, console)
 
 
+STOP_AT_ONCE = ("eval", "report", "predict", "export", "recipes", "lr-find")
 MAX_ERROR = 400  # characters: an error is one line a person reads, not a dump of the input that caused it
 
 
@@ -301,14 +303,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from rich.console import Console
 
+    from fastcifar.lifecycle import stop_raises
+
     if hasattr(sys.stdout, "reconfigure"):  # epoch lines reach a log file as they happen, not at exit
         sys.stdout.reconfigure(line_buffering=True)
 
     console = Console()
     try:
-        {"prepare": _prepare, "train": _train, "sweep": _sweep, "tune": _tune, "lr-find": _lr_find, "eval": _eval,
-         "report": _report, "predict": _predict, "export": _export, "recipes": _recipes,
-         "bench": _bench}[args.command](args, console)
+        # A stop (SIGINT / SIGTERM) is one line and exit 128 + n, temp files removed: train, sweep and tune
+        # checkpoint first (GracefulStop), prepare handles its own, these stop at once (lifecycle.stop_raises); bench
+        # is left to the default (its DataLoader workers and forked loaders inherit handlers).
+        with stop_raises(args.command) if args.command in STOP_AT_ONCE else contextlib.nullcontext():
+            {"prepare": _prepare, "train": _train, "sweep": _sweep, "tune": _tune, "lr-find": _lr_find,
+             "eval": _eval, "report": _report, "predict": _predict, "export": _export, "recipes": _recipes,
+             "bench": _bench}[args.command](args, console)
     except FastCifarError as e:
         print(f"fastcifar: error: {error_line(str(e))}", file=sys.stderr)
         return e.exit_code

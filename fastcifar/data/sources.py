@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from fastcifar.atomic import fsync_dir
 from fastcifar.data.archive import one_line
-from fastcifar.errors import DataError
+from fastcifar.errors import DataError, DiskFullError
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -88,6 +89,9 @@ def _download(url: str, dest: Path, md5: str) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors; bad URLs are ValueErrors
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # the write, not the network
+                raise DiskFullError(f"{dest}: disk full while downloading {url} ({e.strerror}); the partial file is "
+                                    "removed, free some space and run prepare again") from None
             raise DataError(
                 f"no data source: downloading {url} failed ({one_line(e)}); pass --source PATH, "
                 "or set FASTCIFAR_SOURCE=PATH, or allow the download (network access to the URL, or FASTCIFAR_URL)"
@@ -127,7 +131,7 @@ def source_sha256(path: Path) -> str:
             return file_digest(path)
         h = hashlib.sha256()
         for p in _regular_files(path):
-            rel = p.relative_to(path).as_posix().encode()
+            rel = os.fsencode(p.relative_to(path).as_posix())  # the name's bytes, UTF-8 or not
             h.update(len(rel).to_bytes(8, "little") + rel + p.stat().st_size.to_bytes(8, "little"))
             with open(p, "rb") as f:
                 while chunk := f.read(_CHUNK):

@@ -235,12 +235,12 @@ def error_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from rich.console import Console
+    from fastcifar.console import make_console
 
     if hasattr(sys.stdout, "reconfigure"):  # epoch lines reach a log file as they happen, not at exit
         sys.stdout.reconfigure(line_buffering=True)
 
-    console = Console()
+    console = make_console()  # a log file or pipe gets whole lines, never wrapped or cut (fastcifar.console)
     try:
         {"prepare": _prepare, "train": _train, "sweep": _sweep, "eval": _eval, "report": _report,
          "predict": _predict, "export": _export, "recipes": _recipes, "bench": _bench}[args.command](args, console)

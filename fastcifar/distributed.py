@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
+from fastcifar.console import make_console
 from fastcifar.device import resolve_device
 from fastcifar.engine import compile_model
 from fastcifar.errors import FastCifarError, RecipeError
@@ -314,7 +315,7 @@ def run_distributed(recipe: Recipe, run_dir: Path, console, *, resume: bool = Fa
     device = rank_device(recipe.train.device, local_rank)
     check_distributed(recipe, world, device, folds_parallel)
     if folds_parallel and world > 1:  # live progress bars of W processes on one terminal garble each other
-        console = Console(force_terminal=False, soft_wrap=True)
+        console = make_console(force_terminal=False)
     elif rank:
         console = Console(quiet=True)
     try:

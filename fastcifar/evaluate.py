@@ -92,7 +92,7 @@ def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str, co
     """`fastcifar eval`: test accuracy and a per-class table for a saved checkpoint."""
     from rich.table import Table
 
-    device = resolve_device(device_name)
+    device = resolve_device(device_name, key="--device")
     model, recipe, classes, image_size = load_trained_model(path, device)
     store = open_store(Path(data_dir or recipe.data.store))
     if list(store.classes) != classes:

@@ -311,7 +311,9 @@ class Recipe:
     def validate(self) -> None:
         check(NAME.fullmatch(self.name) is not None, "name", "must be one plain folder name (letters, digits and "
               f"_ . + -, not starting with . or -, at most 100 characters), got {short(self.name)}")
-        for f in dataclasses.fields(self):
+        # model last: its check imports the model registry, and with it torch (seconds), so every other bad
+        # value is reported before that
+        for f in sorted(dataclasses.fields(self), key=lambda f: f.name == "model"):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()

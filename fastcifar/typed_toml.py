@@ -10,6 +10,7 @@ apply_overrides applies `--set section.key=value` strings to a raw table (types 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import sys
@@ -100,7 +101,10 @@ def build(cls: type, table: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for k, v in table.items():
         key = f"{prefix}.{show_key(k)}" if prefix else show_key(k)
-        check(k in names, key, f"unknown key (known keys: {', '.join(sorted(names))})")
+        if k not in names:
+            near = difflib.get_close_matches(str(k), sorted(names), n=1)
+            hint = f"did you mean {prefix + '.' if prefix else ''}{near[0]}? " if near else ""
+            raise RecipeError(f"{key}: unknown key ({hint}known keys: {', '.join(sorted(names))})")
         kwargs[k] = check_value(v, hints[k], key)
     return cls(**kwargs)
 

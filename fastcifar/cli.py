@@ -71,7 +71,19 @@ def _train_parsers(sub) -> None:
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="change the baseline itself; repeatable")
     sw.add_argument("--out", help="sweep directory (default runs/<recipe name>-sweep)")
-    sub.add_parser("recipes", help="list the built-in recipes (usable by name: fastcifar train quickstart)")
+    _recipes_parser(sub)
+
+
+def _recipes_parser(sub) -> None:
+    rc = sub.add_parser("recipes", aliases=["recipe"], help="list the built-in recipes (usable by name: fastcifar "
+                        "train quickstart); `recipes show NAME` prints one resolved, `recipes keys` every key")
+    what = rc.add_subparsers(dest="recipes_command")
+    what.add_parser("list", help="the built-in recipes with their descriptions (the default)")
+    show = what.add_parser("show", help="a recipe as fastcifar train would run it: every key explicit, --set applied")
+    show.add_argument("recipe", help="a TOML recipe file, or a built-in recipe's name")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override a recipe value (type-checked); repeatable")
+    what.add_parser("keys", help="every recipe key with its type, default and meaning")
 
 
 def _result_parsers(sub) -> None:
@@ -232,15 +244,40 @@ def _export(args, console) -> None:
 
 
 def _recipes(args, console) -> None:
+    """`recipes [list]`, `recipes show RECIPE [--set ...]`, `recipes keys` (torch is never imported)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    from fastcifar.recipe import builtin_recipes, recipe_summary
+    from fastcifar.recipe import Recipe, builtin_recipes, load_recipe, recipe_description, recipe_to_toml
+    from fastcifar.typed_toml import key_reference
 
-    table = Table(title="built-in recipes: fastcifar train NAME")
+    if args.recipes_command == "show":
+        recipe = load_recipe(args.recipe, args.overrides)
+        given = " ".join(f"--set {o}" for o in args.overrides)
+        console.print(f"# fastcifar recipes show {args.recipe} {given}".rstrip() + ": the recipe as `fastcifar train`"
+                      " runs it, every key explicit", markup=False, highlight=False)
+        if "auto" in (recipe.data.mean, recipe.data.std):
+            console.print('# data.mean / data.std "auto": the store\'s training statistics, filled in when the run '
+                          "starts (its recipe.toml records the numbers)", markup=False, highlight=False)
+        console.print(recipe_to_toml(recipe), markup=False, highlight=False, end="")
+        return
+    if args.recipes_command == "keys":  # valid TOML (dotted keys), one key a line: grep-able, a template
+        rows = key_reference(Recipe)
+        width = max(len(f"{r['key']} = {r['default']}") for r in rows if r["type"] != "section")
+        lines = ["# Every recipe key: KEY = DEFAULT  # TYPE: meaning. Change one with --set KEY=VALUE; see one "
+                 "recipe's values with fastcifar recipes show NAME."]
+        for r in rows:
+            if r["type"] == "section":
+                lines += ["", f"# {r['key']} {r['meaning']}"]
+            else:
+                lines.append(f"{r['key'] + ' = ' + r['default']:<{width}}  # {r['type']}: {r['meaning']}")
+        console.print("\n".join(lines), markup=False, highlight=False)
+        return
+    table = Table(title="built-in recipes: fastcifar train NAME (fastcifar recipes show NAME prints one)")
     table.add_column("name")
     table.add_column("what")
     for name, text in builtin_recipes().items():
-        table.add_row(name, recipe_summary(text))
+        table.add_row(name, escape(recipe_description(text)))
     console.print(table)
 
 
@@ -272,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     console = make_console()  # a log file or pipe gets whole lines, never wrapped or cut (fastcifar.console)
     try:
         {"prepare": _prepare, "train": _train, "sweep": _sweep, "eval": _eval, "report": _report,
-         "predict": _predict, "export": _export, "recipes": _recipes, "bench": _bench}[args.command](args, console)
+         "predict": _predict, "export": _export, "recipes": _recipes, "recipe": _recipes,
+         "bench": _bench}[args.command](args, console)
     except FastCifarError as e:
         print(f"fastcifar: error: {error_line(str(e))}", file=sys.stderr)
         return e.exit_code

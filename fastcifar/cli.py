@@ -136,6 +136,14 @@ def _prepare(args, console) -> None:
     if args.size and not 8 <= args.size <= 1024:
         raise FastCifarError(f"--size: must be in [8, 1024], got {args.size}")
     options = ReadOptions(dataset=args.dataset, labels=args.labels, size=args.size, extra=args.extra)
+    if args.source is None and not os.environ.get("FASTCIFAR_SOURCE") and args.format == "store":
+        if (meta := _prepared_already(Path(os.path.expanduser(args.out)), options)) is not None:
+            origin = meta.get("source", {}).get("path") if isinstance(meta.get("source"), dict) else None
+            console.print(f"{args.out}: already prepared and verified ({meta['counts']['train']} train + "
+                          f"{meta['counts']['test']} test images, {len(meta['classes'])} classes"
+                          + (f", from {origin}" if origin else "") + "); nothing to do, no source needed",
+                          markup=False, highlight=False)
+            return
     with stop_raises("prepare"):
         source = resolve_source(args.source, Path(os.path.expanduser(args.cache)), args.dataset, args.extra)
         meta = prepare_store(source, Path(args.out), force=args.force, log=console.print, options=options)
@@ -148,6 +156,30 @@ def _prepare(args, console) -> None:
         from fastcifar.backends.ffcv import default_beton
 
         _write_beton(Path(args.out), default_beton(Path(args.out)), console)  # a stop keeps the finished store
+
+
+DATASET_KIND = {"cifar10": "cifar-python", "cifar100": "cifar100-python", "svhn": "svhn-mat", "folder": "image-folder"}
+
+
+def _prepared_already(out: Path, options) -> dict | None:
+    """The meta of a complete store at `out` whose hashes verify and that these options would prepare again; a
+    rerun without a source (`make train` twice) then reuses it instead of trying a download. None otherwise:
+    prepare proceeds as without it (and refuses to replace what it did not write)."""
+    from fastcifar.data import ReadOptions, verify_store
+    from fastcifar.data.store import is_store_dir
+
+    try:
+        if not (out.is_dir() and is_store_dir(out)):
+            return None
+        meta = verify_store(out)  # every array re-hashed: ~1 s for CIFAR-10's 184 MB
+    except (FastCifarError, OSError):
+        return None
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    stored = {**ReadOptions().as_dict(), **(source.get("options") if isinstance(source.get("options"), dict) else {})}
+    want = options.as_dict()
+    same = all(stored[k] == want[k] for k in ("labels", "size", "extra"))
+    dataset = want["dataset"] in ("auto", stored["dataset"]) or source.get("kind") == DATASET_KIND.get(want["dataset"])
+    return meta if same and dataset else None
 
 
 def _write_beton(store: Path, out: Path, console) -> None:

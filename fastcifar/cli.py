@@ -288,6 +288,7 @@ def _recipes(args, console) -> None:
         given = " ".join(f"--set {o}" for o in args.overrides)
         console.print(f"# fastcifar recipes show {args.recipe} {given}".rstrip() + ": the recipe as `fastcifar train`"
                       " runs it, every key explicit", markup=False, highlight=False)
+        console.print(f"# data.store: {_store_note(recipe.data.store)}", markup=False, highlight=False)
         if "auto" in (recipe.data.mean, recipe.data.std):
             console.print('# data.mean / data.std "auto": the store\'s training statistics, filled in when the run '
                           "starts (its recipe.toml records the numbers)", markup=False, highlight=False)
@@ -311,6 +312,15 @@ def _recipes(args, console) -> None:
     for name, text in builtin_recipes().items():
         table.add_row(name, escape(recipe_description(text)))
     console.print(table)
+
+
+def _store_note(store: str) -> str:
+    from fastcifar.stores import locate_store
+
+    try:
+        return f"found at {locate_store(store)}"
+    except FastCifarError as e:
+        return str(e).removeprefix("data.store: ")
 
 
 def _bench(args, console) -> None:

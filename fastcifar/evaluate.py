@@ -17,6 +17,7 @@ from fastcifar.errors import CheckpointError, FastCifarError, first_line
 from fastcifar.loader import DeviceLoader
 from fastcifar.models import build_model
 from fastcifar.recipe import recipe_from_dict
+from fastcifar.stores import checkpoint_store
 
 
 @torch.no_grad()
@@ -94,7 +95,7 @@ def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str, co
 
     device = resolve_device(device_name, key="--device")
     model, recipe, classes, image_size = load_trained_model(path, device)
-    store = open_store(Path(data_dir or recipe.data.store))
+    store = open_store(Path(data_dir) if data_dir else checkpoint_store(Path(path), recipe.data.store))
     if list(store.classes) != classes:
         raise CheckpointError(f"{path}: trained on classes {classes}, but {store.path} holds {list(store.classes)}")
     h, w = store.test_images.shape[1:3]

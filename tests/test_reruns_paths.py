@@ -1,6 +1,7 @@
 """A newcomer's second hour (issue 24): reruns without a source (item 1), runs found from any folder (item 2), and
 `make train` twice through the Makefile (items 1 and 8)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -55,3 +56,55 @@ def test_a_failed_download_leaves_no_empty_cache_folder(offline, tmp_path, capsy
     kept.mkdir()
     assert main(["prepare", "--out", str(tmp_path / "new"), "--cache", str(kept / "c")]) == 2
     assert kept.is_dir() and not (kept / "c").exists()  # a folder this run did not create stays
+
+
+# ---------------------------------------------------------------------------------------------- item 2: paths
+
+TINY = ["--set", "train.epochs=1", "--set", "data.train_subset=4", "--set", "train.batch_size=16", "--set",
+        "model.width=8", "--set", "eval.figures=false"]
+
+
+@pytest.fixture
+def clone(store, tmp_path, monkeypatch):
+    """A clone with its store at data/cifar10, and another folder to work from; FASTCIFAR_DATA unset."""
+    monkeypatch.delenv("FASTCIFAR_DATA", raising=False)
+    shutil.copytree(store, tmp_path / "clone" / "data" / "cifar10")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    return tmp_path / "clone"
+
+
+def test_a_recipe_by_name_trains_from_any_folder_with_fastcifar_data(clone, tmp_path, monkeypatch, capsys):
+    assert main(["train", "quickstart", *TINY]) == 2  # data/cifar10 is not here, and nothing says where it is
+    err = capsys.readouterr().err
+    assert f"no prepared store at {tmp_path / 'elsewhere' / 'data' / 'cifar10'}" in err
+    assert "--set data.store=PATH" in err and "set FASTCIFAR_DATA to the folder holding data/cifar10" in err
+    assert not (tmp_path / "elsewhere" / "runs").exists()
+    monkeypatch.setenv("FASTCIFAR_DATA", str(clone))
+    assert main(["train", "quickstart", *TINY]) == 0
+    assert "runs/quickstart: test accuracy" in capsys.readouterr().out
+    data = json.loads((tmp_path / "elsewhere" / "runs" / "quickstart" / "data.json").read_text())
+    assert data["store"] == str((clone / "data" / "cifar10").resolve())  # absolute: found from anywhere later
+    env = json.loads((tmp_path / "elsewhere" / "runs" / "quickstart" / "env.json").read_text())
+    assert env["store"]["path"] == data["store"] and env["cwd"] == str(tmp_path / "elsewhere")
+
+
+def test_eval_of_a_run_from_another_folder_finds_its_store(clone, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(clone)  # trained from the clone, relative data.store, as `make train` does
+    assert main(["train", "quickstart", *TINY, "--set", 'data.store="data/cifar10"', "--out", "runs/q"]) == 0
+    best = clone / "runs" / "q" / "checkpoints" / "best.pt"
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["eval", str(best)]) == 0
+    assert "best.pt: test accuracy" in " ".join(capsys.readouterr().out.split())
+    # A run from before absolute paths: data.json relative, env.json naming the folder it started in.
+    data = clone / "runs" / "q" / "data.json"
+    data.write_text(json.dumps({**json.loads(data.read_text()), "store": "data/cifar10"}))
+    assert main(["eval", str(best)]) == 0
+    # The store moved away: one line naming where it looked and --data.
+    (clone / "data" / "cifar10").rename(clone / "data" / "moved")
+    assert main(["eval", str(best)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{best}: the store it was trained on is not at {clone / 'data' / 'cifar10'}" in err
+    assert "pass --data STORE" in err and "FASTCIFAR_DATA" in err
+    assert main(["eval", str(best), "--data", str(clone / "data" / "moved")]) == 0

@@ -199,7 +199,7 @@ def _train(args, console) -> None:
     # the ~20 s it takes to import torch on a loaded 2-core machine (the run modules below import it).
     recipe = load_recipe(args.recipe, overrides)
     from fastcifar.distributed import run_distributed, torchrun_env
-    from fastcifar.report import selection_note
+    from fastcifar.report import closing_lines, selection_note
     from fastcifar.run import run_training
 
     run_dir = Path(args.out or Path("runs") / recipe.name)
@@ -209,12 +209,10 @@ def _train(args, console) -> None:
             return
     else:
         summary = run_training(recipe, run_dir, console, resume=args.resume)
-    if "test_acc_mean" in summary:
-        console.print(f"{run_dir}: test accuracy {summary['test_acc_mean']:.2%}")
-    console.print(f"{run_dir}: validation accuracy {summary['val_acc_mean']:.2%}"
-                  + (f" ± {summary['val_acc_std']:.2%}" if len(summary["folds"]) > 1 else ""))
+    for line in closing_lines(run_dir, summary):
+        console.print(line, markup=False, highlight=False)
     if note := selection_note(summary["folds"]):
-        console.print(f"[yellow]{run_dir}: {note}[/yellow]")
+        console.print(f"{run_dir}: {note}", style="yellow", markup=False, highlight=False)
 
 
 def _sweep(args, console) -> None:

@@ -36,6 +36,9 @@ class DataCfg:
     store: str = setting("data/cifar10", "a directory written by `fastcifar prepare`")
     train_subset: int = setting(0, "training images kept PER CLASS (the first n of each; 200 on CIFAR-10 = 2,000 "
                                    "images), for smoke tests; 0 = all")
+    eval_subset: int = setting(0, "validation and test images kept PER CLASS (the first n of each; 20 on CIFAR-10 = "
+                                  "200 of the 10,000 test images), for smoke tests: every fold's validation set and "
+                                  "the test set are capped, and results say \"on N of M test images\"; 0 = all")
     # "auto" reads meta.json "stats", recorded by prepare; a run saves the numbers it used, so evaluation and
     # predict apply the same ones.
     mean: tuple[float, float, float] | Literal["auto"] = setting(
@@ -46,6 +49,7 @@ class DataCfg:
     def validate(self) -> None:
         check(self.store != "", "data.store", "must name a prepared store directory")
         check(self.train_subset >= 0, "data.train_subset", f"must be >= 0, got {self.train_subset}")
+        check(self.eval_subset >= 0, "data.eval_subset", f"must be >= 0 (0 = all), got {self.eval_subset}")
         check(self.std == "auto" or all(s > 0 for s in self.std), "data.std",
               f"every value must be > 0, got {self.std if self.std == 'auto' else list(self.std)}")
 

@@ -150,8 +150,9 @@ def _metrics_section(run: Run) -> list[str]:
     per_fold = [headline(f.result) for f in run.folds]
     split = split_of(run.folds[0].result)
     n = num(dig(run.folds[0].result, "metrics", "n"))
-    title = f"## Final metrics ({split} set" + (f", {n:,.0f} images" if n is not None and len(per_fold) == 1
-                                                 else "") + ")"
+    scope = capped(run.folds[0].result, split).removeprefix(" on ")
+    title = f"## Final metrics ({split} set" + (f", {scope or f'{n:,.0f} images'}" if n is not None and
+                                                 len(per_fold) == 1 else "") + ")"
     if len(per_fold) == 1:
         rows = [[label, fmt(per_fold[0][key], kind)] for key, label, _, kind in HEADLINE]
         return [title, ""] + md_table(["metric", "value"], rows)
@@ -245,6 +246,32 @@ def selection_note(results: list[dict[str, Any]]) -> str | None:
             "last epoch only) avoids that")
 
 
+def capped(result: dict[str, Any], split: str) -> str:
+    """" on N of M test images" when data.eval_subset evaluated only part of the set, else "" (a whole set, or a
+    run from before the counts were recorded)."""
+    n, total = num(result.get(f"{split}_images")), num(result.get(f"{split}_images_total"))
+    if n is None or total is None or n >= total:
+        return ""
+    return f" on {n:,.0f} of {total:,.0f} {'validation' if split == 'val' else split} images"
+
+
+def closing_lines(run_dir: Path, summary: dict[str, Any]) -> list[str]:
+    """The train command's last lines: the test accuracy, the validation accuracy where it is another set (the
+    official split validates on the test set: one line, not two equal ones); selection_note may follow."""
+    folds = summary["folds"]
+    val_is_test = all(dig(r, "selection", "on_reported_set") is True for r in folds)
+    lines = []
+    if "test_acc_mean" in summary:
+        lines.append(f"{run_dir}: test accuracy {summary['test_acc_mean']:.2%}{capped(folds[0], 'test')}"
+                     + (" (the official split validates on the test set)" if val_is_test else ""))
+    if "test_acc_mean" not in summary or not val_is_test:
+        spread = f" ± {summary['val_acc_std']:.2%}" if len(folds) > 1 else ""
+        scope = capped(folds[0], "val")
+        lines.append(f"{run_dir}: validation accuracy {summary['val_acc_mean']:.2%}{spread}{scope}"
+                     + (" per fold" if scope and len(folds) > 1 else ""))
+    return lines
+
+
 def _headline_line(run: Run) -> list[str]:
     """What a reader came for, first: the accuracy, mean ± std over the folds (and how far it flatters)."""
     accs = [headline(f.result)["accuracy"] for f in run.folds]
@@ -252,7 +279,10 @@ def _headline_line(run: Run) -> list[str]:
     split = split_of(run.folds[0].result)
     spread = f" ± {fmt(std, 'pct')} over {len(accs)} folds" if len(accs) > 1 else ""
     note = selection_note([f.result for f in run.folds])
-    return [f"**{split} accuracy: {fmt(mean, 'pct')}{spread}**", ""] + ([f"> Note: {note}.", ""] if note else [])
+    scope = capped(run.folds[0].result, split)
+    return [f"**{split} accuracy: {fmt(mean, 'pct')}{spread}**{scope}"
+            + (" (data.eval_subset: not the whole set)" if scope else ""), ""] + \
+        ([f"> Note: {note}.", ""] if note else [])
 
 
 def _collapsed(section: list[str]) -> list[str]:

@@ -30,7 +30,7 @@ from fastcifar.device import recipe_amp_dtype
 from fastcifar.engine import Engine, StepClock, build_engine, images_per_second, sync
 from fastcifar.errors import CheckpointError, first_line
 from fastcifar.evaluate import evaluate
-from fastcifar.fold_data import FoldData, make_loaders
+from fastcifar.fold_data import FoldData, eval_counts, make_loaders
 from fastcifar.lifecycle import Interrupted
 from fastcifar.metrics import compute_metrics
 from fastcifar.models import build_model, init_from_data, set_whiten_bias
@@ -343,7 +343,7 @@ def finish_fold(run: FoldRun, state: TrainState) -> dict[str, Any]:
         "val_per_class_acc": val["per_class_acc"], "classes": run.classes,
         "train_time_s": sum(r["epoch_time_s"] for r in state.history),
         "params": sum(p.numel() for p in run.model.parameters()),
-        "stage_boundary": run.recipe.finetune.head_epochs or None}
+        "stage_boundary": run.recipe.finetune.head_epochs or None, **eval_counts(run.fold, run.data)}
     final, split, final_loader = val, "val", run.data.val
     if run.data.test is not None:
         if run.data.test is not run.data.val:

@@ -87,10 +87,16 @@ def _recipes_parser(sub) -> None:
 
 
 def _result_parsers(sub) -> None:
-    ev = sub.add_parser("eval", help="test accuracy and per-class table of a checkpoint")
-    ev.add_argument("checkpoint")
-    ev.add_argument("--data", help="store directory (default: the one in the checkpoint's recipe)")
-    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    ev = sub.add_parser("eval", help="test accuracy and per-class table of a checkpoint (the whole test set)")
+    ev.add_argument("checkpoint", help="a checkpoint written by fastcifar train, e.g. runs/quickstart/checkpoints/"
+                                       "best.pt (an export from fastcifar export runs under fastcifar predict)")
+    ev.add_argument("--data", metavar="STORE", help="store directory (default: the store the run recorded in its "
+                                                    "data.json, else the recipe's data.store, here or under "
+                                                    "$FASTCIFAR_DATA)")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                    help="where to evaluate (default auto: cuda, else mps, else cpu)")
+    ev.add_argument("--json", nargs="?", const="-", metavar="FILE", help="also write the results as JSON to FILE "
+                                                                        "(alone or -: to stdout, instead of the table)")
 
     rp = sub.add_parser("report", help="write RUN/report.md, or compare several runs side by side")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (runs/<name>)")
@@ -110,6 +116,8 @@ def _result_parsers(sub) -> None:
                                                                "recursively, in path order")
     pd.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     pd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    pd.add_argument("--json", nargs="?", const="-", metavar="FILE", help="also write the predictions as JSON to FILE "
+                                                                        "(alone or -: to stdout, instead of the table)")
 
 
 def _prepare(args, console) -> None:
@@ -245,11 +253,16 @@ def _device_flag(name: str) -> None:
 
 
 def _eval(args, console) -> None:
-    from fastcifar.evaluate import eval_checkpoint
+    from fastcifar.evaluate import eval_checkpoint, print_eval
+    from fastcifar.outputs import JsonOut
 
     _not_an_export(args.checkpoint)
     _device_flag(args.device)
-    eval_checkpoint(args.checkpoint, args.data, args.device, console)
+    out = JsonOut(args.json, "eval")
+    result = eval_checkpoint(args.checkpoint, args.data, args.device)
+    if not out.to_stdout:
+        print_eval(result, console)
+    out.write(result, console)
 
 
 def _report(args, console) -> None:
@@ -260,11 +273,21 @@ def _report(args, console) -> None:
 
 
 def _predict(args, console) -> None:
+    from fastcifar.data.images import IMAGE_EXTS
+    from fastcifar.outputs import JsonOut
     from fastcifar.predict import predict, print_predictions
 
+    if args.json and Path(args.json).suffix.lower() in IMAGE_EXTS:  # `--json a.png b.png` took a.png as its FILE
+        raise FastCifarError(f"--json {args.json}: is an image, not a JSON file to write; put --json after the "
+                             "images, or give it a file name: --json predictions.json")
     _device_flag(args.device)
+    out = JsonOut(args.json, "predict")
     results = predict(Path(args.checkpoint), [Path(p) for p in args.images], args.top_k, args.device)
-    print_predictions(results, console)
+    if not out.to_stdout:
+        print_predictions(results, console)
+    out.write({"model": args.checkpoint, "top_k": args.top_k, "predictions": [
+        {"image": r["image"], "top": [{"class": c, "probability": p} for c, p in r["top"]]} for r in results]},
+        console)
 
 
 def _export(args, console) -> None:
@@ -274,51 +297,9 @@ def _export(args, console) -> None:
 
 
 def _recipes(args, console) -> None:
-    """`recipes [list]`, `recipes show RECIPE [--set ...]`, `recipes keys` (torch is never imported)."""
-    from rich.markup import escape
-    from rich.table import Table
+    from fastcifar.recipe_commands import recipes_command
 
-    from fastcifar.recipe import Recipe, builtin_recipes, load_recipe, recipe_description, recipe_to_toml
-    from fastcifar.typed_toml import key_reference
-
-    if args.recipes_command == "show":
-        recipe = load_recipe(args.recipe, args.overrides)
-        given = " ".join(f"--set {o}" for o in args.overrides)
-        console.print(f"# fastcifar recipes show {args.recipe} {given}".rstrip() + ": the recipe as `fastcifar train`"
-                      " runs it, every key explicit", markup=False, highlight=False)
-        console.print(f"# data.store: {_store_note(recipe.data.store)}", markup=False, highlight=False)
-        if "auto" in (recipe.data.mean, recipe.data.std):
-            console.print('# data.mean / data.std "auto": the store\'s training statistics, filled in when the run '
-                          "starts (its recipe.toml records the numbers)", markup=False, highlight=False)
-        console.print(recipe_to_toml(recipe), markup=False, highlight=False, end="")
-        return
-    if args.recipes_command == "keys":  # valid TOML (dotted keys), one key a line: grep-able, a template
-        rows = key_reference(Recipe)
-        width = max(len(f"{r['key']} = {r['default']}") for r in rows if r["type"] != "section")
-        lines = ["# Every recipe key: KEY = DEFAULT  # TYPE: meaning. Change one with --set KEY=VALUE; see one "
-                 "recipe's values with fastcifar recipes show NAME."]
-        for r in rows:
-            if r["type"] == "section":
-                lines += ["", f"# {r['key']} {r['meaning']}"]
-            else:
-                lines.append(f"{r['key'] + ' = ' + r['default']:<{width}}  # {r['type']}: {r['meaning']}")
-        console.print("\n".join(lines), markup=False, highlight=False)
-        return
-    table = Table(title="built-in recipes: fastcifar train NAME (fastcifar recipes show NAME prints one)")
-    table.add_column("name")
-    table.add_column("what")
-    for name, text in builtin_recipes().items():
-        table.add_row(name, escape(recipe_description(text)))
-    console.print(table)
-
-
-def _store_note(store: str) -> str:
-    from fastcifar.stores import locate_store
-
-    try:
-        return f"found at {locate_store(store)}"
-    except FastCifarError as e:
-        return str(e).removeprefix("data.store: ")
+    recipes_command(args, console)
 
 
 def _bench(args, console) -> None:

@@ -94,3 +94,47 @@ def test_a_missing_device_is_named_as_the_flag(tiny, tmp_path, capsys):
     for cmd in (["eval", best], ["predict", best, str(tmp_path)]):
         assert main([*cmd, "--device", "cuda"]) == 2
         assert capsys.readouterr().err.startswith("fastcifar: error: --device: 'cuda' requested but torch sees no")
+
+
+# ---------------------------------------------------------------------------------------------- item 7: JSON
+
+
+def test_eval_and_predict_json_to_stdout_and_to_a_file(tiny, store, tmp_path, capsys):
+    from PIL import Image
+
+    run_training(tiny(train={"epochs": 1}), tmp_path / "r", QUIET)
+    best = str(tmp_path / "r" / "checkpoints" / "best.pt")
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", best, "--json"]) == 0  # stdout holds the JSON alone
+    got = json.loads(capsys.readouterr().out)
+    assert got["kind"] == "fastcifar-eval" and got["images"] == 80 and got["accuracy"] == result["test_acc"]
+    assert [r["class"] for r in got["per_class"]][:2] == ["airplane", "automobile"]
+    assert got["store"] == str(store.resolve()) and sum(map(sum, got["confusion"])) == 80
+    assert main(["eval", best, "--json", str(tmp_path / "e.json")]) == 0  # a file: the table still prints
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and f"wrote {tmp_path / 'e.json'}" in out
+    assert json.loads((tmp_path / "e.json").read_text()) == got
+    assert main(["eval", best, "--json", str(tmp_path / "e.json")]) == 0  # its own file: replaced
+
+    for i in range(3):
+        Image.new("RGB", (40, 30), (80 * i, 20, 200)).save(tmp_path / f"im{i}.png")
+    images = [str(tmp_path / f"im{i}.png") for i in range(3)]
+    capsys.readouterr()
+    assert main(["predict", best, *images, "--top-k", "2", "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert pred["kind"] == "fastcifar-predict" and [p["image"] for p in pred["predictions"]] == images
+    assert all(len(p["top"]) == 2 and p["top"][0]["probability"] >= p["top"][1]["probability"]
+               for p in pred["predictions"])
+    assert main(["predict", best, *images, "--json", str(tmp_path / "p.json")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["predictions"][0]["image"] == images[0]
+
+    # Files fastcifar did not write, or of the other kind, are never replaced; refused before any work.
+    (tmp_path / "mine.json").write_text('{"kind": "my-notes"}')
+    for cmd in (["eval", best, "--json", str(tmp_path / "mine.json")],
+                ["predict", best, images[0], "--json", str(tmp_path / "e.json")]):
+        assert main(cmd) == 2
+        assert "exists and is not a" in capsys.readouterr().err
+    assert (tmp_path / "mine.json").read_text() == '{"kind": "my-notes"}'
+    assert main(["predict", best, "--json", *images]) == 2  # --json took im0.png as its file: refused, unharmed
+    assert "--json " + images[0] + ": is an image" in capsys.readouterr().err

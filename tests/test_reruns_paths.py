@@ -108,3 +108,63 @@ def test_eval_of_a_run_from_another_folder_finds_its_store(clone, tmp_path, monk
     assert err.count("\n") == 1 and f"{best}: the store it was trained on is not at {clone / 'data' / 'cifar10'}" in err
     assert "pass --data STORE" in err and "FASTCIFAR_DATA" in err
     assert main(["eval", str(best), "--data", str(clone / "data" / "moved")]) == 0
+
+
+# ---------------------------------------------------------------------------------------------- the Makefile
+
+
+def _clone_with_venv(tmp_path: Path) -> Path:
+    """The Makefile in a folder of its own, with a "venv" whose stamp says it is installed (this interpreter)."""
+    clone = tmp_path / "clone"
+    (clone / "venv" / "bin").mkdir(parents=True)
+    shutil.copy(ROOT / "Makefile", clone / "Makefile")
+    (clone / "pyproject.toml").write_text("")
+    (clone / "venv" / "bin" / "python").symlink_to(sys.executable)
+    script = clone / "venv" / "bin" / "fastcifar"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fastcifar "$@"\n')
+    script.chmod(0o755)
+    later = (clone / "pyproject.toml").stat().st_mtime + 10
+    (clone / "venv" / "bin" / ".installed").touch()
+    os.utime(clone / "venv" / "bin" / ".installed", (later, later))
+    return clone
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_train_twice_the_second_time_without_a_source(store, tmp_path):
+    clone = _clone_with_venv(tmp_path)
+    make_image_folder(tmp_path / "src", 6, 3, "png")
+    (clone / "tiny.toml").write_text('name = "tiny"\n[model]\nname = "cnn_bn"\nwidth = 8\n[train]\nepochs = 1\n'
+                                     'batch_size = 16\n[eval]\nfigures = false\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTCIFAR_SOURCE", "FASTCIFAR_DATA", "MAKEFLAGS")}
+    env.update(FASTCIFAR_URL=NOWHERE, HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+
+    def make(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "train", "VENV=venv", "RECIPE=tiny.toml", *args], cwd=clone, env=env,
+                              capture_output=True, text=True, timeout=900)
+
+    first = make(f"SOURCE={tmp_path / 'src'}")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "wrote data/cifar10: 60 train + 30 test images" in first.stdout and "fold 0 epoch" in first.stdout
+    result = [line for line in first.stdout.splitlines() if line.startswith("runs/tiny: test accuracy")]
+    second = make()  # no SOURCE, no FASTCIFAR_SOURCE, no network
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "data/cifar10: already prepared and verified (60 train + 30 test images" in second.stdout
+    assert "fold 0 epoch" not in second.stdout and "fold 0: finished earlier, kept" in second.stdout
+    assert [line for line in second.stdout.splitlines() if line.startswith("runs/tiny: test accuracy")] == result
+    assert not (tmp_path / "home" / ".cache" / "fastcifar").exists()  # no download cache made (matplotlib keeps its own)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_train_installs_the_main_job_only_and_make_test_adds_dev(tmp_path):
+    clone = tmp_path / "fresh"
+    clone.mkdir()
+    shutil.copy(ROOT / "Makefile", clone / "Makefile")
+    (clone / "pyproject.toml").write_text("")
+
+    def dry(target: str) -> str:
+        return subprocess.run(["make", "-n", target], cwd=clone, capture_output=True, text=True, check=True).stdout
+
+    train, test = dry("train"), dry("test")
+    assert "pip install -e .\n" in train and "[dev]" not in train
+    assert "pip install -e .\n" in test and 'pip install -e ".[dev]"' in test
+    assert "pytest" in test and "fastcifar train" in train

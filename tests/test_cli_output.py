@@ -41,6 +41,9 @@ def test_a_pipe_gets_whole_epoch_lines_and_uncut_sweep_tables(tiny, tmp_path):
     rows = [line for line in done.stdout.splitlines() if variant in line]
     assert rows and "…" not in rows[0]  # the table row holds the whole variant name, on one line
     assert not any(len(line) > 80 for line in done.stdout.splitlines() if "…" in line)
+    # item 9: the column sums the folds' epoch times: it is called what it is
+    assert "train time (s)" in done.stdout and "wall time" not in done.stdout
+    assert (tmp_path / "sw" / "sweep.csv").read_text().splitlines()[0].endswith(",params,train_time_s")
 
 
 # ---------------------------------------------------------------------------------------------- item 5: errors

@@ -7,19 +7,13 @@ built anywhere. Keys newer than the oldest run format are optional: a missing va
 from __future__ import annotations
 
 import statistics
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from fastcifar.atomic import write_text
-from fastcifar.typed_toml import toml_value
+from fastcifar.differences import differing_keys
 from fastcifar.ownership import MARKERS, MD_MARKER, has_marker, legacy_run, md_ours, output_guard
 from fastcifar.runfiles import Fold, ReportError, Run, dig, load_run, num  # noqa: F401 - the report API too
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 DASH = "–"
 FIGURES = ["curves.png", "confusion.png", "samples.png", "predictions.png", "mistakes.png", "gradcam.png"]
@@ -360,45 +354,19 @@ def _compare_rows(runs: list[Run]) -> list[list[str]]:
     return rows
 
 
-def _recipe_keys(run: Run) -> dict[str, Any] | None:
-    """The run's saved recipe.toml as dotted key -> value; None when it is missing or not TOML (run files are
-    untrusted: a damaged one is reported, not raised)."""
-    if run.recipe_text is None:
-        return None
-    try:
-        table = tomllib.loads(run.recipe_text)
-    except (tomllib.TOMLDecodeError, RecursionError):
-        return None
-    flat: dict[str, Any] = {}
-    for key, value in table.items():
-        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    return flat
-
-
-def _value(v: Any) -> str:
-    try:
-        return f"`{toml_value(v)}`"
-    except TypeError:  # an inline table: not a key fastcifar writes, shown as it came
-        return f"`{v!r}`"
-
-
-def recipe_differences(runs: list[Run]) -> list[str]:
-    """## How the recipes differ: every key whose value is not the same in all runs (absent counts as a value),
-    one column per run, in the first recipe's key order."""
-    tables = [_recipe_keys(r) for r in runs]
+def _differences_section(runs: list[Run]) -> list[str]:
+    """## How the recipes differ: the keys whose values are not the same in all runs, one column a run."""
+    names = [_column_name(r) for r in runs]
+    broken, rows = differing_keys([r.recipe_text for r in runs])
     lines = ["## How the recipes differ", ""]
-    broken = [_column_name(r) for r, t in zip(runs, tables) if t is None]
     if broken:
-        lines += [f"recipe.toml missing or unreadable: {', '.join(broken)} (not compared).", ""]
-    kept = [(r, t) for r, t in zip(runs, tables) if t is not None]
-    keys = list(dict.fromkeys(k for _, t in kept for k in t))
-    differ = [k for k in keys if len({_value(t[k]) if k in t else DASH for _, t in kept}) > 1]
-    if len(kept) < 2:
+        lines += [f"recipe.toml missing or unreadable: {', '.join(names[i] for i in broken)} (not compared).", ""]
+    if len(runs) - len(broken) < 2:
         return lines
-    if not differ:
+    if not rows:
         return lines + ["Every key is the same in all recipes.", ""]
-    rows = [[f"`{k}`"] + [_value(t[k]) if k in t else DASH for _, t in kept] for k in differ]
-    return lines + md_table(["key", *[_column_name(r) for r, _ in kept]], rows, numeric=False)
+    kept = [n for i, n in enumerate(names) if i not in broken]
+    return lines + md_table(["key", *kept], [[f"`{k}`", *v] for k, v in rows], numeric=False)
 
 
 def combine_reports(run_dirs: list[Path], out: Path = Path("report.md")) -> Path:
@@ -419,7 +387,7 @@ def combine_reports(run_dirs: list[Path], out: Path = Path("report.md")) -> Path
              "(± sample std where a run has several folds).", ""]
     lines += [f"- **{_column_name(r)}**: recipe `{r.name}`, `{r.dir}`" for r in runs] + [""]
     lines += md_table(["", *[_column_name(r) for r in runs]], _compare_rows(runs))
-    lines += recipe_differences(runs)
+    lines += _differences_section(runs)
     out = Path(out)
     write_text(out, "\n".join(lines).rstrip("\n") + "\n", guard)
     return out

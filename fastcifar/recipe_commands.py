@@ -10,6 +10,10 @@ from fastcifar.recipe import Recipe, builtin_recipes, load_recipe, recipe_descri
 from fastcifar.stores import locate_store
 from fastcifar.typed_toml import key_reference
 
+# TOML to copy: no markup, no highlighting, and no line breaks of rich's own even in a terminal (a wrapped comment
+# would lose its "#" and the pasted file would not parse)
+PLAIN = {"markup": False, "highlight": False, "soft_wrap": True}
+
 
 def recipes_command(args, console) -> None:
     """`recipes [list]`, `recipes show RECIPE [--set ...]`, `recipes keys`."""
@@ -17,12 +21,12 @@ def recipes_command(args, console) -> None:
         recipe = load_recipe(args.recipe, args.overrides)
         given = " ".join(f"--set {o}" for o in args.overrides)
         console.print(f"# fastcifar recipes show {args.recipe} {given}".rstrip() + ": the recipe as `fastcifar train`"
-                      " runs it, every key explicit", markup=False, highlight=False)
-        console.print(f"# data.store: {store_note(recipe.data.store)}", markup=False, highlight=False)
+                      " runs it, every key explicit", **PLAIN)
+        console.print(f"# data.store: {store_note(recipe.data.store)}", **PLAIN)
         if "auto" in (recipe.data.mean, recipe.data.std):
             console.print('# data.mean / data.std "auto": the store\'s training statistics, filled in when the run '
-                          "starts (its recipe.toml records the numbers)", markup=False, highlight=False)
-        console.print(recipe_to_toml(recipe), markup=False, highlight=False, end="")
+                          "starts (its recipe.toml records the numbers)", **PLAIN)
+        console.print(recipe_to_toml(recipe), **PLAIN, end="")
         return
     if args.recipes_command == "keys":  # valid TOML (dotted keys), one key a line: grep-able, a template
         rows = key_reference(Recipe)
@@ -34,7 +38,7 @@ def recipes_command(args, console) -> None:
                 lines += ["", f"# {r['key']} {r['meaning']}"]
             else:
                 lines.append(f"{r['key'] + ' = ' + r['default']:<{width}}  # {r['type']}: {r['meaning']}")
-        console.print("\n".join(lines), markup=False, highlight=False)
+        console.print("\n".join(lines), **PLAIN)
         return
     table = Table(title="built-in recipes: fastcifar train NAME (fastcifar recipes show NAME prints one)")
     table.add_column("name")

@@ -151,7 +151,7 @@ def test_make_train_twice_the_second_time_without_a_source(store, tmp_path):
     assert "data/cifar10: already prepared and verified (60 train + 30 test images" in second.stdout
     assert "fold 0 epoch" not in second.stdout and "fold 0: finished earlier, kept" in second.stdout
     assert [line for line in second.stdout.splitlines() if line.startswith("runs/tiny: test accuracy")] == result
-    assert not (tmp_path / "home" / ".cache" / "fastcifar").exists()  # no download cache made (matplotlib keeps its own)
+    assert not (tmp_path / "home" / ".cache" / "fastcifar").exists()  # no download cache (matplotlib has its own)
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from rich.console import Console
 
 from fastcifar.context import Hooks
+from fastcifar.console import make_console
 from fastcifar.device import resolve_device
 from fastcifar.engine import Engine, compile_model
 from fastcifar.errors import FastCifarError, RecipeError
@@ -317,7 +318,7 @@ def run_distributed(recipe: Recipe, run_dir: Path, console: Console, *, resume: 
     device = rank_device(recipe.train.device, local_rank)
     check_distributed(recipe, world, device, folds_parallel)
     if folds_parallel and world > 1:  # live progress bars of W processes on one terminal garble each other
-        console = Console(force_terminal=False, soft_wrap=True)
+        console = make_console(force_terminal=False)
     elif rank:
         console = Console(quiet=True)
     try:

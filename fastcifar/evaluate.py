@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from fastcifar.errors import CheckpointError, FastCifarError, first_line
 from fastcifar.loader import DeviceLoader
 from fastcifar.models import build_model, create_model
 from fastcifar.recipe import recipe_from_dict
+from fastcifar.stores import checkpoint_store
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -110,13 +112,13 @@ def _check_shapes(path: Path, recipe, num_classes: int, image_size: int, weights
                                   f"needs {list(want.shape)}")
 
 
-def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str, console: Console) -> dict[str, Any]:
-    """`fastcifar eval`: test accuracy and a per-class table for a saved checkpoint."""
-    from rich.table import Table
-
-    device = resolve_device(device_name)
+def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str,
+                    console: Console | None = None) -> dict[str, Any]:
+    """`fastcifar eval`: test accuracy, per-class accuracy and confusion of a saved checkpoint on a store's whole
+    test set (printed as a table when `console` is given; `--json` writes the returned dict)."""
+    device = resolve_device(device_name, key="--device")
     model, recipe, classes, image_size = load_trained_model(path, device)
-    store = open_store(Path(data_dir or recipe.data.store))
+    store = open_store(Path(data_dir) if data_dir else checkpoint_store(Path(path), recipe.data.store))
     if list(store.classes) != classes:
         raise CheckpointError(f"{path}: trained on classes {classes}, but {store.path} holds {list(store.classes)}")
     h, w = store.test_images.shape[1:3]
@@ -128,14 +130,29 @@ def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str, co
                           shuffle=False)
     metrics = evaluate(model, loader, device, recipe_amp_dtype(recipe.train, device), len(classes),
                        tta=recipe.eval.tta, channels_last=recipe.train.channels_last)
-    if recipe.split.pool == "train+test":
-        console.print("[yellow]note: this model's folds were drawn from train+test, so the test set overlaps "
-                      "its training data[/yellow]")
-    table = Table(title=f"{Path(path).name}: test accuracy {metrics['acc']:.2%} on {metrics['n']} images")
+    note = ("this model's folds were drawn from train+test, so the test set overlaps its training data"
+            if recipe.split.pool == "train+test" else None)
+    result = {"checkpoint": str(path), "store": str(store.path), "images": metrics["n"], "accuracy": metrics["acc"],
+              "loss": metrics["loss"] if math.isfinite(metrics["loss"]) else None, "classes": classes,
+              "per_class": [{"class": name, "accuracy": acc, "images": sum(row)} for name, acc, row in
+                            zip(classes, metrics["per_class_acc"], metrics["confusion"])],
+              "confusion": metrics["confusion"], "note": note}
+    if console is not None:
+        print_eval(result, console)
+    return result
+
+
+def print_eval(result: dict[str, Any], console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    if result["note"]:
+        console.print(f"[yellow]note: {escape(result['note'])}[/yellow]")
+    table = Table(title=f"{Path(result['checkpoint']).name}: test accuracy {result['accuracy']:.2%} on "
+                        f"{result['images']} images")
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     table.add_column("images", justify="right")
-    for name, acc, row in zip(classes, metrics["per_class_acc"], metrics["confusion"]):
-        table.add_row(name, f"{acc:.2%}", str(sum(row)))
+    for row in result["per_class"]:
+        table.add_row(escape(row["class"]), f"{row['accuracy']:.2%}", str(row["images"]))
     console.print(table)
-    return metrics

@@ -27,6 +27,7 @@ from fastcifar.models import build_model, create_model, model_entry
 from fastcifar.ownership import check_own_dir, legacy_run
 from fastcifar.recipe import Recipe, load_recipe, recipe_diff
 from fastcifar.splits import Fold, make_folds, take_per_class
+from fastcifar.stores import locate_store
 from fastcifar.tblog import check_tensorboard
 
 # Keys that may differ when a run is resumed: where it runs does not change what it computes.
@@ -51,7 +52,8 @@ def check_inputs(recipe: Recipe, run_dir: Path, resume: bool = False, device: to
     check `run_dir` may hold this run (new, empty, or this run with --resume on the same data); a DDP rank other
     than 0 leaves that to rank 0."""
     device = device or torch.device("cpu")
-    store = open_store(Path(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
+    # data.store from here or under $FASTCIFAR_DATA; the store's absolute path is what the run records
+    store = open_store(locate_store(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
     recipe = resolve_stats(recipe, store)
     check_loader(recipe)  # a missing DALI / FFCV extra, or an augment section the loader cannot express
     check_tensorboard(recipe)

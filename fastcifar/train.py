@@ -148,7 +148,8 @@ def validate(run: FoldRun, epoch: int, totals: EpochTotals, validating: bool = T
     seen = max(totals.seen, 1)
     return {"epoch": epoch + 1, "train_loss": float(totals.loss_sum) / seen,
             "train_acc": int(totals.correct) / seen, "val_loss": val["loss"], "val_acc": val["acc"],
-            "lr": totals.lr, "epoch_time_s": totals.seconds + totals.warmup_s + time.perf_counter() - t0,
+            "lr": totals.lr, "lr_steps": totals.lr_curve(epoch, len(run.data.train)),
+            "epoch_time_s": totals.seconds + totals.warmup_s + time.perf_counter() - t0,
             "img_per_s": images_per_second(totals.seen, totals.seconds, totals.warmup_seen, totals.warmup_s),
             "skipped_steps": totals.skipped}
 

@@ -67,7 +67,7 @@ def test_sweep_runs_each_factor_against_the_baseline(store, tmp_path):
     rows = run_sweep(str(path), [], ["train.label_smoothing=0.0,0.1", "augment.erasing_p=0.5"], tmp_path / "sw",
                      QUIET)
     assert [r["variant"] for r in rows] == ["baseline", "train.label_smoothing=0.1", "augment.erasing_p=0.5"]
-    assert rows[0]["delta_pp"] == 0.0 and all(r["params"] > 0 and r["wall_time_s"] > 0 for r in rows)
+    assert rows[0]["delta_pp"] == 0.0 and all(r["params"] > 0 and r["train_time_s"] > 0 for r in rows)
     assert rows[1]["delta_pp"] == pytest.approx(100 * (rows[1]["accuracy"] - rows[0]["accuracy"]))
     assert (tmp_path / "sw" / "train.label_smoothing=0.1" / "summary.json").exists()
     md = (tmp_path / "sw" / "sweep.md").read_text()

@@ -78,7 +78,8 @@ def test_bad_values_name_the_dotted_key(table, starts):
 def test_unknown_key_in_file_names_file_and_key(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text("[train]\nepochz = 3\n")
-    with pytest.raises(RecipeError, match=r"r\.toml: train\.epochz: unknown key \(known keys: "):
+    with pytest.raises(RecipeError,
+                       match=r"r\.toml: train\.epochz: unknown key \(did you mean train\.epochs\? known keys: "):
         load_recipe(p)
 
 

@@ -72,11 +72,23 @@ def _existing(path: Path, what: str) -> Path:
 
 
 def _download(url: str, dest: Path, md5: str) -> None:
-    """Fetch `url` to a temp file beside `dest`, check md5, then rename; nothing is left behind on failure."""
+    """Fetch `url` to a temp file beside `dest`, check md5, then rename; nothing is left behind on failure, not
+    even the cache folders this call created (only while empty: another download may have landed there)."""
+    created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # deepest first
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{dest.parent}: cannot create the download cache ({one_line(e)})") from None
+    try:
+        _fetch(url, dest, md5)
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):  # not empty, or gone: not ours to remove any more
+                folder.rmdir()
+        raise
+
+
+def _fetch(url: str, dest: Path, md5: str) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     try:

@@ -23,7 +23,7 @@ QUIET = Console(quiet=True)
 def drawn(monkeypatch) -> list:
     """The matplotlib figures the plot functions would save."""
     out: list = []
-    monkeypatch.setattr(figures, "_save", lambda fig, path: out.append(fig) or Path(path))
+    monkeypatch.setattr(figures, "save_png", lambda fig, path: out.append(fig) or Path(path))
     return out
 
 

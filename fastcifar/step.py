@@ -54,6 +54,9 @@ class EpochTotals:
     seconds: float = 0.0  # steady-state step time (warm-up excluded: fastcifar.engine.StepClock)
     warmup_seen: int = 0  # images of the warm-up (compile / graph capture) steps among `seen`
     warmup_s: float = 0.0
+    # (loss sum, images seen) at the epoch's last TensorBoard step point (fastcifar.tblog): the next point
+    # averages from there, and a mid-epoch checkpoint keeps it, so a resumed run logs the same mean
+    log_mark: tuple[float, int] | None = None
 
     @classmethod
     def zeros(cls, device: torch.device, lr: float) -> "EpochTotals":
@@ -63,13 +66,23 @@ class EpochTotals:
     def state_dict(self) -> dict[str, Any]:
         return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen,
                 "skipped": self.skipped, "lr": self.lr, "seconds": self.seconds,
-                "warmup_seen": self.warmup_seen, "warmup_s": self.warmup_s}
+                "warmup_seen": self.warmup_seen, "warmup_s": self.warmup_s,
+                "log_mark": list(self.log_mark) if self.log_mark is not None else None}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> "EpochTotals":
         return cls(state["loss_sum"].to(device), state["correct"].to(device), int(state["seen"]),
                    int(state["skipped"]), float(state["lr"]), float(state["seconds"]),
-                   int(state.get("warmup_seen", 0)), float(state.get("warmup_s", 0.0)))
+                   int(state.get("warmup_seen", 0)), float(state.get("warmup_s", 0.0)),
+                   _mark(state.get("log_mark")))
+
+
+def _mark(value) -> tuple[float, int] | None:
+    """A checkpoint's log_mark (absent from checkpoints before it existed: None, the epoch's start)."""
+    if value is None:
+        return None
+    loss_sum, seen = value
+    return float(loss_sum), int(seen)
 
 
 class StepRunner:

@@ -1,9 +1,12 @@
 """TensorBoard logging (train.log = [..., "tensorboard"], extra [tensorboard]) through torch.utils.tensorboard.
 
 One event folder per fold, FOLD_DIR/tensorboard, written only by the process that writes the fold. Every scalar
-sits on one step axis, the optimizer step, so a resumed fold opens its writer with purge_step = the step it
-resumes at: TensorBoard then drops what the interrupted process logged after its checkpoint, and the resumed
-run appends without duplicate steps.
+sits on one step axis, the optimizer step, so a fold whose event folder exists already (resumed, or restarted
+after a kill -9 before its first checkpoint) opens its writer with purge_step = the step it resumes at:
+TensorBoard then drops what the interrupted process logged after its checkpoint, and the resumed run appends
+without duplicate steps. Two rules make a stopped and resumed fold log the very events of an uninterrupted one:
+events are flushed before every checkpoint (what a checkpoint covers is on disk before it), and a step point's
+mean starts from the epoch totals' log_mark, which a mid-epoch checkpoint keeps.
 """
 
 from __future__ import annotations
@@ -32,33 +35,40 @@ class FoldLog:
 
     def __init__(self, fold_dir: Path, recipe: Recipe | None, enabled: bool, purge_step: int = 0):
         self.writer, self.every = None, recipe.train.log_every if recipe is not None else 1
-        self._last: tuple[float, int] | None = None  # (loss sum, images) at the last step-level point
         if enabled and "tensorboard" in recipe.train.log:
             from torch.utils.tensorboard import SummaryWriter  # an optional extra: imported only when asked for
 
-            self.writer = SummaryWriter(str(fold_dir / "tensorboard"), purge_step=purge_step or None)
+            folder = fold_dir / "tensorboard"
+            # Events already there are an earlier attempt's (a new fold has no folder): purge what it logged after
+            # the checkpoint, or all of it when it died before the first one (purge_step 1).
+            self.writer = SummaryWriter(str(folder), purge_step=purge_step if folder.exists() else None)
 
     @staticmethod
     def purge_after(steps_done: int) -> int:
         """The purge step of a fold resumed after `steps_done` optimizer steps: points are logged at the count of
-        steps done, so everything up to steps_done is the checkpoint's and kept (0: a fresh fold, no purge)."""
-        return steps_done + 1 if steps_done else 0
+        steps done, so everything up to steps_done is the checkpoint's and kept, everything later dropped."""
+        return steps_done + 1
 
     def step(self, global_step: int, totals, lr: float) -> None:
         """Every log_every steps: the mean training loss over those steps (one host read) and the lr."""
         if self.writer is None or (global_step + 1) % self.every:
             return
         loss_sum, seen = float(totals.loss_sum), int(totals.seen)
-        last_sum, last_seen = self._last if self._last and self._last[1] <= seen else (0.0, 0)
+        last_sum, last_seen = totals.log_mark or (0.0, 0)  # None: the epoch's first point, from its start
         if seen > last_seen:
             self.writer.add_scalar("step/train_loss", (loss_sum - last_sum) / (seen - last_seen), global_step + 1)
         self.writer.add_scalar("step/lr", lr, global_step + 1)
-        self._last = (loss_sum, seen)
+        totals.log_mark = (loss_sum, seen)
+
+    def flush(self) -> None:
+        """Before a checkpoint: the events it covers reach the disk first, since the resumed run purges
+        everything after the checkpoint's step and re-logs only that (a kill -9 loses the writer's queue)."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def epoch(self, global_step: int, row: dict[str, float]) -> None:
         if self.writer is None:
             return
-        self._last = None  # the next epoch's totals start from zero
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "epoch_time_s"):
             if row[key] is not None:  # val_* on an epoch eval.every skipped
                 self.writer.add_scalar(f"epoch/{key}", row[key], global_step)

@@ -146,6 +146,7 @@ def save_last(run: FoldRun, state: TrainState, partial: EpochTotals | None = Non
     state.loader, state.torch_rng = run.data.train.state_dict(), torch.get_rng_state()
     state.cuda_rng = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
     state.partial = partial.state_dict() if partial is not None else None
+    run.tb.flush()  # the events this checkpoint covers are on disk before it is (fastcifar.tblog)
     save_checkpoint(run.last_path, {**run.meta(), **state.to_dict()})
 
 
@@ -208,8 +209,8 @@ def fit(run: FoldRun, state: TrainState, hooks: Hooks, progress: RunProgress, st
             run.step.model = run.strategy.train_net(run.model, run.engine)  # DDP hooks what requires grad
         totals = run.strategy.reduce(train_epoch(run, state, epoch, hooks, progress, stop))
         row = run.strategy.agree(validate(run, epoch, totals, validates(run.recipe, epoch)))
+        run.tb.epoch((epoch + 1) * steps, row)  # before end_epoch's checkpoint: resuming never re-logs them
         end_epoch(run, state, early, row)
-        run.tb.epoch((epoch + 1) * steps, row)
         val = (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}" if row["val_acc"] is not None
                else "not validated")
         run.say(f"fold {run.fold.index} epoch {row['epoch']:>3}/{tr.epochs}  train loss {row['train_loss']:.4f} "

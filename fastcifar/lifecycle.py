@@ -17,7 +17,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Iterator
 
-from fastcifar.errors import FastCifarError
+from fastcifar.atomic import disk_full
+from fastcifar.errors import DiskFullError, FastCifarError
 from fastcifar.ownership import pid_alive
 
 
@@ -39,7 +40,21 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> None:
+        created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._take()
+        except OSError as e:  # the pid did not fit on the disk (its lock file is gone): no folder left either
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.path.parent)  # only ever an empty folder
+            full = disk_full(e, self.path.parent if self.path.parent.exists() else self.path.parent.parent)
+            if full is None:
+                raise
+            raise DiskFullError(f"{self.path}: disk full while writing ({full}); nothing was written, free some "
+                                "space and start again") from None
+
+    def _take(self) -> None:
         for _ in range(3):  # create, or take over a stale lock and retry
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -51,8 +66,15 @@ class RunLock:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)  # stale: its owner is dead
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
+            made = os.fstat(fd)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+            except OSError:
+                with contextlib.suppress(OSError):
+                    if os.path.samestat(made, os.stat(self.path)):  # still the file made above, not a successor's
+                        os.unlink(self.path)
+                raise
             self.held = True
             return
         raise RunInUse(f"{self.path}: could not take the run lock (another process keeps re-creating it)")

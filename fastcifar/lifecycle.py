@@ -20,6 +20,7 @@ from typing import Iterator
 from fastcifar.atomic import disk_full
 from fastcifar.errors import DiskFullError, FastCifarError
 from fastcifar.ownership import pid_alive
+from fastcifar.textfiles import read_text
 
 
 class RunInUse(FastCifarError):
@@ -80,16 +81,22 @@ class RunLock:
         raise RunInUse(f"{self.path}: could not take the run lock (another process keeps re-creating it)")
 
     def _owner(self) -> int | None:
+        """The pid in the lock file; None where it is unreadable or half-written (stale). A FIFO or device in
+        its place would block or never end: that is one line, not a guess."""
         try:
-            return int(self.path.read_text().strip() or "0") or None
+            return int(read_text(self.path, "run lock", 4096, RunInUse).strip() or "0") or None
         except (OSError, ValueError):
-            return None  # unreadable or half-written: treat as stale
+            return None
 
     def release(self) -> None:
-        if self.held and self._owner() == os.getpid():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-        self.held = False
+        try:
+            if self.held and self._owner() == os.getpid():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+        except RunInUse:  # our lock replaced by a FIFO or a device: not ours to remove
+            pass
+        finally:
+            self.held = False
 
     def __enter__(self) -> "RunLock":
         self.acquire()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastcifar.errors import RecipeError
+from fastcifar.textfiles import RECIPE_BYTES, read_text
 from fastcifar.typed_toml import apply_overrides, build, check, short, table_to_toml
 
 if sys.version_info >= (3, 11):
@@ -372,12 +373,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         builtin = builtin_recipes() if not path.exists() and path.parent == Path(".") else {}
         name = path.name.removesuffix(".toml")
-        text = builtin[name] if name in builtin else path.read_text(encoding="utf-8")
+        text = builtin[name] if name in builtin else read_text(path, "recipe", RECIPE_BYTES, RecipeError)
         table = tomllib.loads(text)
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found (built-in recipes: {', '.join(builtin_recipes())})") \
             from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML ({e})") from None
     except RecursionError:  # tomllib recurses once per nesting level of arrays / inline tables
         raise RecipeError(f"{path}: not valid TOML (nested too deeply)") from None

@@ -132,6 +132,25 @@ def test_lr_1e40_is_refused_before_the_run_folder_exists(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_recipe_saved_with_a_utf8_bom_is_read(store, tmp_path, capsys):
+    """Windows editors save UTF-8 with a byte-order mark, which tomllib refuses ("Invalid statement (line 1,
+    column 1)"): dropped for a recipe, for the run's saved recipe.toml on --resume, and for the report."""
+    from conftest import tiny_table
+
+    plain = recipe_to_toml(recipe_from_dict(tiny_table(store, train={"epochs": 1})))
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.encode())
+    assert load_recipe(bom) == recipe_from_dict(tiny_table(store, train={"epochs": 1}))
+    run = tmp_path / "run"
+    assert main(["train", str(bom), "--out", str(run)]) == 0
+    saved = run / "recipe.toml"
+    saved.write_bytes(b"\xef\xbb\xbf" + saved.read_bytes())
+    assert main(["train", str(saved), "--out", str(run), "--resume"]) == 0
+    (run / "summary.json").unlink()  # the report then takes the name from recipe.toml's first line
+    assert main(["report", str(run)]) == 0 and (run / "report.md").read_text().startswith("# tiny\n")
+    assert capsys.readouterr().err == ""
+
+
 def test_unknown_key_in_file_names_file_and_key(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text("[train]\nepochz = 3\n")

@@ -92,9 +92,10 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path,
 
 
 def test_nonfinite_weights_from_divergence_stop(tiny, tmp_path):
-    # A real divergence: lr 1e12 on softmax regression overflows the logits within a few steps.
-    recipe = tiny(model={"name": "softmax", "width": 0}, optim={"name": "sgd", "lr": 1e12, "nesterov": False},
-                  schedule={"name": "constant"})
+    # A real divergence: the largest lr a recipe admits (1000, recipe.LIMITS) on a ReLU MLP without
+    # normalisation overflows within 3 steps.
+    recipe = tiny(model={"name": "mlp", "width": 0}, optim={"name": "sgd", "lr": 1000.0, "momentum": 0.0,
+                                                            "nesterov": False}, schedule={"name": "constant"})
     with pytest.raises(NonFiniteError, match="epoch 1 step .*no checkpoint was written before it"):
         run_training(recipe, tmp_path / "div", QUIET)
 

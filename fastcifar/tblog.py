@@ -4,16 +4,19 @@ One event folder per fold, FOLD_DIR/tensorboard, written only by the process tha
 sits on one step axis, the optimizer step, so a fold whose event folder exists already (resumed, or restarted
 after a kill -9 before its first checkpoint) opens its writer with purge_step = the step it resumes at:
 TensorBoard then drops what the interrupted process logged after its checkpoint, and the resumed run appends
-without duplicate steps. Two rules make a stopped and resumed fold log the very events of an uninterrupted one:
-events are flushed before every checkpoint (what a checkpoint covers is on disk before it), and a step point's
-mean starts from the epoch totals' log_mark, which a mid-epoch checkpoint keeps.
+without duplicate steps. Three rules make a stopped and resumed fold log the very events of an uninterrupted one:
+events are flushed before every checkpoint (what a checkpoint covers is on disk before it), a step point's mean
+starts from the epoch totals' log_mark, which a mid-epoch checkpoint keeps, and the resumed writer's file sorts
+after the files it purges (_after_earlier_files).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import re
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,8 +47,11 @@ class FoldLog:
 
             # Events already there are an earlier attempt's (a new fold has no folder): purge what it logged after
             # the checkpoint, or all of it when it died before the first one (purge_step 1).
+            resumed = self.folder.exists()
+            if resumed:
+                _after_earlier_files(self.folder)
             with self._writing():
-                self.writer = SummaryWriter(str(self.folder), purge_step=purge_step if self.folder.exists() else None)
+                self.writer = SummaryWriter(str(self.folder), purge_step=purge_step if resumed else None)
             self._hook, threading.excepthook = threading.excepthook, self._writer_thread_failed
 
     def _writer_thread_failed(self, args) -> None:
@@ -127,6 +133,18 @@ class FoldLog:
             self.writer = None
             if threading.excepthook == self._writer_thread_failed:
                 threading.excepthook = self._hook
+
+
+def _after_earlier_files(folder: Path, clock=time.time, sleep=time.sleep) -> None:
+    """TensorBoard reads a folder's event files in name order, and a name is `events.out.tfevents.<second>.
+    <host>.<pid>.<counter>`: a writer opened in the same second as the file it must purge can sort before it
+    (pid 10000 or counter 10 sort before 9 as text), and then the purge does not apply. So wait for the next
+    second after the newest file's (on resume only; at most 2 s, whatever a clock skew says)."""
+    stamps = [int(m.group(1)) for p in folder.glob("events.out.tfevents.*")
+              if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", p.name))]
+    deadline = clock() + 2.0
+    while stamps and clock() < max(stamps) + 1 and clock() < deadline:
+        sleep(0.05)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

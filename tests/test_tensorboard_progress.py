@@ -85,8 +85,10 @@ def uninterrupted(store, tmp_path_factory):
     """A 3-epoch run (7 steps an epoch) with a step point every 3 steps, so stops fall between points, and
     epoch-end checkpoints after epochs 2 and 3 only; the recipe, its file, the uninterrupted run's folder."""
     tmp = tmp_path_factory.mktemp("tb")
+    # threads = 1: the kill -9 child and this process then sum in the same order (torch's default thread count
+    # is whatever an earlier test in this process left; a 1-thread parent and a 2-thread child differ by 0.35)
     recipe = recipe_from_dict(tiny_table(store, train={"log": ["csv", "tensorboard"], "log_every": 3,
-                                                       "checkpoint_every": 2}))
+                                                       "checkpoint_every": 2, "threads": 1}))
     (tmp / "r.toml").write_text(recipe_to_toml(recipe))
     run_training(recipe, tmp / "full", QUIET)
     return recipe, tmp / "r.toml", tmp / "full"
@@ -140,6 +142,24 @@ def test_a_stopped_and_resumed_run_writes_the_events_of_an_uninterrupted_one(uni
             worst = max([worst, *(abs(a - b) for (_, a), (_, b) in zip(got[tag], want[tag]))])
     assert worst <= 1e-6, worst
     print(f"{stops}: {len(want)} tags, {sum(map(len, want.values()))} points, max |difference| {worst:.3g}")
+
+
+def test_a_resumed_event_file_sorts_after_the_files_it_purges(tiny, tmp_path):
+    """TensorBoard reads event files in name order (`...tfevents.<second>.<host>.<pid>.<counter>`): a resumed
+    writer opened in the same second as an earlier file with a larger pid (or counter: 10 < 9) sorted before it,
+    so its purge did not apply."""
+    import socket
+    import time
+
+    from fastcifar.tblog import FoldLog
+
+    folder = tmp_path / "tensorboard"
+    folder.mkdir()
+    earlier = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.99999999.99"
+    earlier.write_bytes(b"")
+    log = FoldLog(tmp_path, tiny(train={"log": ["csv", "tensorboard"]}), True, purge_step=5)
+    log.close()
+    assert sorted(p.name for p in folder.iterdir())[-1] != earlier.name
 
 
 def test_tensorboard_without_the_package_is_one_line_before_the_run(tiny, tmp_path, capsys, monkeypatch):

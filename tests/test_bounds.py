@@ -165,7 +165,8 @@ def test_a_recipe_is_capped_and_a_folder_is_named(tmp_path, capsys):
     big = tmp_path / "big.toml"
     big.write_text("# " + "x" * (2 * MIB) + "\n")  # a comment: valid TOML, but no recipe is 2 MB
     assert main(["train", str(big)]) == 2
-    assert capsys.readouterr().err == f"fastcifar: error: {big}: 2,097,155 bytes, more than a recipe may hold (1,048,576)\n"
+    assert capsys.readouterr().err == (f"fastcifar: error: {big}: 2,097,155 bytes, more than a recipe may hold "
+                                       "(1,048,576)\n")
     assert main(["train", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"fastcifar: error: {tmp_path}: is a folder, not a recipe\n"
 

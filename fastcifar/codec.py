@@ -122,6 +122,7 @@ def save_last(run: FoldRun, state: TrainState) -> None:
     if not run.strategy.writes_fold:
         return
     capture(run, state)
+    run.tb.flush()  # the events this checkpoint covers are on disk before it is (fastcifar.tblog)
     save_checkpoint(run.last_path, {**fold_meta(run), **state.to_dict()})
 
 

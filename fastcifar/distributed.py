@@ -154,7 +154,9 @@ def reduce_totals(totals: EpochTotals, ctx: DistContext) -> EpochTotals:
                         torch.tensor([float(getattr(totals, f)) for f in counts], device=dev, dtype=torch.float64)])
     dist.all_reduce(packed)  # float64 counts are exact below 2**53
     summed = {f: int(v) for f, v in zip(counts, packed[2:].tolist())}
-    return dataclasses.replace(totals, loss_sum=packed[0].clone(), correct=packed[1].round().long(), **summed)
+    # log_mark counts rank 0's own images (its TensorBoard step points): no point of the world's sums
+    return dataclasses.replace(totals, loss_sum=packed[0].clone(), correct=packed[1].round().long(), log_mark=None,
+                               **summed)
 
 
 class AgreedStop:

@@ -7,7 +7,6 @@ half-made run folder is left behind and no training time is lost.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from fastcifar.gradcam import get_layer
 from fastcifar.models import build_model, create_model, model_entry
 from fastcifar.ownership import check_own_dir, legacy_run
 from fastcifar.recipe import Recipe, load_recipe, recipe_diff
+from fastcifar.runfiles import trained_on
 from fastcifar.splits import Fold, make_folds, take_per_class
 from fastcifar.stores import locate_store
 from fastcifar.tblog import check_tensorboard
@@ -235,16 +235,6 @@ def data_identity(store: Store) -> dict[str, Any]:
     """What a run was trained on, as data.json records it: a resume or evaluation on other data is refused."""
     return {"store": str(store.path), "classes": list(store.classes),
             "image_shape": list(store.train_images.shape[1:]), "sha256": dict(store.meta["sha256"])}
-
-
-def trained_on(run_dir: Path) -> dict[str, Any]:
-    """data.json of a run; for a run from before data.json, the store hashes its env.json recorded."""
-    for name, pick in (("data.json", lambda d: d), ("env.json", lambda d: {"sha256": d["store"]["sha256"]})):
-        try:
-            return pick(json.loads((run_dir / name).read_text()))
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
-            continue
-    return {}
 
 
 def _describe(key: str, ident: dict[str, Any], other: dict[str, Any]) -> str:

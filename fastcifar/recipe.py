@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastcifar.errors import RecipeError
+from fastcifar.textfiles import RECIPE_BYTES, read_text
 from fastcifar.typed_toml import apply_overrides, build, check, section, setting, short, table_to_toml
 
 if sys.version_info >= (3, 11):
@@ -29,6 +30,23 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_STORE = "data/cifar10"  # where `fastcifar prepare` writes and recipes and the benchmarks read by default
+# Bounds that the sections' own rules leave open, (low, high) inclusive: past them a value cannot be represented
+# where it is used (optimizer scalars are float32, 3.4e38 at most: optim.lr = 1e40 died at the first step after
+# the run folder existed; warm-up epochs x steps overflowed an int; 1e12 RandAugment bins asked for 4 TB) or
+# means nothing. tests/test_recipe.py checks that every float key refuses +-1e40.
+LR = (0.0, 1e3)  # learning rates: schedules peak at ~10 at most (LARS at 32k batches)
+LIMITS: dict[str, tuple[float, float]] = {
+    "data.mean": (0.0, 1.0), "data.std": (1e-3, 10.0),  # [0, 1] pixel units (not 0-255)
+    "augment.color_jitter": (0.0, 10.0), "augment.erasing_ratio": (1e-3, 1e3),
+    "augment.erasing_constant": (-1e3, 1e3),  # normalised units: pixels span about +-3
+    "augment.mixup_alpha": (0.0, 100.0), "augment.cutmix_alpha": (0.0, 100.0),
+    "augment.randaugment_num_ops": (0, 100), "augment.randaugment_num_bins": (2, 1000),
+    "optim.lr": LR, "optim.muon_lr": LR, "schedule.max_lr": LR, "schedule.min_lr": LR, "finetune.head_lr": LR,
+    "optim.weight_decay": (0.0, 100.0), "optim.muon_weight_decay": (0.0, 100.0),
+    "optim.lookahead_power": (0.0, 100.0), "schedule.warmup_epochs": (0.0, 1e6),
+    "schedule.div_factor": (1e-3, 1e9), "schedule.final_div_factor": (1e-3, 1e9), "train.grad_clip": (0.0, 1e6),
+}
+
 
 @dataclass(frozen=True)
 class DataCfg:
@@ -242,7 +260,8 @@ class ScheduleCfg:
               f"must be 0 with {self.name} (use schedule.pct_start)")
         check(self.max_lr >= 0, "schedule.max_lr", f"must be >= 0, got {self.max_lr}")
         check(0.0 < self.pct_start < 1.0, "schedule.pct_start", f"must be in (0, 1), got {self.pct_start}")
-        check(self.div_factor > 0 and self.final_div_factor > 0, "schedule.div_factor", "factors must be > 0")
+        check(self.div_factor > 0, "schedule.div_factor", f"must be > 0, got {self.div_factor}")
+        check(self.final_div_factor > 0, "schedule.final_div_factor", f"must be > 0, got {self.final_div_factor}")
         check(self.min_lr >= 0, "schedule.min_lr", f"must be >= 0, got {self.min_lr}")
         check(self.step_epochs >= 1, "schedule.step_epochs", f"must be >= 1, got {self.step_epochs}")
         check(0.0 < self.gamma <= 1.0, "schedule.gamma", f"must be in (0, 1], got {self.gamma}")
@@ -369,6 +388,12 @@ class Recipe:
                 section.validate()
         check(self.finetune.head_epochs < self.train.epochs, "finetune.head_epochs",
               f"must be < train.epochs ({self.train.epochs}) so stage 2 has epochs, got {self.finetune.head_epochs}")
+        for key, (lo, hi) in LIMITS.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            for i, v in enumerate(value if isinstance(value, tuple) else (value,)):
+                check(isinstance(v, str) or lo <= v <= hi, f"{key}[{i}]" if isinstance(value, tuple) else key,
+                      f"must be in [{lo:g}, {hi:g}], got {short(v)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -406,12 +431,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         builtin = builtin_recipes() if not path.exists() and path.parent == Path(".") else {}
         name = path.name.removesuffix(".toml")
-        text = builtin[name] if name in builtin else path.read_text(encoding="utf-8")
+        text = builtin[name] if name in builtin else read_text(path, "recipe", RECIPE_BYTES, RecipeError)
         table = tomllib.loads(text)
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found (built-in recipes: {', '.join(builtin_recipes())})") \
             from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML ({e})") from None
     except RecursionError:  # tomllib recurses once per nesting level of arrays / inline tables
         raise RecipeError(f"{path}: not valid TOML (nested too deeply)") from None

@@ -6,6 +6,7 @@ built anywhere. Keys newer than the oldest run format are optional: a missing va
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Callable
@@ -73,11 +74,14 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     vals = [v for v in values if v is not None]
     if not vals:
         return None, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+    try:
+        return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+    except OverflowError:  # damaged files: 1e308 twice has no float mean; unknown rather than a traceback
+        return None, None
 
 
 def fmt(v: float | None, kind: str = "num") -> str:
-    if v is None:
+    if v is None or not math.isfinite(v * (100 if kind == "pct" else 1)):  # 1e308 as a percentage: inf
         return DASH
     return {"pct": f"{v:.2%}", "num": f"{v:.4f}", "int": f"{v:,.0f}", "s": f"{v:,.1f}",
             "ms": f"{v:.3f}", "mb": f"{v:,.1f}", "ratio": f"{v:.2f}×"}[kind]
@@ -119,7 +123,7 @@ def _env_section(run: RunFiles) -> list[str]:
     store = env.get("store") if isinstance(env.get("store"), dict) else {}
     rows.append(["store", str(store.get("path", DASH))])
     hashes = store.get("sha256") if isinstance(store.get("sha256"), dict) else {}
-    rows += [[f"sha256 {name}", f"`{digest[:16]}…`"] for name, digest in sorted(hashes.items())]
+    rows += [[f"sha256 {name}", f"`{str(digest)[:16]}…`"] for name, digest in sorted(hashes.items())]
     source = store.get("source") if isinstance(store.get("source"), dict) else {}
     if source:
         rows.append(["source", f"{source.get('kind', DASH)}: {source.get('path', DASH)} "

@@ -59,6 +59,9 @@ class EpochTotals:
     # (step of the epoch, lr it trained at) for every step: the lr curve inside the epoch, where a warm-up or a
     # OneCycle rise happens (one lr an epoch hid them); a few hundred pairs, kept in a mid-epoch checkpoint
     lr_trace: list[tuple[int, float]] = field(default_factory=list)
+    # (loss sum, images seen) at the epoch's last TensorBoard step point (fastcifar.tblog): the next point
+    # averages from there, and a mid-epoch checkpoint keeps it, so a resumed run logs the same mean
+    log_mark: tuple[float, int] | None = None
 
     @classmethod
     def zeros(cls, device: torch.device, lr: float) -> "EpochTotals":
@@ -69,14 +72,15 @@ class EpochTotals:
         return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen,
                 "skipped": self.skipped, "lr": self.lr, "seconds": self.seconds,
                 "warmup_seen": self.warmup_seen, "warmup_s": self.warmup_s,
-                "lr_trace": [[s, v] for s, v in self.lr_trace]}
+                "lr_trace": [[s, v] for s, v in self.lr_trace],
+                "log_mark": list(self.log_mark) if self.log_mark is not None else None}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> "EpochTotals":
         return cls(state["loss_sum"].to(device), state["correct"].to(device), int(state["seen"]),
                    int(state["skipped"]), float(state["lr"]), float(state["seconds"]),
                    int(state.get("warmup_seen", 0)), float(state.get("warmup_s", 0.0)),
-                   [(int(s), float(v)) for s, v in state.get("lr_trace", [])])
+                   [(int(s), float(v)) for s, v in state.get("lr_trace", [])], _mark(state.get("log_mark")))
 
     def lr_curve(self, epoch: int, steps: int, points: int = LR_POINTS) -> list[list[float]]:
         """At most `points` [x, lr] pairs of the epoch (0-based `epoch`, `steps` per epoch), evenly spaced, the
@@ -84,6 +88,14 @@ class EpochTotals:
         trace = self.lr_trace
         picks = sorted({round(i * (len(trace) - 1) / max(points - 1, 1)) for i in range(points)}) if trace else []
         return [[epoch + (trace[i][0] + 1) / max(steps, 1), trace[i][1]] for i in picks if i < len(trace)]
+
+
+def _mark(value) -> tuple[float, int] | None:
+    """A checkpoint's log_mark (absent from checkpoints before it existed: None, the epoch's start)."""
+    if value is None:
+        return None
+    loss_sum, seen = value
+    return float(loss_sum), int(seen)
 
 
 class StepRunner:

@@ -58,7 +58,25 @@ def sweep_variants(recipe_path: str, overrides: list[str], varies: list[str]) ->
                 variants.append((f"{key.strip()}={value}", recipe))
     if len(variants) == 1:
         raise RecipeError("--vary: no variant differs from the baseline")
+    _check_distinct(variants)
     return variants
+
+
+def _check_distinct(variants: list[tuple[str, Recipe]]) -> None:
+    """Two variants sharing a folder were found only after the first had trained (the second then met a run of
+    another recipe); two equal recipes would train twice and fill two rows with one result. Both refused here,
+    before anything runs. Folders are compared case-blind: macOS and Windows file systems are."""
+    folders: dict[str, str] = {}
+    for i, (name, recipe) in enumerate(variants):
+        same = next((other for other, r in variants[:i] if r == recipe), None)
+        if same is not None:
+            raise RecipeError(f"--vary: {name!r} is the same recipe as {same!r}; give each value once")
+        folder = _dirname(name)
+        if folder.casefold() in folders:
+            raise RecipeError(f"--vary: {folders[folder.casefold()]!r} and {name!r} would train into the same "
+                              f"folder {folder!r} (characters other than letters, digits and . = + - become _); "
+                              "vary them in two sweeps")
+        folders[folder.casefold()] = name
 
 
 def _legacy_sweep(path: Path) -> bool:

@@ -71,8 +71,8 @@ def fit(run: FoldRun, state: TrainState, progress: RunProgress) -> None:
             run.step.net = run.strategy.train_net(run.model, run.engine)  # DDP hooks what requires grad
         totals = run.strategy.reduce(train_epoch(run, state, epoch, progress))
         row = run.strategy.agree(validate(run, epoch, totals, validates(run.recipe, epoch)))
+        run.tb.epoch((epoch + 1) * steps, row)  # before end_epoch's checkpoint: resuming never re-logs them
         end_epoch(run, state, early, row)
-        run.tb.epoch((epoch + 1) * steps, row)
         val = (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}" if row["val_acc"] is not None
                else "not validated")
         run.say(f"fold {run.fold.index} epoch {row['epoch']:>3}/{tr.epochs}  train loss {row['train_loss']:.4f} "

@@ -3,6 +3,7 @@ and what a killed prepare left behind."""
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,6 +192,83 @@ def test_predict_refuses_a_fifo(tmp_path):
             read_image(fifo, 32)
     finally:
         signal.alarm(0)
+
+
+# `fastcifar train ARGS` in a child whose address space may grow by 1 GiB at most once torch is imported: a
+# recipe read to the end of /dev/zero fails there (MemoryError) instead of taking the machine's memory.
+CAPPED_TRAIN = """
+import resource, sys, torch
+vm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, vm + 2**30))
+from fastcifar.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_a_recipe_that_is_a_fifo_or_dev_zero_is_refused_at_once(tmp_path):
+    """A FIFO blocked forever in open(); /dev/zero was read until memory ran out. Both: one line, exit 2, in
+    seconds, before any run folder exists."""
+    for recipe in (_fifo(tmp_path / "recipe.toml"), Path("/dev/zero")):
+        proc = subprocess.run([sys.executable, "-c", CAPPED_TRAIN, str(recipe), "--out", str(tmp_path / "run")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr == (f"fastcifar: error: {recipe}: not a regular file (a FIFO, "
+                                                        "socket or device); a recipe must be a file\n")
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_is_capped_and_a_folder_is_named(tmp_path, capsys):
+    from fastcifar.cli import main
+
+    big = tmp_path / "big.toml"
+    big.write_text("# " + "x" * (2 * MIB) + "\n")  # a comment: valid TOML, but no recipe is 2 MB
+    assert main(["train", str(big)]) == 2
+    assert capsys.readouterr().err == (f"fastcifar: error: {big}: 2,097,155 bytes, more than a recipe may hold "
+                                       "(1,048,576)\n")
+    assert main(["train", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"fastcifar: error: {tmp_path}: is a folder, not a recipe\n"
+
+
+def test_bench_compare_refuses_a_fifo_and_dev_zero(tmp_path, capsys):
+    from fastcifar.cli import main
+
+    fifo = _fifo(tmp_path / "a.json")
+    for path in (fifo, Path("/dev/zero")):
+        assert main(["bench", "--compare", str(path), str(path)]) == 2
+        assert capsys.readouterr().err == (f"fastcifar: error: {path}: not a regular file (a FIFO, socket or "
+                                           "device); a bench result must be a file\n")
+
+
+@pytest.fixture(scope="module")
+def finished_run(store, tmp_path_factory) -> Path:
+    """A finished 2-fold run and its recipe file (r.toml beside it)."""
+    from rich.console import Console
+
+    from conftest import tiny_table
+    from fastcifar.recipe import recipe_from_dict, recipe_to_toml
+    from fastcifar.run import run_training
+
+    tmp = tmp_path_factory.mktemp("finished")
+    recipe = recipe_from_dict(tiny_table(store, train={"epochs": 1}, split={"kind": "kfold", "k": 2}))
+    (tmp / "r.toml").write_text(recipe_to_toml(recipe))
+    run_training(recipe, tmp / "run", Console(quiet=True))
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("name", ["data.json", "recipe.toml", "fold0/result.json", ".lock"])
+def test_a_run_file_that_is_a_fifo_is_refused_not_read(finished_run, tmp_path, name):
+    """Files a run reads back (a resume's data.json, recipe.toml and finished folds' result.json, the lock) or
+    a report reads: a FIFO in their place blocked the reader forever; now one line naming it."""
+    shutil.copy(finished_run.parent / "r.toml", tmp_path / "r.toml")
+    run = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    (run / name).unlink(missing_ok=True)
+    _fifo(run / name)
+    for command in (["train", str(tmp_path / "r.toml"), "--out", str(run), "--resume"], ["report", str(run)]):
+        if command[0] == "report" and name in ("data.json", ".lock"):
+            continue  # the report does not read them
+        proc = subprocess.run(CLI + command, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"fastcifar: error: {run / name}: not a regular "
+                                                               "file (a FIFO, socket or device)"), proc.stderr
+        assert proc.stderr.count("\n") == 1
 
 
 def test_sigterm_during_prepare_is_one_line_and_leaves_nothing(tmp_path):

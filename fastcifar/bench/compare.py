@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastcifar.errors import DataError
+from fastcifar.textfiles import RUN_FILE_BYTES, read_text
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -29,10 +30,10 @@ def load_result(path: str | Path, what: str = "model") -> dict[str, Any]:
     A device-suite file holds both benches; `what` picks the part ("model" or "loader")."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "bench result", RUN_FILE_BYTES, DataError))  # no FIFO, no /dev/zero
     except FileNotFoundError:
         raise DataError(f"{path}: bench result file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
         raise DataError(f"{path}: not a bench result (not readable JSON: {e})") from None
     if isinstance(data, dict) and data.get("kind") == "fastcifar-bench-suite":
         data = data.get(what)

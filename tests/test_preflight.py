@@ -99,7 +99,10 @@ def test_deeply_nested_toml_and_huge_values_are_one_short_line(store, tmp_path, 
     deep.write_text("[train]\nepochs = " + "[" * 5000 + "]" * 5000 + "\n")
     assert "nested too deeply" in refused(capsys, ["train", str(deep)], tmp_path / "run")
     huge = write_recipe(tmp_path / "r.toml", store)
-    huge.write_text(huge.read_text().replace('loader = "device"', f'loader = "{"x" * 10_000_000}"'))
+    text = huge.read_text()
+    huge.write_text(text.replace('loader = "device"', f'loader = "{"x" * 10_000_000}"'))
+    assert "more than a recipe may hold (1,048,576)" in refused(capsys, ["train", str(huge)], tmp_path / "run")
+    huge.write_text(text.replace('loader = "device"', f'loader = "{"x" * 1_000_000}"'))  # under the 1 MiB cap
     assert "train.loader: must be one of" in refused(capsys, ["train", str(huge)], tmp_path / "run")
     assert "nested too deeply" in refused(capsys, ["train", str(huge), "--set", "train.epochs=" + "[" * 5000],
                                           tmp_path / "run")

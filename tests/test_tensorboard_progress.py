@@ -15,10 +15,10 @@ from rich.console import Console
 import fastcifar.progress
 from conftest import tiny_table
 from fastcifar.cli import main
+from fastcifar.context import Hooks
 from fastcifar.lifecycle import Interrupted
 from fastcifar.recipe import recipe_from_dict, recipe_to_toml
 from fastcifar.run import run_training
-from fastcifar.train import Hooks
 from resume import interrupt_at
 
 pytest.importorskip("tensorboard")
@@ -73,7 +73,7 @@ from pathlib import Path
 from rich.console import Console
 from fastcifar.recipe import load_recipe
 from fastcifar.run import run_training
-from fastcifar.train import Hooks
+from fastcifar.context import Hooks
 at = (int(sys.argv[3]), int(sys.argv[4]))
 kill = lambda e, s: os.kill(os.getpid(), signal.SIGKILL) if (e, s) == at else None
 run_training(load_recipe(sys.argv[1]), Path(sys.argv[2]), Console(quiet=True), resume=True, hooks=Hooks(on_step=kill))

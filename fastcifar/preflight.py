@@ -129,7 +129,8 @@ def check_augment(recipe: Recipe, store: Store) -> None:
     images = torch.from_numpy(np.array(store.train_images[:2]))  # a writable copy of two memory-mapped images
     rows = torch.arange(len(images))
     mean, std = recipe.data.mean, recipe.data.std
-    for transform in (build_train_transform(recipe.augment, mean, std), build_eval_transform(recipe.augment, mean, std)):
+    aug = recipe.augment
+    for transform in (build_train_transform(aug, mean, std), build_eval_transform(aug, mean, std)):
         transform(images, rows, torch.Generator().manual_seed(0), 0)
 
 

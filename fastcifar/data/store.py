@@ -142,8 +142,8 @@ def _existing_store(real_out: Path, out: Path, src_meta: dict, force: bool) -> d
     if is_empty_dir(real_out):
         return None  # an empty directory holds nothing worth protecting; _swap_in replaces it
     if not is_store_dir(real_out):
-        raise NotOurs(f"{out}: holds files fastcifar did not write ({shown(real_out, skip=STORE_FILES)}); not replacing it, even "
-                      "with --force; choose another --out")
+        raise NotOurs(f"{out}: holds files fastcifar did not write ({shown(real_out, skip=STORE_FILES)}); not "
+                      "replacing it, even with --force; choose another --out")
     try:
         meta = verify_store(real_out)
     except DataError:

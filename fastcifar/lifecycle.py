@@ -38,6 +38,21 @@ class Interrupted(FastCifarError):
         self.exit_code = 128 + signum
 
 
+class _StopNow(BaseException):
+    """What stop_raises' handler raises wherever the signal lands. A BaseException, as KeyboardInterrupt is, so
+    that the catch-alls on the way cannot turn the stop into another error or swallow it: the ONNX / TorchScript
+    exporters' `except Exception` (a SIGTERM during export said "cannot export to ONNX opset 18 (...)", exit 2),
+    a checkpoint or pickle reader's "corrupt file", export's store probe (`except FastCifarError: pass` went on
+    exporting). stop_raises turns it into Interrupted where the stoppable work ends."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+    def __reduce__(self):  # a forked writer hands it to its parent through a pipe
+        return type(self), (self.args[0], self.signum)
+
+
 class PidLock:
     """An exclusive lock on `path`, a small file holding the owner's pid.
 
@@ -178,18 +193,21 @@ class RunLock(PidLock):
 
 @contextlib.contextmanager
 def stop_raises(what: str) -> Iterator[None]:
-    """For work with nothing to checkpoint (`prepare`): SIGINT / SIGTERM raise Interrupted at once, so the
-    caller's cleanup (`except BaseException: remove the temp folder`) runs, and the CLI prints one line and exits
-    128 + n, as `train` does, instead of dying silently with its temp files left behind."""
+    """For work with nothing to checkpoint (`prepare`, `export`, ...): SIGINT / SIGTERM raise at once (_StopNow,
+    past any `except Exception` inside; Interrupted once it leaves this block), so the caller's cleanup
+    (`except BaseException: remove the temp folder`) runs, and the CLI prints one line and exits 128 + n, as
+    `train` does, instead of dying silently with its temp files left behind."""
     def handle(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(f"{what} stopped by {signal.Signals(signum).name}; nothing was written (temp files "
-                          "removed)", signum)
+        raise _StopNow(f"{what} stopped by {signal.Signals(signum).name}; nothing was written (temp files "
+                       "removed)", signum)
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, handle) for s in GracefulStop.SIGNALS}
     try:
         yield
+    except _StopNow as e:  # past every catch-all inside: now the CLI's one line and exit 128 + n
+        raise Interrupted(str(e), e.signum) from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

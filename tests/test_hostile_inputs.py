@@ -10,6 +10,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 import unicodedata
 import zipfile
 from pathlib import Path
@@ -429,6 +430,51 @@ def test_sigterm_during_export_is_one_line_and_removes_the_temp_file(exportable,
     assert proc.returncode == 143, (proc.returncode, proc.stderr[-300:])
     assert proc.stderr == "fastcifar: error: export stopped by SIGTERM; nothing was written (temp files removed)\n"
     assert not out.exists() and not leftovers(tmp_path / "out")
+
+
+# The stop lands while the exporter itself runs: inside export's `except Exception` that turns an exporter's
+# failure into "cannot export" (before the fix: "cannot export to ONNX opset 18 (export stopped by SIGTERM; ...)",
+# exit 2).
+STOP_IN_EXPORTER = """
+import os, signal, sys, torch
+from fastcifar.cli import main
+name = {"onnx": "onnx", "torchscript": "jit"}[sys.argv[1]]
+module = getattr(torch, name)
+real = module.export if name == "onnx" else module.trace
+def stopped(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+setattr(module, "export" if name == "onnx" else "trace", stopped)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_sigterm_inside_the_exporter_is_the_stop_line_not_an_export_error(exportable, tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript")
+    out = tmp_path / "out" / "m.bin"
+    proc = subprocess.run([sys.executable, "-c", STOP_IN_EXPORTER, fmt, "export", str(exportable), "--format", fmt,
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-300:])
+    assert proc.stderr == "fastcifar: error: export stopped by SIGTERM; nothing was written (temp files removed)\n"
+    assert not out.exists() and not leftovers(tmp_path / "out")
+
+
+def test_a_stop_passes_every_catch_all_inside_stop_raises():
+    """A signal may land inside any `except Exception` / `except FastCifarError` (a reader's "corrupt file", a
+    probe that ignores what it cannot open): the stop still leaves the block, as Interrupted, exit 128 + n."""
+    from fastcifar.errors import FastCifarError
+    from fastcifar.lifecycle import Interrupted, stop_raises
+
+    for caught in (Exception, FastCifarError):
+        with pytest.raises(Interrupted, match="^export stopped by SIGINT; ") as e, stop_raises("export"):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the handler raises here at the latest
+            except caught:
+                pass
+        assert e.value.exit_code == 128 + signal.SIGINT
 
 
 def test_a_download_onto_a_full_disk_says_so(small_disk, tmp_path, capsys, monkeypatch):

@@ -20,6 +20,7 @@ from fastcifar.device import resolve_device
 from fastcifar.errors import first_line
 from fastcifar.lifecycle import GracefulStop, RunLock
 from fastcifar.ownership import remove_atomic_temps, write_marker
+from fastcifar.pack_train import train_pack
 from fastcifar.preflight import check_inputs, data_identity, recheck_run_dir
 from fastcifar.progress import RunProgress
 from fastcifar.provenance import run_environment
@@ -81,7 +82,8 @@ def _remove_orphans(run_dir: Path) -> None:
 
 
 def train_folds(ctx: RunContext) -> list[dict]:
-    """This process's share of the plan's folds (strategy.folds), in order; folds that finished are kept."""
+    """This process's share of the plan's folds (strategy.folds), in order; folds that finished are kept. With
+    train.pack, the folds left train train.pack at a time, each pack as one stacked model (fastcifar.pack_train)."""
     results, todo = [], []
     for fold in ctx.strategy.folds(list(ctx.plan.folds)):
         done = ctx.fold_dir(fold) / "result.json"
@@ -90,10 +92,21 @@ def train_folds(ctx: RunContext) -> list[dict]:
             ctx.say(f"fold {fold.index}: finished earlier, kept ({done})")
         else:
             todo.append(fold)
-    with RunProgress(ctx.console, len(todo)) as progress:
-        for fold in todo:
-            results.append(train_one_fold(ctx, fold, progress))
+    packs = chunks(todo, ctx.recipe.train.pack)
+    with RunProgress(ctx.console, len(packs)) as progress:
+        for pack in packs:
+            if len(pack) == 1:
+                results.append(train_one_fold(ctx, pack[0], progress))
+            else:
+                ctx.say(f"folds {', '.join(str(f.index) for f in pack)}: trained packed (train.pack)")
+                results.extend(train_pack([(ctx, f) for f in pack], progress))
     return sorted(results, key=lambda r: r["fold"])
+
+
+def chunks(items: list, size: int | str) -> list[list]:
+    """`items` in consecutive groups of `size` (train.pack: an int, or "all" for one group)."""
+    size = max(len(items), 1) if size == "all" else int(size)
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def run_training(recipe: Recipe, run_dir: Path, console: Console, *, resume: bool = False,

@@ -74,6 +74,10 @@ def _train_parsers(sub) -> None:
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="change the baseline itself; repeatable")
     sw.add_argument("--out", help="sweep directory (default runs/<recipe name>-sweep)")
+    sw.add_argument("--pack", nargs="?", const="all", metavar="N",
+                    help="train the variants' folds together as one stacked model, N folds at a time (default: "
+                         "all that can share one: same model, batch, device and precision); each variant keeps its "
+                         "own run folder")
     sub.add_parser("recipes", help="list the built-in recipes (usable by name: fastcifar train quickstart)")
 
 
@@ -219,10 +223,11 @@ def _train(args, console: Console) -> None:
 
 def _sweep(args, console: Console) -> None:
     from fastcifar.recipe import load_recipe
-    from fastcifar.sweep import run_sweep
+    from fastcifar.sweep import pack_arg, run_sweep
 
+    pack = pack_arg(args.pack)
     out = Path(args.out or Path("runs") / f"{load_recipe(args.recipe, args.overrides).name}-sweep")
-    run_sweep(args.recipe, args.overrides, args.vary, out, console)
+    run_sweep(args.recipe, args.overrides, args.vary, out, console, pack=pack)
 
 
 def _tune(args, console: Console) -> None:

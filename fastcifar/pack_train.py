@@ -34,10 +34,25 @@ from fastcifar.fold_run import FoldRun, build_fold, first_stage
 from fastcifar.lifecycle import Interrupted
 from fastcifar.pack import PackedNet, split_logits, stack_inputs
 from fastcifar.progress import RunProgress
+from fastcifar.recipe import Recipe
 from fastcifar.splits import Fold
 from fastcifar.state import EarlyStopping, TrainState
 from fastcifar.step import EpochTotals, NonFiniteStep
 from fastcifar.train import book_time, close_epoch, non_finite_error, open_epoch
+
+
+# What the members of one pack must share: one architecture, one batch and image shape, one device, precision and
+# layout, one compiled graph. Everything else (optimizer and its values, schedule, augmentation, label smoothing,
+# seed, split, epochs, early stopping, evaluation) is each member's own.
+SHARED = ("data.store", "model.name", "model.width", "augment.resize", "train.batch_size", "train.device",
+          "train.amp", "train.amp_cpu", "train.channels_last", "train.compile", "train.compile_mode",
+          "train.threads", "train.deterministic")
+
+
+def pack_key(recipe: Recipe) -> tuple:
+    """Runs whose recipes give the same key can train their folds in one pack."""
+    d = recipe.to_dict()
+    return tuple(d[section][key] for section, key in (k.split(".") for k in SHARED))
 
 
 @dataclass

@@ -23,6 +23,7 @@ from fastcifar.checkpoint import load_checkpoint
 from fastcifar.engine import sync
 from fastcifar.errors import first_line
 from fastcifar.evaluate import evaluate
+from fastcifar.fold_data import eval_counts
 from fastcifar.fold_run import FoldRun
 from fastcifar.gradcam import get_layer, grad_cam
 from fastcifar.metrics import compute_metrics
@@ -44,7 +45,7 @@ def finish_fold(run: FoldRun, state: TrainState) -> dict[str, Any]:
         "val_per_class_acc": val["per_class_acc"], "classes": run.classes,
         "train_time_s": sum(r["epoch_time_s"] for r in state.history),
         "params": sum(p.numel() for p in run.model.parameters()),
-        "stage_boundary": run.recipe.finetune.head_epochs or None}
+        "stage_boundary": run.recipe.finetune.head_epochs or None, **eval_counts(run.fold, run.data)}
     final, split, final_loader = val, "val", run.data.val
     if run.data.test is not None:
         if run.data.test is not run.data.val:

@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, read back only through weights-only unpickling."""
+"""Checkpoints: written atomically, read back only through weights-only unpickling and range-checked
+(fastcifar.fields)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from fastcifar.atomic import write_with
 from fastcifar.errors import CheckpointError, first_line
+from fastcifar.fields import check_fields
 
 FORMAT = "fastcifar-checkpoint"
 VERSION = 1
@@ -60,4 +62,5 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a fastcifar checkpoint (expected a dict with format={FORMAT!r})")
     if obj.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {obj.get('version')!r}, this fastcifar reads {VERSION}")
+    check_fields(obj, path)  # every field it holds, range-checked before anyone builds or allocates from it
     return obj

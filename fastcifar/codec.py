@@ -113,7 +113,7 @@ def restore(fold: FoldParts, saved: TrainState) -> None:
 def fold_meta(run: FoldRun) -> dict[str, Any]:
     """What every checkpoint of the fold carries besides its state: evaluate and predict rebuild the model from it."""
     return {"recipe": run.recipe.to_dict(), "classes": run.classes, "fold": run.fold.index,
-            "image_size": run.image_size}
+            "image_size": run.image_size, "preprocess": run.preprocess}
 
 
 def save_last(run: FoldRun, state: TrainState) -> None:
@@ -122,6 +122,7 @@ def save_last(run: FoldRun, state: TrainState) -> None:
     if not run.strategy.writes_fold:
         return
     capture(run, state)
+    run.tb.flush()  # the events this checkpoint covers are on disk before it is (fastcifar.tblog)
     save_checkpoint(run.last_path, {**fold_meta(run), **state.to_dict()})
 
 

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from rich.console import Console
 
 from fastcifar.context import Hooks
+from fastcifar.console import make_console
 from fastcifar.device import resolve_device
 from fastcifar.engine import Engine, compile_model
 from fastcifar.errors import FastCifarError, RecipeError
@@ -153,7 +154,9 @@ def reduce_totals(totals: EpochTotals, ctx: DistContext) -> EpochTotals:
                         torch.tensor([float(getattr(totals, f)) for f in counts], device=dev, dtype=torch.float64)])
     dist.all_reduce(packed)  # float64 counts are exact below 2**53
     summed = {f: int(v) for f, v in zip(counts, packed[2:].tolist())}
-    return dataclasses.replace(totals, loss_sum=packed[0].clone(), correct=packed[1].round().long(), **summed)
+    # log_mark counts rank 0's own images (its TensorBoard step points): no point of the world's sums
+    return dataclasses.replace(totals, loss_sum=packed[0].clone(), correct=packed[1].round().long(), log_mark=None,
+                               **summed)
 
 
 class AgreedStop:
@@ -317,7 +320,7 @@ def run_distributed(recipe: Recipe, run_dir: Path, console: Console, *, resume: 
     device = rank_device(recipe.train.device, local_rank)
     check_distributed(recipe, world, device, folds_parallel)
     if folds_parallel and world > 1:  # live progress bars of W processes on one terminal garble each other
-        console = Console(force_terminal=False, soft_wrap=True)
+        console = make_console(force_terminal=False)
     elif rank:
         console = Console(quiet=True)
     try:

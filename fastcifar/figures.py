@@ -75,7 +75,8 @@ def _grid(n: int, cols: int, cell_w: float, cell_h: float):
 
 
 def plot_curves(history: list[dict], path: str | os.PathLike, stage_boundary: int | None = None) -> Path:
-    """Loss, accuracy (%) and learning rate per epoch, side by side; a dashed "stage 2" line at stage_boundary."""
+    """Loss, accuracy (%) per epoch and the learning rate (per step where the history has "lr_steps"), side by
+    side; a dashed "stage 2" line at stage_boundary."""
     fig = new_figure(13.5, 3.8)
     ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
     ep = [r["epoch"] for r in history]
@@ -87,8 +88,11 @@ def plot_curves(history: list[dict], path: str | os.PathLike, stage_boundary: in
     ax_loss.plot(val_ep, [float(r["val_loss"]) for r in validated], marker=val_marker, ms=3, label="val")
     ax_acc.plot(ep, [100 * v for v in col("train_acc")], marker=marker, ms=3, label="train")
     ax_acc.plot(val_ep, [100 * float(r["val_acc"]) for r in validated], marker=val_marker, ms=3, label="val")
-    lrs = col("lr")
-    ax_lr.plot(ep, lrs, color="tab:purple", marker=marker, ms=3, label="lr")
+    # the lr inside each epoch where the run recorded it (a warm-up or a OneCycle rise shows), else one an epoch
+    steps = [p for r in history for p in r.get("lr_steps") or []]
+    lr_x, lrs = ([float(x) for x, _ in steps], [float(v) for _, v in steps]) if steps else (ep, col("lr"))
+    ax_lr.plot(lr_x, lrs, color="tab:purple", marker=marker if not steps else None, ms=3,
+               label="lr per step" if steps else "lr")
     if lrs and min(lrs) > 0 and max(lrs) / min(lrs) > 10:  # a log axis only helps when lr spans decades
         ax_lr.set_yscale("log")
     else:
@@ -109,6 +113,8 @@ def plot_curves(history: list[dict], path: str | os.PathLike, stage_boundary: in
             # Between the last head-only epoch and the first epoch of stage 2.
             ax.axvline(stage_boundary + 0.5, color="0.35", linestyle="--", linewidth=1.2, label="stage 2")
         ax.legend(fontsize=8)
+    if steps:  # step s of epoch e sits at e - 1 + (s + 1) / steps: the first epoch starts at 0
+        ax_lr.set_xlim(0.0, max(lr_x) + 0.5)
     return save_png(fig, path)
 
 
@@ -116,9 +122,9 @@ def plot_curves(history: list[dict], path: str | os.PathLike, stage_boundary: in
 
 
 def _heatmap(fig, ax, values: np.ndarray, text: list[list[str]], classes: Sequence[str], title: str,
-             vmin: float, vmax: float, integer: bool = False) -> None:
+             vmin: float, vmax: float, integer: bool = False, unit: str = "") -> None:
     im = ax.imshow(values, cmap="Blues", vmin=vmin, vmax=vmax)
-    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8, label=unit)
     if integer:  # counts: no "2.5 images" ticks
         from matplotlib.ticker import MaxNLocator
 
@@ -153,9 +159,10 @@ def plot_confusion(confusion: list[list[int]], classes: Sequence[str], path: str
     fig = new_figure(2 * side + 1.5, side)
     ax_n, ax_p = fig.subplots(1, 2)
     _heatmap(fig, ax_n, cm, [[str(v) for v in r] for r in cm.tolist()], classes, "counts", 0, max(int(cm.max()), 1),
-             integer=True)
-    pct = [[f"{100 * v:.0f}" for v in r] for r in norm.tolist()]
-    _heatmap(fig, ax_p, norm, pct, classes, "row-normalised (% of true class)", 0.0, 1.0)
+             integer=True, unit="images")
+    pct = 100 * norm  # cells and colour bar in the same unit: % of the true class
+    _heatmap(fig, ax_p, pct, [[f"{v:.0f}" for v in r] for r in pct.tolist()], classes,
+             "row-normalised (% of true class)", 0.0, 100.0, unit="% of true class")
     return save_png(fig, path)
 
 
@@ -198,6 +205,7 @@ def plot_predictions(images: np.ndarray, labels: np.ndarray, preds: np.ndarray, 
     """The first n images titled "true → pred (p%)", green when right and red when wrong."""
     n = min(n, len(images))
     fig, axes = _grid(max(n, 1), 8, 1.9, 1.9)
+    fig.suptitle("true class → predicted class (its probability); green: right, red: wrong", fontsize=10)
     for i in range(n):
         y, p = int(labels[i]), int(preds[i])
         _show(axes[i], images[i])
@@ -221,6 +229,7 @@ def plot_mistakes(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, cla
         fig.text(0.5, 0.5, "no mistakes", ha="center", va="center", fontsize=16)
         return save_png(fig, path)
     fig, axes = _grid(len(order), 8, 1.9, 1.9)
+    fig.suptitle("the most confident mistakes: true class → predicted class (its probability)", fontsize=10)
     for ax, i in zip(axes, order):
         _show(ax, images[i])
         ax.set_title(_title(classes, int(labels[i]), int(preds[i]), float(conf[i])), fontsize=7.5, color=BAD)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fastcifar.context import RunContext
+from fastcifar.data.images import PREPROCESS
 from fastcifar.device import recipe_amp_dtype
 from fastcifar.engine import Engine, build_engine
 from fastcifar.fold_data import FoldData, make_loaders
@@ -64,6 +65,11 @@ class FoldRun:
     def image_size(self) -> int:
         """The stored size; predict resizes inputs to it."""
         return int(self.ctx.store.train_images.shape[1])
+
+    @property
+    def preprocess(self) -> str:
+        """How an image file became a store image (data.images): predict applies the same to its files."""
+        return self.ctx.store.meta.get("preprocess", PREPROCESS)
 
     @property
     def last_path(self) -> Path:

@@ -20,6 +20,7 @@ from typing import Callable
 
 from fastcifar.atomic import write_json
 from fastcifar.errors import FastCifarError
+from fastcifar.textfiles import RUN_FILE_BYTES, read_text
 
 MARKERS = {"store": ".fastcifar-store", "run": ".fastcifar-run", "sweep": ".fastcifar-sweep",
            "study": ".fastcifar-study", "lrfind": ".fastcifar-lrfind"}
@@ -48,8 +49,8 @@ def legacy_run(path: Path) -> bool:
     """A run directory written before run markers existed: its saved recipe.toml (with a [train] table) and its
     env.json are there. Read as text: `report` must not import torch."""
     try:
-        text = (path / "recipe.toml").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        text = read_text(path / "recipe.toml", "run file", RUN_FILE_BYTES)
+    except (OSError, FastCifarError):  # missing, a FIFO, huge, not UTF-8: not a run's saved recipe
         return False
     return (path / "env.json").is_file() and re.search(r"^\[train\]\s*$", text, re.M) is not None
 

@@ -7,7 +7,6 @@ half-made run folder is left behind and no training time is lost.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -27,8 +26,10 @@ from fastcifar.gradcam import get_layer
 from fastcifar.models import build_model, create_model, model_entry
 from fastcifar.ownership import check_own_dir, legacy_run
 from fastcifar.recipe import Recipe, load_recipe, recipe_diff
+from fastcifar.runfiles import trained_on
 from fastcifar.splits import Fold, make_folds, take_per_class
 from fastcifar.step import make_scaler
+from fastcifar.stores import locate_store
 from fastcifar.tblog import check_tensorboard
 
 # Keys that may differ when a run is resumed: where it runs does not change what it computes.
@@ -53,7 +54,8 @@ def check_inputs(recipe: Recipe, run_dir: Path, resume: bool = False, device: to
     check `run_dir` may hold this run (new, empty, or this run with --resume on the same data); a DDP rank other
     than 0 leaves that to rank 0."""
     device = device or torch.device("cpu")
-    store = open_store(Path(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
+    # data.store from here or under $FASTCIFAR_DATA; the store's absolute path is what the run records
+    store = open_store(locate_store(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
     recipe = resolve_stats(recipe, store)
     check_loader(recipe)  # a missing DALI / FFCV extra, or an augment section the loader cannot express
     check_tensorboard(recipe)
@@ -286,16 +288,6 @@ def data_identity(store: Store) -> dict[str, Any]:
     """What a run was trained on, as data.json records it: a resume or evaluation on other data is refused."""
     return {"store": str(store.path), "classes": list(store.classes),
             "image_shape": list(store.train_images.shape[1:]), "sha256": dict(store.meta["sha256"])}
-
-
-def trained_on(run_dir: Path) -> dict[str, Any]:
-    """data.json of a run; for a run from before data.json, the store hashes its env.json recorded."""
-    for name, pick in (("data.json", lambda d: d), ("env.json", lambda d: {"sha256": d["store"]["sha256"]})):
-        try:
-            return pick(json.loads((run_dir / name).read_text()))
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
-            continue
-    return {}
 
 
 def _describe(key: str, ident: dict[str, Any], other: dict[str, Any]) -> str:

@@ -30,7 +30,8 @@ def run_environment(device: torch.device) -> dict[str, Any]:
 
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
            "torchvision": torchvision.__version__, "numpy": np.__version__, "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "device": str(device), "git_commit": git_commit()}
+           "torch_threads": torch.get_num_threads(), "device": str(device), "git_commit": git_commit(),
+           "cwd": os.getcwd()}  # where relative paths of the run's recipe (data.store) started from
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda

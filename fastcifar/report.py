@@ -6,11 +6,13 @@ built anywhere. Keys newer than the oldest run format are optional: a missing va
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Callable
 
 from fastcifar.atomic import write_text
+from fastcifar.differences import differing_keys
 from fastcifar.ownership import MARKERS, MD_MARKER, has_marker, legacy_run, md_ours, output_guard
 from fastcifar.runfiles import FIGURE_FILES, FIGURES_DIR, FoldFiles, ReportError, RunFiles, dig, load_run, num
 
@@ -72,11 +74,14 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     vals = [v for v in values if v is not None]
     if not vals:
         return None, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+    try:
+        return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+    except OverflowError:  # damaged files: 1e308 twice has no float mean; unknown rather than a traceback
+        return None, None
 
 
 def fmt(v: float | None, kind: str = "num") -> str:
-    if v is None:
+    if v is None or not math.isfinite(v * (100 if kind == "pct" else 1)):  # 1e308 as a percentage: inf
         return DASH
     return {"pct": f"{v:.2%}", "num": f"{v:.4f}", "int": f"{v:,.0f}", "s": f"{v:,.1f}",
             "ms": f"{v:.3f}", "mb": f"{v:,.1f}", "ratio": f"{v:.2f}×"}[kind]
@@ -118,7 +123,7 @@ def _env_section(run: RunFiles) -> list[str]:
     store = env.get("store") if isinstance(env.get("store"), dict) else {}
     rows.append(["store", str(store.get("path", DASH))])
     hashes = store.get("sha256") if isinstance(store.get("sha256"), dict) else {}
-    rows += [[f"sha256 {name}", f"`{digest[:16]}…`"] for name, digest in sorted(hashes.items())]
+    rows += [[f"sha256 {name}", f"`{str(digest)[:16]}…`"] for name, digest in sorted(hashes.items())]
     source = store.get("source") if isinstance(store.get("source"), dict) else {}
     if source:
         rows.append(["source", f"{source.get('kind', DASH)}: {source.get('path', DASH)} "
@@ -149,8 +154,9 @@ def _metrics_section(run: RunFiles) -> list[str]:
     per_fold = [headline(f.result) for f in run.folds]
     split = split_of(run.folds[0].result)
     n = num(dig(run.folds[0].result, "metrics", "n"))
-    title = f"## Final metrics ({split} set" + (f", {n:,.0f} images" if n is not None and len(per_fold) == 1
-                                                 else "") + ")"
+    scope = capped(run.folds[0].result, split).removeprefix(" on ")
+    title = f"## Final metrics ({split} set" + (f", {scope or f'{n:,.0f} images'}" if n is not None and
+                                                 len(per_fold) == 1 else "") + ")"
     if len(per_fold) == 1:
         rows = [[label, fmt(per_fold[0][key], kind)] for key, label, _, kind in HEADLINE]
         return [title, ""] + md_table(["metric", "value"], rows)
@@ -244,6 +250,32 @@ def selection_note(results: list[dict[str, Any]]) -> str | None:
             "last epoch only) avoids that")
 
 
+def capped(result: dict[str, Any], split: str) -> str:
+    """" on N of M test images" when data.eval_subset evaluated only part of the set, else "" (a whole set, or a
+    run from before the counts were recorded)."""
+    n, total = num(result.get(f"{split}_images")), num(result.get(f"{split}_images_total"))
+    if n is None or total is None or n >= total:
+        return ""
+    return f" on {n:,.0f} of {total:,.0f} {'validation' if split == 'val' else split} images"
+
+
+def closing_lines(run_dir: Path, summary: dict[str, Any]) -> list[str]:
+    """The train command's last lines: the test accuracy, the validation accuracy where it is another set (the
+    official split validates on the test set: one line, not two equal ones); selection_note may follow."""
+    folds = summary["folds"]
+    val_is_test = all(dig(r, "selection", "on_reported_set") is True for r in folds)
+    lines = []
+    if "test_acc_mean" in summary:
+        lines.append(f"{run_dir}: test accuracy {summary['test_acc_mean']:.2%}{capped(folds[0], 'test')}"
+                     + (" (the official split validates on the test set)" if val_is_test else ""))
+    if "test_acc_mean" not in summary or not val_is_test:
+        spread = f" ± {summary['val_acc_std']:.2%}" if len(folds) > 1 else ""
+        scope = capped(folds[0], "val")
+        lines.append(f"{run_dir}: validation accuracy {summary['val_acc_mean']:.2%}{spread}{scope}"
+                     + (" per fold" if scope and len(folds) > 1 else ""))
+    return lines
+
+
 def _headline_line(run: RunFiles) -> list[str]:
     """What a reader came for, first: the accuracy, mean ± std over the folds (and how far it flatters)."""
     accs = [headline(f.result)["accuracy"] for f in run.folds]
@@ -251,7 +283,10 @@ def _headline_line(run: RunFiles) -> list[str]:
     split = split_of(run.folds[0].result)
     spread = f" ± {fmt(std, 'pct')} over {len(accs)} folds" if len(accs) > 1 else ""
     note = selection_note([f.result for f in run.folds])
-    return [f"**{split} accuracy: {fmt(mean, 'pct')}{spread}**", ""] + ([f"> Note: {note}.", ""] if note else [])
+    scope = capped(run.folds[0].result, split)
+    return [f"**{split} accuracy: {fmt(mean, 'pct')}{spread}**{scope}"
+            + (" (data.eval_subset: not the whole set)" if scope else ""), ""] + \
+        ([f"> Note: {note}.", ""] if note else [])
 
 
 def _collapsed(section: list[str]) -> list[str]:
@@ -322,6 +357,21 @@ def _compare_rows(runs: list[RunFiles]) -> list[list[str]]:
     return rows
 
 
+def _differences_section(runs: list[RunFiles]) -> list[str]:
+    """## How the recipes differ: the keys whose values are not the same in all runs, one column a run."""
+    names = [_column_name(r) for r in runs]
+    broken, rows = differing_keys([r.recipe_text for r in runs])
+    lines = ["## How the recipes differ", ""]
+    if broken:
+        lines += [f"recipe.toml missing or unreadable: {', '.join(names[i] for i in broken)} (not compared).", ""]
+    if len(runs) - len(broken) < 2:
+        return lines
+    if not rows:
+        return lines + ["Every key is the same in all recipes.", ""]
+    kept = [n for i, n in enumerate(names) if i not in broken]
+    return lines + md_table(["key", *kept], [[f"`{k}`", *v] for k, v in rows], numeric=False)
+
+
 def combine_reports(run_dirs: list[Path], out: Path = Path("report.md")) -> Path:
     """One run: (re)build its report.md (`out` unused). Several: write `out` comparing them side by side.
     Only a fastcifar run folder gets a report.md, and `out` is overwritten only if it is a comparison."""
@@ -340,6 +390,7 @@ def combine_reports(run_dirs: list[Path], out: Path = Path("report.md")) -> Path
              "(± sample std where a run has several folds).", ""]
     lines += [f"- **{_column_name(r)}**: recipe `{r.name}`, `{r.dir}`" for r in runs] + [""]
     lines += md_table(["", *[_column_name(r) for r in runs]], _compare_rows(runs))
+    lines += _differences_section(runs)
     out = Path(out)
     write_text(out, "\n".join(lines).rstrip("\n") + "\n", guard)
     return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import statistics
@@ -27,7 +26,7 @@ from fastcifar.progress import RunProgress
 from fastcifar.provenance import run_environment
 from fastcifar.recipe import Recipe, recipe_to_toml
 from fastcifar.report import write_report
-from fastcifar.runfiles import FIGURES_DIR
+from fastcifar.runfiles import FIGURES_DIR, read_result
 from fastcifar.splits import Fold
 from fastcifar.strategy import Solo, Strategy
 from fastcifar.train import train_one_fold
@@ -99,7 +98,7 @@ def train_runs(ctxs: list[RunContext], pack: int | str = 1) -> list[list[dict]]:
         for fold in ctx.strategy.folds(list(ctx.plan.folds)):
             done = ctx.fold_dir(fold) / "result.json"
             if ctx.resuming and done.exists():
-                results[i].append(json.loads(done.read_text()))
+                results[i].append(read_result(done, fold.index))  # untrusted: checked in the summary
                 ctx.say(f"fold {fold.index}: finished earlier, kept ({done})")
             else:
                 todo.setdefault(pack_key(ctx.recipe), []).append((i, fold))

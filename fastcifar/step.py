@@ -9,7 +9,7 @@ fastcifar.engine.read_scalar, the step loop's only host read (tests count them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -21,6 +21,8 @@ from fastcifar.errors import FastCifarError
 from fastcifar.models import head_parameters
 from fastcifar.optim import Lookahead, build_optimizer, build_scheduler
 from fastcifar.recipe import Recipe, ScheduleCfg
+
+LR_POINTS = 16  # lr points per epoch in the history (curves.png): a warm-up of a fraction of an epoch shows
 
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
@@ -54,6 +56,12 @@ class EpochTotals:
     seconds: float = 0.0  # steady-state step time (warm-up excluded: fastcifar.engine.StepClock)
     warmup_seen: int = 0  # images of the warm-up (compile / graph capture) steps among `seen`
     warmup_s: float = 0.0
+    # (step of the epoch, lr it trained at) for every step: the lr curve inside the epoch, where a warm-up or a
+    # OneCycle rise happens (one lr an epoch hid them); a few hundred pairs, kept in a mid-epoch checkpoint
+    lr_trace: list[tuple[int, float]] = field(default_factory=list)
+    # (loss sum, images seen) at the epoch's last TensorBoard step point (fastcifar.tblog): the next point
+    # averages from there, and a mid-epoch checkpoint keeps it, so a resumed run logs the same mean
+    log_mark: tuple[float, int] | None = None
 
     @classmethod
     def zeros(cls, device: torch.device, lr: float) -> "EpochTotals":
@@ -63,13 +71,31 @@ class EpochTotals:
     def state_dict(self) -> dict[str, Any]:
         return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen,
                 "skipped": self.skipped, "lr": self.lr, "seconds": self.seconds,
-                "warmup_seen": self.warmup_seen, "warmup_s": self.warmup_s}
+                "warmup_seen": self.warmup_seen, "warmup_s": self.warmup_s,
+                "lr_trace": [[s, v] for s, v in self.lr_trace],
+                "log_mark": list(self.log_mark) if self.log_mark is not None else None}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> "EpochTotals":
         return cls(state["loss_sum"].to(device), state["correct"].to(device), int(state["seen"]),
                    int(state["skipped"]), float(state["lr"]), float(state["seconds"]),
-                   int(state.get("warmup_seen", 0)), float(state.get("warmup_s", 0.0)))
+                   int(state.get("warmup_seen", 0)), float(state.get("warmup_s", 0.0)),
+                   [(int(s), float(v)) for s, v in state.get("lr_trace", [])], _mark(state.get("log_mark")))
+
+    def lr_curve(self, epoch: int, steps: int, points: int = LR_POINTS) -> list[list[float]]:
+        """At most `points` [x, lr] pairs of the epoch (0-based `epoch`, `steps` per epoch), evenly spaced, the
+        first and last step included; x in epochs, step s of epoch e at e + (s + 1) / steps (its end at e + 1)."""
+        trace = self.lr_trace
+        picks = sorted({round(i * (len(trace) - 1) / max(points - 1, 1)) for i in range(points)}) if trace else []
+        return [[epoch + (trace[i][0] + 1) / max(steps, 1), trace[i][1]] for i in picks if i < len(trace)]
+
+
+def _mark(value) -> tuple[float, int] | None:
+    """A checkpoint's log_mark (absent from checkpoints before it existed: None, the epoch's start)."""
+    if value is None:
+        return None
+    loss_sum, seen = value
+    return float(loss_sum), int(seen)
 
 
 class StepRunner:
@@ -127,6 +153,7 @@ class StepRunner:
         non-finite check, the optimizer, Lookahead, EMA, the totals and the schedule. A packed step
         (fastcifar.pack_train) runs one backward for several folds, then this for each fold's own runner."""
         totals.lr = self.optimizer.param_groups[0]["lr"]
+        totals.lr_trace.append((step, totals.lr))
         grad_norm = self._unscale_and_clip()
         if self.cfg.on_nonfinite == "skip" and engine.read_scalar(self._nonfinite(loss, grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,9 @@ from fastcifar.run import drive_packed, run_training
 if TYPE_CHECKING:
     from rich.console import Console
 
-COLUMNS = ["variant", "accuracy", "delta_pp", "peak_memory_mb", "inference_ms_per_image", "params", "wall_time_s"]
+# train_time_s: the folds' epoch times summed (training and validation), not the command's wall clock (which would
+# include preflight, final evaluation and figures, and be ~0 for a variant a resumed sweep kept)
+COLUMNS = ["variant", "accuracy", "delta_pp", "peak_memory_mb", "inference_ms_per_image", "params", "train_time_s"]
 
 
 def split_values(text: str) -> list[str]:
@@ -57,7 +59,25 @@ def sweep_variants(recipe_path: str, overrides: list[str], varies: list[str]) ->
                 variants.append((f"{key.strip()}={value}", recipe))
     if len(variants) == 1:
         raise RecipeError("--vary: no variant differs from the baseline")
+    _check_distinct(variants)
     return variants
+
+
+def _check_distinct(variants: list[tuple[str, Recipe]]) -> None:
+    """Two variants sharing a folder were found only after the first had trained (the second then met a run of
+    another recipe); two equal recipes would train twice and fill two rows with one result. Both refused here,
+    before anything runs. Folders are compared case-blind: macOS and Windows file systems are."""
+    folders: dict[str, str] = {}
+    for i, (name, recipe) in enumerate(variants):
+        same = next((other for other, r in variants[:i] if r == recipe), None)
+        if same is not None:
+            raise RecipeError(f"--vary: {name!r} is the same recipe as {same!r}; give each value once")
+        folder = _dirname(name)
+        if folder.casefold() in folders:
+            raise RecipeError(f"--vary: {folders[folder.casefold()]!r} and {name!r} would train into the same "
+                              f"folder {folder!r} (characters other than letters, digits and . = + - become _); "
+                              "vary them in two sweeps")
+        folders[folder.casefold()] = name
 
 
 def _legacy_sweep(path: Path) -> bool:
@@ -82,11 +102,11 @@ def _row(name: str, summary: dict[str, Any], baseline_acc: float | None) -> dict
     return {"variant": name, "accuracy": acc,
             "delta_pp": None if baseline_acc is None else 100 * (acc - baseline_acc),
             "peak_memory_mb": mean("peak_memory_mb"), "inference_ms_per_image": mean("inference_ms_per_image"),
-            "params": folds[0].get("params"), "wall_time_s": sum(f["train_time_s"] for f in folds)}
+            "params": folds[0].get("params"), "train_time_s": sum(f["train_time_s"] for f in folds)}
 
 
 FORMATS = {"accuracy": "{:.2%}", "delta_pp": "{:+.2f}", "peak_memory_mb": "{:,.0f}", "inference_ms_per_image": "{:.3f}",
-           "params": "{:,}", "wall_time_s": "{:.1f}"}
+           "params": "{:,}", "train_time_s": "{:.1f}"}
 
 
 def _fmt(key: str, v: Any) -> str:
@@ -136,7 +156,7 @@ def run_sweep(recipe_path: str, overrides: list[str], varies: list[str], out_dir
     writer.writerows(rows)
     write_text(out_dir / "sweep.csv", buf.getvalue())
     header = ["variant", "accuracy", "Δ vs baseline (pp)", "peak memory (MB)", "inference (ms/image)", "params",
-              "wall time (s)"]
+              "train time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(k, r[k]) for k in COLUMNS) + " |" for r in rows]
     write_text(out_dir / "sweep.md", f"# Sweep of {variants[0][1].name}\n\n" + "\n".join(lines) + "\n")

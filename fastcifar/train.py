@@ -84,8 +84,8 @@ def close_epoch(run: FoldRun, state: TrainState, early: EarlyStopping, epoch: in
     hooks, tr = run.ctx.hooks, run.recipe.train
     totals = run.strategy.reduce(totals)
     row = run.strategy.agree(validate(run, epoch, totals, validates(run.recipe, epoch)))
+    run.tb.epoch((epoch + 1) * len(run.data.train), row)  # before end_epoch's checkpoint: resuming never re-logs
     end_epoch(run, state, early, row)
-    run.tb.epoch((epoch + 1) * len(run.data.train), row)
     val = (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}" if row["val_acc"] is not None
            else "not validated")
     run.say(f"fold {run.fold.index} epoch {row['epoch']:>3}/{tr.epochs}  train loss {row['train_loss']:.4f} "
@@ -161,7 +161,8 @@ def validate(run: FoldRun, epoch: int, totals: EpochTotals, validating: bool = T
     seen = max(totals.seen, 1)
     return {"epoch": epoch + 1, "train_loss": float(totals.loss_sum) / seen,
             "train_acc": int(totals.correct) / seen, "val_loss": val["loss"], "val_acc": val["acc"],
-            "lr": totals.lr, "epoch_time_s": totals.seconds + totals.warmup_s + time.perf_counter() - t0,
+            "lr": totals.lr, "lr_steps": totals.lr_curve(epoch, len(run.data.train)),
+            "epoch_time_s": totals.seconds + totals.warmup_s + time.perf_counter() - t0,
             "img_per_s": images_per_second(totals.seen, totals.seconds, totals.warmup_seen, totals.warmup_s),
             "skipped_steps": totals.skipped}
 

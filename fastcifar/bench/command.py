@@ -169,7 +169,7 @@ def run_bench(args: argparse.Namespace, console: Console) -> dict[str, Any] | No
     from fastcifar.data import open_store
     from fastcifar.device import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, key="--device")
     from rich.markup import escape
 
     log = lambda msg: console.print(f"[dim]{escape(msg)}[/dim]", highlight=False)  # noqa: E731

@@ -193,12 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--quick", action="store_true", help="a tiny dry run (CPU tests)")
     args = p.parse_args(argv)
-    from rich.console import Console
     from rich.markup import escape
 
+    from fastcifar.console import make_console
     from fastcifar.errors import FastCifarError
 
-    console = Console()
+    console = make_console()
     log = lambda m: console.print(escape(m), highlight=False)  # noqa: E731
     try:
         json_path, md_path, suite = run_suite(Path(args.data), Path(args.out), args.budget, quick=args.quick,

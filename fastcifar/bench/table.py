@@ -90,12 +90,20 @@ LOADER: list[Column] = [
 
 def env_line(env: dict[str, Any]) -> str:
     bits = [env.get("device_name"), f"driver {env['driver']}" if env.get("driver") else None,
-            f"CUDA {env['cuda']}" if env.get("cuda") else None, f"torch {env.get('torch')}",
+            _cuda(env), f"torch {env.get('torch')}",
             f"torchvision {env.get('torchvision')}", f"CPU {env.get('cpu')} x{env.get('cpu_cores')}",
             f"load {env['load_avg']}" if env.get("load_avg") else None,
             f"commit {str(env.get('git_commit'))[:10]}{'+dirty' if env.get('git_dirty') else ''}",
             env.get("date")]
     return ", ".join(b for b in bits if b)
+
+
+def _cuda(env: dict[str, Any]) -> str | None:
+    """torch.version.cuda is the CUDA torch was built for, present on a machine without a GPU too: named as the
+    runtime only when the bench ran on CUDA."""
+    if not env.get("cuda"):
+        return None
+    return f"CUDA {env['cuda']}" if env.get("device") == "cuda" else f"torch built for CUDA {env['cuda']}; no GPU used"
 
 
 def rich_table(title: str, columns: list[Column], rows: list[Row]):

@@ -29,7 +29,7 @@ from fastcifar.artifacts import finish_fold
 from fastcifar.codec import read_last, restore_fold, save_last
 from fastcifar.context import RunContext
 from fastcifar.device import autocast
-from fastcifar.engine import StepClock, compile_model, input_layout, mark_compiler_step, plan_engine, sync
+from fastcifar.engine import EnginePlan, StepClock, compile_model, input_layout, mark_compiler_step, plan_engine, sync
 from fastcifar.fold_run import FoldRun, build_fold, first_stage
 from fastcifar.lifecycle import Interrupted
 from fastcifar.pack import PackedNet, split_logits, stack_inputs
@@ -37,7 +37,7 @@ from fastcifar.progress import RunProgress
 from fastcifar.recipe import Recipe
 from fastcifar.splits import Fold
 from fastcifar.state import EarlyStopping, TrainState
-from fastcifar.step import EpochTotals, NonFiniteStep
+from fastcifar.step import EpochTotals, NonFiniteStep, StepRunner
 from fastcifar.train import book_time, close_epoch, non_finite_error, open_epoch
 
 
@@ -112,8 +112,7 @@ class Packs:
             self.release()
             if key not in self.packed:
                 spares = [copy.deepcopy(group[0].run.model).requires_grad_(False) for _ in range(size - len(group))]
-                self.packed[key] = net = PackedNet([*(m.run.model for m in group), *spares])
-                self.nets[key] = compile_model(net, self.plan.compile_mode) if self.plan.compile else net
+                self.packed[key], self.nets[key] = pack_net([*(m.run.model for m in group), *spares], self.plan)
             self.packed[key].bind()
             self.bound = key
         self.packed[key].train()
@@ -123,6 +122,12 @@ class Packs:
         if self.bound is not None:
             self.packed[self.bound].unbind()
             self.bound = None
+
+
+def pack_net(models: list[torch.nn.Module], plan: EnginePlan) -> tuple[PackedNet, torch.nn.Module]:
+    """The PackedNet of `models` (unbound) and what the step calls: it, compiled when the engine plan compiles."""
+    packed = PackedNet(models)
+    return packed, compile_model(packed, plan.compile_mode) if plan.compile else packed
 
 
 def pack_size(members: list[Member], at: tuple[int, int]) -> int:
@@ -202,9 +207,9 @@ def _open(m: Member) -> None:
 
 
 def _step(group: list[Member], packs: Packs, step: int, size: int) -> None:
-    """One training step of every member of the group: one forward and backward of a pack of `size` (spares
-    fill what the group lacks: they train on the first member's batch, and nothing of theirs is kept), then each
-    member's own after_backward. A member alone (size 1) trains through its own StepRunner, as its solo run."""
+    """One training step of every member of the group: one forward and backward of a pack of `size`
+    (forward_backward), then each member's own after_backward. A member alone (size 1) trains through its own
+    StepRunner, as its solo run."""
     batches = [next(m.batches) for m in group]
     if size == 1:
         (m,), ((x, y),) = group, batches
@@ -213,28 +218,40 @@ def _step(group: list[Member], packs: Packs, step: int, size: int) -> None:
         m.clock.step_done(m.totals.seen - seen)
         _log(m, step)
         return
-    runs = [m.run for m in group]
-    net = packs.net(group, size)
-    first = runs[0]
-    xs = [input_layout(x, first.recipe.train.channels_last) for x, _ in batches]
-    x = stack_inputs(xs + xs[:1] * (size - len(group)))
-    if packs.plan.graphs == "compiler":
-        mark_compiler_step(x)
-    for r in runs:
-        r.step.optimizer.zero_grad(set_to_none=True)
-    with autocast(first.device, first.dtype):
-        logits = net(x)
-    logits = split_logits(logits.float(), size)[:len(group)]
-    losses = [F.cross_entropy(out, y, label_smoothing=r.recipe.train.label_smoothing)
-              for out, (_, y), r in zip(logits, batches, runs)]
-    torch.stack(losses).sum().backward()  # member j's gradient is its own loss's: the members share nothing
-    for m, out, (_, y), loss in zip(group, logits, batches, losses):
-        hard = y.argmax(1) if y.is_floating_point() else y
-        correct = (out.detach().argmax(1) == hard).sum()
+    first = group[0].run
+    outs = forward_backward(packs.net(group, size), [m.run.step for m in group], batches, size,
+                            [m.run.recipe.train.label_smoothing for m in group], first.recipe.train.channels_last,
+                            first.device, first.dtype, packs.plan.graphs == "compiler")
+    for m, (loss, correct), (_, y) in zip(group, outs, batches):
         seen = m.totals.seen
-        _guarded(m, step, lambda: m.run.step.after_backward(loss.detach(), correct, len(y), m.totals, step))
+        _guarded(m, step, lambda: m.run.step.after_backward(loss, correct, len(y), m.totals, step))
         m.clock.step_done(m.totals.seen - seen)
         _log(m, step)
+
+
+def forward_backward(net: torch.nn.Module, steps: list[StepRunner], batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     size: int, smoothing: list[float], channels_last: bool, device: torch.device,
+                     dtype: torch.dtype | None, compiler_graphs: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The shared half of a packed step: the members' gradients zeroed (`steps`: their runners), one forward and
+    backward of the pack of `size` (`net`, bound) on the members' batches (spares, filling what the members lack,
+    train on the first member's batch: nothing of theirs is kept). Returns each member's (mean loss, hits),
+    detached, for its runner's after_backward. The trainer (_step) and `fastcifar bench pack` call it."""
+    xs = [input_layout(x, channels_last) for x, _ in batches]
+    x = stack_inputs(xs + xs[:1] * (size - len(batches)))
+    if compiler_graphs:
+        mark_compiler_step(x)
+    for s in steps:
+        s.optimizer.zero_grad(set_to_none=True)
+    with autocast(device, dtype):
+        logits = net(x)
+    logits = split_logits(logits.float(), size)[:len(batches)]
+    losses = [F.cross_entropy(out, y, label_smoothing=ls) for out, (_, y), ls in zip(logits, batches, smoothing)]
+    torch.stack(losses).sum().backward()  # member j's gradient is its own loss's: the members share nothing
+    outs = []
+    for out, (_, y), loss in zip(logits, batches, losses):
+        hard = y.argmax(1) if y.is_floating_point() else y
+        outs.append((loss.detach(), (out.detach().argmax(1) == hard).sum()))
+    return outs
 
 
 def _guarded(m: Member, step: int, call) -> None:

@@ -13,8 +13,9 @@
 #   3 prepare     the real store from the carried archive (in the tree: nothing needed from it comes back)
 #   4 cuda tests  the CUDA-only tests at full size (pytest -m cuda) -> cuda-tests.xml
 #   5 peer        speedrun94 against airbench94, alternating, same process, same data -> *-speedrun.json
-#   6 suite       seed workload (img/s, projected hours), loader table (HBM share), CIFAR-stem ResNets,
-#                 compile cells -> <date>-<gpu>.json / .md
+#   6 suite       seed workload (img/s, projected hours), loader table (HBM share), packed k-fold (k = 1, 5 for
+#                 speedrun_net and seed000_fast's model), CIFAR-stem ResNets, compile cells -> <date>-<gpu>.json
+#                 / .md (the stages in order: python -m fastcifar.bench.suite --list --device cuda)
 #   7 fold        resnet34_onecycle fold 0 for whatever time is left (time to accuracy: fold0/metrics.csv)
 # The second call, BENCH_ONLY=seed000_fast, runs stages 1-3 (install and prepare are no-ops on a warm box) and then
 #   8 seed000_fast  seed 000's stratified 5 folds of the merged 60k on the 96 % tier, folds in sequence, for the

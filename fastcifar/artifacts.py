@@ -86,12 +86,57 @@ def _figures(run: FoldRun, state: TrainState, result: dict[str, Any], final, loa
     write_json(run.dir / "result.json", result)
 
 
+# The process's peak resident set before the last reset_peak_rss: Linux forgets it on a reset (getrusage's maxrss
+# follows VmHWM down), and peak_memory_mb stays the peak since the process started.
+_peak_before_reset_mb = 0.0
+
+
 def peak_memory_mb(device: torch.device) -> tuple[float | None, str]:
     """Peak memory of this process: the CUDA allocator's on a GPU, else the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda allocator"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS"
+    return max(rss / (2**20 if sys.platform == "darwin" else 2**10), _peak_before_reset_mb), "process peak RSS"
+
+
+def _status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status (Linux), in MB; None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak_rss() -> float | None:
+    """Start a new peak-resident-set window (Linux 4.0+: writing 5 to /proc/self/clear_refs sets VmHWM to the
+    current RSS); returns the current RSS in MB, None where the window cannot be reset. Freed heap memory is
+    handed back to the system first (glibc malloc_trim), so a window starts from what is really in use."""
+    global _peak_before_reset_mb
+    before = _status_mb("VmHWM")
+    if before is None:
+        return None
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the window may then start above what is in use
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return None
+    _peak_before_reset_mb = max(_peak_before_reset_mb, before)
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float | None:
+    """The process's peak resident set since the last reset_peak_rss (VmHWM), in MB; None off Linux."""
+    return _status_mb("VmHWM")
 
 
 def timed_evaluate(model, loader, device, dtype, num_classes: int, **kwargs) -> tuple[dict[str, Any], float]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 import re
 import warnings
@@ -20,8 +21,24 @@ VERSION = 1
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    payload = {"format": FORMAT, "version": VERSION, **payload}
+    payload = {"format": FORMAT, "version": VERSION, **_compact(payload)}
     write_with(path, lambda f: torch.save(payload, f))
+
+
+def _compact(obj: Any) -> Any:
+    """torch.save writes a tensor's whole storage: a tensor that views part of a larger one (a packed fold's
+    BatchNorm statistics, fastcifar.pack) is saved as its own copy, so the file holds what the fold has."""
+    if isinstance(obj, torch.Tensor):
+        own = obj.untyped_storage().nbytes() == obj.numel() * obj.element_size()
+        return obj if own or obj.numel() == 0 else obj.detach().clone()
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps a state_dict's _metadata (module versions: load_state_dict reads them)
+        for k, v in obj.items():
+            out[k] = _compact(v)
+        return out
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(_compact(v) for v in obj)
+    return obj
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

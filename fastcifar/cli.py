@@ -77,6 +77,10 @@ def _train_parsers(sub) -> None:
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="change the baseline itself; repeatable")
     sw.add_argument("--out", help="sweep directory (default runs/<recipe name>-sweep)")
+    sw.add_argument("--pack", nargs="?", const="all", metavar="N",
+                    help="train the variants' folds together as one stacked model, N folds at a time (default: "
+                         "all that can share one: same model, batch, device and precision); each variant keeps its "
+                         "own run folder")
     _recipes_parser(sub)
 
 
@@ -277,9 +281,9 @@ def _sweep(args, console: Console) -> None:
     from fastcifar.recipe import load_recipe
 
     out = Path(args.out or Path("runs") / f"{load_recipe(args.recipe, args.overrides).name}-sweep")  # before torch
-    from fastcifar.sweep import run_sweep
+    from fastcifar.sweep import pack_arg, run_sweep
 
-    run_sweep(args.recipe, args.overrides, args.vary, out, console)
+    run_sweep(args.recipe, args.overrides, args.vary, out, console, pack=pack_arg(args.pack))
 
 
 def _tune(args, console: Console) -> None:

@@ -20,6 +20,7 @@ from fastcifar.backends import check_loader
 from fastcifar.backends.ffcv import check_beton, default_beton
 from fastcifar.context import RunPlan
 from fastcifar.data import Store, open_store, store_stats
+from fastcifar.device import recipe_amp_dtype
 from fastcifar.errors import DataError, FastCifarError, RecipeError, first_line
 from fastcifar.gradcam import get_layer
 from fastcifar.models import build_model, create_model, model_entry
@@ -27,6 +28,7 @@ from fastcifar.ownership import check_own_dir, legacy_run
 from fastcifar.recipe import Recipe, load_recipe, recipe_diff
 from fastcifar.runfiles import trained_on
 from fastcifar.splits import Fold, make_folds, take_per_class
+from fastcifar.step import make_scaler
 from fastcifar.stores import locate_store
 from fastcifar.tblog import check_tensorboard
 
@@ -60,6 +62,8 @@ def check_inputs(recipe: Recipe, run_dir: Path, resume: bool = False, device: to
     if len(store.classes) < 2:
         raise DataError(f"data.store: {store.path} holds {len(store.classes)} class; a classifier needs at least 2")
     check_model(recipe, store, device)
+    if recipe.train.pack != 1:
+        check_pack(recipe, store, device)
     check_augment(recipe, store)
     folds = check_folds(recipe, store)
     if recipe.split.kind == "kfold" and recipe.split.fold >= 0:
@@ -81,6 +85,9 @@ def check_distributed(recipe: Recipe, world: int, device: torch.device, folds_pa
                               f'"kfold" and split.fold = -1, got kind = "{recipe.split.kind}", fold = '
                               f"{recipe.split.fold}")
         return
+    if tr.pack != 1:
+        raise RecipeError("train.pack: DDP trains one model on every rank; packing composes with --folds-parallel "
+                          "(each rank packs its own folds), or set train.pack = 1")
     if tr.batch_size % world:
         raise RecipeError(f"train.batch_size: {tr.batch_size} is not divisible by the world size {world}; each "
                           f"rank trains batch_size / world_size images per step")
@@ -121,6 +128,52 @@ def check_folds(recipe: Recipe, store: Store) -> list[Fold]:
             raise RecipeError(f"train.batch_size: {recipe.train.batch_size} is more than fold {fold.index}'s "
                               f"{len(train)} training images (no full batch to train on); lower it")
     return folds
+
+
+def check_pack(recipe: Recipe, store: Store, device: torch.device, folds: bool = True) -> None:
+    """What packing (train.pack, sweep --pack) cannot do yet, refused in one line naming the key; then two copies
+    of the model are packed on the CPU and run one batch (a layer the pack cannot stack fails here). `folds`:
+    train.pack packs the folds of one k-fold run."""
+    from fastcifar.pack import PackedNet, stack_inputs  # imports the models: only when packing
+
+    split, m, tr = recipe.split, recipe.model, recipe.train
+    if folds and (split.kind != "kfold" or split.fold != -1):
+        raise RecipeError(f'train.pack: packs the folds of a k-fold run; it needs split.kind = "kfold" and split.fold '
+                          f'= -1, got kind = "{split.kind}", fold = {split.fold}')
+    entry = model_entry(m.name)
+    if not entry.stackable:
+        raise RecipeError(f"model.name: {m.name} cannot be packed (a layer of it is not one fastcifar.pack stacks: "
+                          "convolutions, BatchNorm, linear, pooling, pointwise); set train.pack = 1")
+    if m.dropout:
+        raise RecipeError(f"model.dropout: {m.dropout} cannot be packed (each fold would need the dropout masks of its "
+                          "solo run); set model.dropout = 0 or train.pack = 1")
+    refusals = {
+        "train.loader": (tr.loader != "device", f'packed folds train from the "device" loader, got "{tr.loader}"'),
+        "train.oom_retry": (tr.oom_retry, "not with packing (a micro-batch retry would split every fold); lower "
+                                          "train.batch_size or train.pack"),
+        "train.cuda_graphs": (tr.cuda_graphs, "not with packing yet; train.compile with compile_mode = "
+                                              '"reduce-overhead" records the compiler\'s CUDA graphs of the pack'),
+        "train.amp": (make_scaler(recipe_amp_dtype(tr, device), device) is not None,
+                      "fp16 loss scaling (this GPU has no bf16) is not supported with packing; set train.amp = false"),
+    }
+    for key, (refused, why) in refusals.items():
+        if refused:
+            raise RecipeError(f"{key}: {why}")
+    size = recipe.augment.resize or int(store.train_images.shape[1])
+    copies = [build_model(recipe, len(store.classes), int(store.train_images.shape[1]), torch.device("cpu"),
+                          pretrained=False) for _ in range(2)]
+    net = PackedNet(copies)
+    net.bind()
+    x = torch.zeros(2, 3, size, size).to(memory_format=torch.channels_last if tr.channels_last else
+                                          torch.contiguous_format)
+    try:
+        with torch.no_grad():
+            out = net(stack_inputs([x, x]))
+    except RuntimeError as e:
+        raise RecipeError(f"model.name: {m.name} cannot be packed ({first_line(e)}); set train.pack = 1") from None
+    if tuple(out.shape) != (2, 2 * len(store.classes)):
+        raise RecipeError(f"model.name: {m.name} packed gives outputs of shape {list(out.shape)}, not (batch, 2 x "
+                          f"{len(store.classes)} classes); set train.pack = 1")
 
 
 def check_augment(recipe: Recipe, store: Store) -> None:

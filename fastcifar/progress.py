@@ -50,7 +50,7 @@ class RunProgress:
     def __exit__(self, *exc) -> None:
         self.bars.__exit__(*exc)
 
-    def start_fold(self, index: int, epochs: int, epochs_done: int, steps_per_epoch: int, position: int) -> None:
+    def start_fold(self, index: int | str, epochs: int, epochs_done: int, steps_per_epoch: int, position: int) -> None:
         self.fold, self.steps_per_epoch, self.full_fold = index, steps_per_epoch, epochs * steps_per_epoch
         self.fold_steps = self.full_fold - epochs_done * steps_per_epoch - position
         self.steps_done = 0

@@ -322,6 +322,9 @@ class TrainCfg:
     ema_decay: float = setting(0.0, "weight EMA decay per step (e.g. 0.999); the EMA weights are validated and "
                                     "saved in best.pt; 0 = off")
     sync_bn: bool = setting(False, "SyncBatchNorm across ranks under torchrun (CUDA)")
+    pack: int | Literal["all"] = setting(1, "k-fold: folds trained at once by one stacked model (fastcifar.pack), "
+                                         "each exactly as its solo run: 1 = one after another; K >= 2 = K at a "
+                                         'time (folds 0..K-1, then the next K); "all" = every fold at once')
 
     def validate(self) -> None:
         check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -337,6 +340,8 @@ class TrainCfg:
         check(0 <= self.workers <= 1024, "train.workers", f"must be in [0, 1024], got {self.workers}")
         check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
         check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        check(self.pack == "all" or self.pack >= 1, "train.pack",
+              f'must be >= 1 (1 = folds one after another) or "all", got {self.pack}')
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fastcifar.atomic import write_json, write_text
@@ -19,12 +20,14 @@ from fastcifar.device import resolve_device
 from fastcifar.errors import first_line
 from fastcifar.lifecycle import GracefulStop, RunLock
 from fastcifar.ownership import remove_atomic_temps, write_marker
+from fastcifar.pack_train import pack_key, train_pack
 from fastcifar.preflight import check_inputs, data_identity, recheck_run_dir
 from fastcifar.progress import RunProgress
 from fastcifar.provenance import run_environment
 from fastcifar.recipe import Recipe, recipe_to_toml
 from fastcifar.report import write_report
 from fastcifar.runfiles import FIGURES_DIR, read_result
+from fastcifar.splits import Fold
 from fastcifar.strategy import Solo, Strategy
 from fastcifar.train import train_one_fold
 
@@ -80,19 +83,70 @@ def _remove_orphans(run_dir: Path) -> None:
 
 
 def train_folds(ctx: RunContext) -> list[dict]:
-    """This process's share of the plan's folds (strategy.folds), in order; folds that finished are kept."""
-    results, todo = [], []
-    for fold in ctx.strategy.folds(list(ctx.plan.folds)):
-        done = ctx.fold_dir(fold) / "result.json"
-        if ctx.resuming and done.exists():
-            results.append(read_result(done, fold.index))  # untrusted: checked where the summary adds it up
-            ctx.say(f"fold {fold.index}: finished earlier, kept ({done})")
-        else:
-            todo.append(fold)
-    with RunProgress(ctx.console, len(todo)) as progress:
-        for fold in todo:
-            results.append(train_one_fold(ctx, fold, progress))
-    return sorted(results, key=lambda r: r["fold"])
+    """This process's share of the plan's folds (strategy.folds), in order; folds that finished are kept. With
+    train.pack, the folds left train train.pack at a time, each pack as one stacked model (fastcifar.pack_train)."""
+    return train_runs([ctx], ctx.recipe.train.pack)[0]
+
+
+def train_runs(ctxs: list[RunContext], pack: int | str = 1) -> list[list[dict]]:
+    """The folds of one run, or of several (a packed sweep), each run's results in fold order. Folds that
+    finished are kept; the others train `pack` at a time (1: one after another), folds of runs that cannot share
+    a stacked model (fastcifar.pack_train.pack_key) in separate packs."""
+    results: list[list[dict]] = [[] for _ in ctxs]
+    todo: dict[tuple, list[tuple[int, Fold]]] = {}
+    for i, ctx in enumerate(ctxs):
+        for fold in ctx.strategy.folds(list(ctx.plan.folds)):
+            done = ctx.fold_dir(fold) / "result.json"
+            if ctx.resuming and done.exists():
+                results[i].append(read_result(done, fold.index))  # untrusted: checked in the summary
+                ctx.say(f"fold {fold.index}: finished earlier, kept ({done})")
+            else:
+                todo.setdefault(pack_key(ctx.recipe), []).append((i, fold))
+    packs = [chunk for group in todo.values() for chunk in chunks(group, pack)]
+    console = ctxs[0].console
+    with RunProgress(console, len(packs)) as progress:
+        for chunk in packs:
+            if len(chunk) == 1:
+                (i, fold), = chunk
+                results[i].append(train_one_fold(ctxs[i], fold, progress))
+                continue
+            console.print(escape("packed: " + ", ".join(f"{_run_name(ctxs, i)}fold {f.index}" for i, f in chunk)),
+                          soft_wrap=True, highlight=False)
+            for (i, _), result in zip(chunk, train_pack([(ctxs[i], f) for i, f in chunk], progress)):
+                results[i].append(result)
+    return [sorted(r, key=lambda r: r["fold"]) for r in results]
+
+
+def _run_name(ctxs: list[RunContext], i: int) -> str:
+    return f"{ctxs[i].run_dir.name} " if len(ctxs) > 1 else ""
+
+
+def chunks(items: list, size: int | str) -> list[list]:
+    """`items` in consecutive groups of `size` (train.pack: an int, or "all" for one group)."""
+    size = max(len(items), 1) if size == "all" else int(size)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def drive_packed(plans: list[RunPlan], console: Console, pack: int | str, hooks: Hooks | None = None) -> list[dict]:
+    """Several runs trained as one (`fastcifar sweep --pack`): each run locked and started as drive starts it,
+    their folds packed `pack` at a time across the runs, each run finished as drive finishes it. Returns the
+    summaries, in the order of `plans`."""
+    summaries, reports = [], []
+    with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(GracefulStop())
+        ctxs = []
+        for plan in plans:
+            stack.enter_context(RunLock(plan.run_dir))
+            ctxs.append(RunContext(plan, console, Solo(), hooks or Hooks(), stop, start_run(plan)))
+        configure_runtime(plans[0].recipe)
+        for plan, results in zip(plans, train_runs(ctxs, pack)):
+            summary, report = finish_run(plan.recipe, plan.run_dir, results, console)
+            summaries.append(summary)
+            reports.append(report)
+    for report in reports:
+        if report is not None:
+            console.print(f"report: {report}")
+    return summaries
 
 
 def run_training(recipe: Recipe, run_dir: Path, console: Console, *, resume: bool = False,

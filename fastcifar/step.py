@@ -145,6 +145,13 @@ class StepRunner:
             self.prepare(x)
         self.optimizer.zero_grad(set_to_none=True)
         loss, correct = self._forward_backward(x, y)
+        self.after_backward(loss, correct, len(y), totals, step)
+
+    def after_backward(self, loss: torch.Tensor, correct: torch.Tensor, images: int, totals: EpochTotals,
+                       step: int) -> None:
+        """The step once the gradients are in (the batch's mean loss and hit count, on the device): clipping, the
+        non-finite check, the optimizer, Lookahead, EMA, the totals and the schedule. A packed step
+        (fastcifar.pack_train) runs one backward for several folds, then this for each fold's own runner."""
         totals.lr = self.optimizer.param_groups[0]["lr"]
         totals.lr_trace.append((step, totals.lr))
         grad_norm = self._unscale_and_clip()
@@ -161,9 +168,9 @@ class StepRunner:
                 self.lookahead.after_step()
             if self.ema is not None:
                 self.ema.update()
-            totals.loss_sum += loss.double() * len(y)
+            totals.loss_sum += loss.double() * images
             totals.correct += correct
-            totals.seen += len(y)
+            totals.seen += images
             if self.cfg.on_nonfinite == "stop":
                 self._note_stop_mode(loss, grad_norm, step)
         self.scheduler.step()

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 from fastcifar.atomic import write_text
 from fastcifar.errors import RecipeError
 from fastcifar.ownership import check_own_dir, has_marker, legacy_run, write_marker
-from fastcifar.preflight import check_inputs
+from fastcifar.device import resolve_device
+from fastcifar.preflight import check_inputs, check_pack
 from fastcifar.recipe import Recipe, load_recipe
-from fastcifar.run import run_training
+from fastcifar.run import drive_packed, run_training
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -112,20 +113,41 @@ def _fmt(key: str, v: Any) -> str:
     return "–" if v is None else FORMATS.get(key, "{}").format(v)
 
 
-def run_sweep(recipe_path: str, overrides: list[str], varies: list[str], out_dir: Path, console: Console) -> list[dict]:
-    """Train the baseline and each variant into out_dir/<variant>/ (resumable), then write sweep.csv / .md."""
+def pack_arg(text: str | None) -> int | str | None:
+    """--pack: None (variants one after another), "all", or the folds per pack (an integer >= 1)."""
+    if text is None or text == "all":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise RecipeError(f"--pack: expected a number of folds per pack (>= 1) or all, got {text!r}")
+    return int(text)
+
+
+def run_sweep(recipe_path: str, overrides: list[str], varies: list[str], out_dir: Path, console: Console,
+              pack: int | str | None = None) -> list[dict]:
+    """Train the baseline and each variant into out_dir/<variant>/ (resumable), then write sweep.csv / .md. With
+    `pack`, the variants' folds train together, `pack` at a time (fastcifar.run.drive_packed): each variant is
+    still its own run folder."""
     from rich.table import Table
 
     variants = sweep_variants(recipe_path, overrides, varies)
     check_own_dir(out_dir, "sweep", _legacy_sweep)
+    plans = []
     for name, recipe in variants:  # every variant's refusals before the first one trains
-        check_inputs(recipe, out_dir / _dirname(name), resume=True)
+        device = resolve_device(recipe.train.device) if pack is not None else None
+        plans.append(check_inputs(recipe, out_dir / _dirname(name), resume=True, device=device))
+        if pack is not None:
+            check_pack(plans[-1].recipe, plans[-1].store, plans[-1].device, folds=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_marker(out_dir, "sweep")
+    if pack is not None:
+        summaries = drive_packed(plans, console, pack)
+    else:
+        summaries = []
+        for name, recipe in variants:
+            console.print(f"[bold]sweep: {name}[/bold]")
+            summaries.append(run_training(recipe, out_dir / _dirname(name), console, resume=True))
     rows: list[dict[str, Any]] = []
-    for name, recipe in variants:
-        console.print(f"[bold]sweep: {name}[/bold]")
-        summary = run_training(recipe, out_dir / _dirname(name), console, resume=True)
+    for (name, _), summary in zip(variants, summaries):
         rows.append(_row(name, summary, rows[0]["accuracy"] if rows else None))
     rows[0]["delta_pp"] = 0.0
     buf = io.StringIO()

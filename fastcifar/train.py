@@ -56,36 +56,49 @@ def train_one_fold(ctx: RunContext, fold: Fold, progress: RunProgress) -> dict[s
 
 def fit(run: FoldRun, state: TrainState, progress: RunProgress) -> None:
     """The fold's remaining epochs: stage changes, train, validate, book (best.pt, metrics.csv, last.pt)."""
-    hooks, tr = run.ctx.hooks, run.recipe.train
+    tr = run.recipe.train
     early = EarlyStopping(run.recipe.eval.metric, tr.early_stopping_patience)
     steps = len(run.data.train)
     progress.start_fold(run.fold.index, tr.epochs, state.epoch, steps, run.data.train.position)
     while state.epoch < tr.epochs and not state.stopped_early:
         epoch = state.epoch
-        if state.stage == 1 and epoch >= run.recipe.finetune.head_epochs:
-            run.enter_stage(2)
-            state.stage = 2
-            run.say(f"fold {run.fold.index}: stage 2 from epoch {epoch + 1}: all layers train")
-        whiten = run.recipe.model.whiten_bias_epochs
-        if whiten and state.stage == 2 and set_whiten_bias(run.model, epoch < whiten):
-            run.step.net = run.strategy.train_net(run.model, run.engine)  # DDP hooks what requires grad
-        totals = run.strategy.reduce(train_epoch(run, state, epoch, progress))
-        row = run.strategy.agree(validate(run, epoch, totals, validates(run.recipe, epoch)))
-        run.tb.epoch((epoch + 1) * steps, row)  # before end_epoch's checkpoint: resuming never re-logs them
-        end_epoch(run, state, early, row)
-        val = (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}" if row["val_acc"] is not None
-               else "not validated")
-        run.say(f"fold {run.fold.index} epoch {row['epoch']:>3}/{tr.epochs}  train loss {row['train_loss']:.4f} "
-                f"acc {row['train_acc']:.2%}  {val}  "
-                f"lr {row['lr']:.3g}  {row['epoch_time_s']:.1f}s  {row['img_per_s']:,.0f} img/s"
-                + (f"  skipped {row['skipped_steps']} steps" if row["skipped_steps"] else ""))
-        if hooks.on_epoch_end:
-            hooks.on_epoch_end(epoch + 1)
-        if hooks.on_epoch_row:
-            hooks.on_epoch_row(run.fold.index, row)
-        if state.stopped_early:
-            run.say(f"early stopping: no improvement of {run.recipe.eval.metric} for "
-                    f"{tr.early_stopping_patience} epochs (best epoch {state.best_epoch})")
+        open_epoch(run, state)
+        totals = train_epoch(run, state, epoch, progress)
+        close_epoch(run, state, early, epoch, totals)
+
+
+def open_epoch(run: FoldRun, state: TrainState) -> None:
+    """What changes as epoch state.epoch begins: the fine-tuning stage, the whitening bias."""
+    epoch = state.epoch
+    if state.stage == 1 and epoch >= run.recipe.finetune.head_epochs:
+        run.enter_stage(2)
+        state.stage = 2
+        run.say(f"fold {run.fold.index}: stage 2 from epoch {epoch + 1}: all layers train")
+    whiten = run.recipe.model.whiten_bias_epochs
+    if whiten and state.stage == 2 and set_whiten_bias(run.model, epoch < whiten):
+        run.step.net = run.strategy.train_net(run.model, run.engine)  # DDP hooks what requires grad
+
+
+def close_epoch(run: FoldRun, state: TrainState, early: EarlyStopping, epoch: int, totals: EpochTotals) -> None:
+    """An epoch's trained totals to its books: validation, best.pt, metrics.csv, last.pt, its line, the hooks."""
+    hooks, tr = run.ctx.hooks, run.recipe.train
+    totals = run.strategy.reduce(totals)
+    row = run.strategy.agree(validate(run, epoch, totals, validates(run.recipe, epoch)))
+    run.tb.epoch((epoch + 1) * len(run.data.train), row)  # before end_epoch's checkpoint: resuming never re-logs
+    end_epoch(run, state, early, row)
+    val = (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}" if row["val_acc"] is not None
+           else "not validated")
+    run.say(f"fold {run.fold.index} epoch {row['epoch']:>3}/{tr.epochs}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.2%}  {val}  "
+            f"lr {row['lr']:.3g}  {row['epoch_time_s']:.1f}s  {row['img_per_s']:,.0f} img/s"
+            + (f"  skipped {row['skipped_steps']} steps" if row["skipped_steps"] else ""))
+    if hooks.on_epoch_end:
+        hooks.on_epoch_end(epoch + 1)
+    if hooks.on_epoch_row:
+        hooks.on_epoch_row(run.fold.index, row)
+    if state.stopped_early:
+        run.say(f"early stopping: no improvement of {run.recipe.eval.metric} for "
+                f"{tr.early_stopping_patience} epochs (best epoch {state.best_epoch})")
 
 
 def train_epoch(run: FoldRun, state: TrainState, epoch: int, progress: RunProgress) -> EpochTotals:
@@ -109,20 +122,20 @@ def train_epoch(run: FoldRun, state: TrainState, epoch: int, progress: RunProgre
                 hooks.on_step(epoch, step)
             if stop is not None and stop.requested:
                 run.step.check_pending()  # never checkpoint a step that went non-finite
-                _book_time(run, state, totals, clock)
+                book_time(run, state, totals, clock)
                 run.partial = run.strategy.reduce(totals)  # last.pt holds the epoch so far
                 save_last(run, state)
                 raise _interrupted(run, stop.signum, epoch, loader.position)
         run.step.check_pending()
     except NonFiniteStep as e:
-        raise _non_finite(run, state, e, epoch) from None
+        raise non_finite_error(run, state, e, epoch) from None
     finally:
         progress.end_epoch()
-    _book_time(run, state, totals, clock)
+    book_time(run, state, totals, clock)
     return totals
 
 
-def _book_time(run: FoldRun, state: TrainState, totals: EpochTotals, clock: StepClock) -> None:
+def book_time(run: FoldRun, state: TrainState, totals: EpochTotals, clock: StepClock) -> None:
     """Warm-up time (compile / capture) goes to compile_time_s and is kept out of img/s (StepClock's rule)."""
     clock.stop()
     totals.seconds += clock.steady_s
@@ -184,7 +197,7 @@ def _interrupted(run: FoldRun, signum: int, epoch: int, steps: int) -> Interrupt
                        signum)
 
 
-def _non_finite(run: FoldRun, state: TrainState, e: NonFiniteStep, epoch: int) -> NonFiniteError:
+def non_finite_error(run: FoldRun, state: TrainState, e: NonFiniteStep, epoch: int) -> NonFiniteError:
     kept = (f"the last good checkpoint {run.last_path} (end of epoch {state.epoch}) is kept"
             if run.last_path.exists() else "no checkpoint was written before it")
     return NonFiniteError(f"{e.what} went non-finite in fold {run.fold.index} epoch {epoch + 1} step {e.step}; "

@@ -7,8 +7,10 @@ where measured, empty with a reason where it cannot be measured, and that FLOPs 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +148,60 @@ def test_timing_repeats_and_percentiles():
     assert rate.repeats == 3 and rate.images % 4 == 0 and rate.lo <= rate.mean <= rate.hi
     lat = measure_latency(lambda: None, cpu, seconds=0.01, warmup=1, min_calls=25)
     assert lat.calls >= 25 and 0 <= lat.p50_ms <= lat.p99_ms
+
+
+def test_pack_bench_rows_through_the_cli(store, tmp_path, capsys):
+    """`fastcifar bench pack`: per model, one row per k with the packed and the sequential (solo, k = 1) img/s and
+    peak memory, their ratios, and the same figures in the JSON, the Markdown and the printed table."""
+    out, md = tmp_path / "pack.json", tmp_path / "pack.md"
+    assert main(["bench", "pack", "--data", str(store), "--model", "cnn_bn", "mlp", "--batch", "8", "--k", "2", "1",
+                 "--json", str(out), "--md", str(md), *FAST]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["what"] == "pack" and result["settings"]["ks"] == [1, 2]
+    rows = result["rows"]
+    assert [(r["model"], r["k"]) for r in rows] == [("cnn_bn", 1), ("cnn_bn", 2), ("mlp", 1), ("mlp", 2)]
+    for r in rows:
+        assert r["note"] == "" and r["batch"] == 8 and r["precision"] == "fp32"
+        for key in ("packed_img_s", "seq_img_s", "ratio", "time_ratio"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["model"], r["k"], key)
+        for key in ("packed_peak_mb", "seq_peak_mb"):  # RSS above the cell's start: 0 when nothing new was touched
+            assert math.isfinite(r[key]) and r[key] >= 0, (r["model"], r["k"], key)
+        assert r["packed_img_s_repeats"] == 3 and r["packed_img_s_images"] % (8 * r["k"]) == 0
+        assert r["ratio"] == pytest.approx(r["packed_img_s"] / r["seq_img_s"])
+        assert r["time_ratio"] == pytest.approx(r["k"] / r["ratio"])
+        assert "peak RSS above the cell's start" in r["peak_mem_source"]
+    for solo, packed in (rows[0:2], rows[2:4]):  # the sequential side is the solo (k = 1) measurement
+        assert solo["ratio"] == 1.0 and solo["packed_img_s"] == solo["seq_img_s"] == packed["seq_img_s"]
+        assert packed["seq_peak_mb"] == solo["packed_peak_mb"]
+    text = md.read_text()
+    assert "| model | px | prec | batch | compile | CL | k | packed img/s | sequential img/s | packed / seq |" in text
+    assert text.count("| cnn_bn | 32 | fp32 | 8 |") == 2 and f"{rows[1]['ratio']:.2f}x" in text
+    assert "packed k-fold" in printed and f"{rows[3]['ratio']:.2f}x" in printed
+    pairs = compare(result, result)  # --compare matches pack rows on their configuration and k
+    assert len(pairs) == 4 * 5 and {p["key"]["k"] for p in pairs} == {1, 2}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pack", "--model", "efficientnet_b2"], "--model: efficientnet_b2 cannot be packed (choose from"),
+    (["pack", "--k", "0"], "--k: must be >= 1, got 0"),
+    (["--k", "2"], "--k: the pack sizes of `fastcifar bench pack`; not with `bench model`"),
+], ids=["unstackable", "zero", "not-pack"])
+def test_pack_bench_refusals_are_one_line(store, capsys, args, message):
+    assert main(["bench", *args, "--data", str(store), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fastcifar: error: {message}" or (len(err.splitlines()) == 1 and message in err), err
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak-RSS window is Linux's")
+def test_a_peak_rss_window_leaves_the_process_peak_alone():
+    """bench pack resets the kernel's peak resident set per cell (which getrusage follows down); the peak
+    memory a run or a model-bench row reports stays the process's since it started."""
+    from fastcifar.artifacts import peak_memory_mb, peak_rss_mb, reset_peak_rss
+
+    big = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    before, _ = peak_memory_mb(torch.device("cpu"))
+    del big
+    start = reset_peak_rss()
+    assert start is not None and peak_rss_mb() < before - 32  # the window forgot the 64 MiB
+    assert peak_memory_mb(torch.device("cpu"))[0] >= before

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 from boxes import box_python, tree_copy
+from fastcifar.bench.suite import listing
 from synth import make_archive, make_image_folder
 
 # What the call may leave in the tree: the store it prepares, build and cache output (none of it is a result).
@@ -47,6 +48,14 @@ def test_device_call_rehearsal_brings_every_result_back_in_out(tmp_path):
     assert suite["environment"]["device_name"] and suite_json.name[len("YYYY-MM-DD-"):].startswith("cpu")
     assert json.loads(peer.read_text())["environment"]["device_name"] == suite["environment"]["device_name"]
     assert suite["seed_workload"]["seed_reported_hours"] == 178.0 and suite["loader"]["rows"]
+    pack = suite["pack"]["rows"]  # packed k-fold: k = 1 (the folds one after another) and 5
+    assert [r["k"] for r in pack] == [1, 5] and all(r["packed_img_s"] > 0 and r["ratio"] > 0 for r in pack), pack
+    assert "## Packed k-fold" in suite_json.with_suffix(".md").read_text()
+    # The groups ran in the order `--list` gives (by the first 20 characters of their names: a log line may wrap).
+    listed = "\n".join(listing(quick=True, cuda=False))
+    ran = [line[3:].rsplit(" (", 1)[0][:20] for line in log.splitlines() if line.startswith("== ")]
+    at = [listed.find(name) for name in ran]
+    assert len(ran) == 3 and ran[1].startswith("packed k-fold") and -1 not in at and at == sorted(at), (listed, ran)
     assert suite_json.with_suffix(".md").is_file() and "cuda-tests.xml" in names and "device_suite.log" in names
     assert 'tests="' in (out / "cuda-tests.xml").read_text()
 

@@ -256,3 +256,90 @@ def test_sync_bn_is_refused_for_the_other_speedrun_nets(tiny, name):
     recipe = tiny(model={"name": name, "width": 8}, train={"sync_bn": True})
     with pytest.raises(RecipeError, match=rf"^train\.sync_bn: {name}'s scale-free BatchNorm"):
         check_distributed(recipe, 2, torch.device("cuda"), False)
+
+
+def _packed_folds_table(store: Path, pack) -> dict:
+    # 4 folds, 2 ranks, 2 folds packed on each; speedrun_net with Lookahead and EMA: every per-fold part counts.
+    return tiny_table(store, split={"kind": "kfold", "k": 4}, model={"name": "speedrun_net", "width": 8},
+                      optim={"lookahead_every": 2}, train={"epochs": 2, "threads": 1, "pack": pack, "ema_decay": 0.9})
+
+
+def _record_steps(root: Path, tag: str):
+    """Record every fold's step losses, and which folds trained packed; the function returned writes them to
+    root/steps-<tag>.json."""
+    from fastcifar import fold_run, pack_train, train
+    from fastcifar.step import StepRunner
+
+    losses: dict[int, list[float]] = {}
+    owner: dict[int, int] = {}
+    packed: list[int] = []
+    real_build, real_after = fold_run.build_fold, StepRunner.after_backward
+
+    def build(ctx, fold, saved=None, packed_fold=False):
+        run = real_build(ctx, fold, saved)
+        owner[id(run.step)] = fold.index
+        if packed_fold:
+            packed.append(fold.index)
+        return run
+
+    def after(self, loss, correct, images, totals, step):
+        losses.setdefault(owner[id(self)], []).append(float(loss))
+        return real_after(self, loss, correct, images, totals, step)
+
+    train.build_fold = build
+    pack_train.build_fold = lambda ctx, fold, saved=None: build(ctx, fold, saved, packed_fold=True)
+    StepRunner.after_backward = after
+    return lambda: (root / f"steps-{tag}.json").write_text(json.dumps({"losses": losses, "packed": packed}))
+
+
+def _packed_rank_worker(rank: int, world: int, port: int, root: str) -> None:
+    root_p = Path(root)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    save = _record_steps(root_p, f"rank{rank}")
+    assert main(["train", str(root_p / "packed.toml"), "--out", str(root_p / "packed"), "--folds-parallel"]) == 0
+    save()
+
+
+def _sequential_worker(_: int, root: str) -> None:
+    """The single-process, unpacked twin, recording its step losses the same way (in a child: the patches stay
+    out of the test process)."""
+    root_p = Path(root)
+    torch.set_num_threads(1)
+    save = _record_steps(root_p, "seq")
+    recipe = recipe_from_dict(json.loads((root_p / "sequential.json").read_text()))
+    run_training(recipe, root_p / "sequential", QUIET)
+    save()
+
+
+def test_folds_parallel_packs_each_ranks_folds(store, tmp_path):
+    """--folds-parallel with train.pack = 2: 4 folds over 2 ranks, each rank packing its own 2 (rank 0 folds 0
+    and 2, rank 1 folds 1 and 3). Each fold's step losses are the sequential run's within 1e-5 relative over the
+    first 3 steps (the pack tests' bound), its accuracies and best epoch equal and its losses within 1e-2 after 2
+    epochs (test_pack's whole-run bound), and rank 0 writes the sequential run's files and folds table."""
+    (tmp_path / "packed.toml").write_text(recipe_to_toml(recipe_from_dict(_packed_folds_table(store, 2))))
+    (tmp_path / "sequential.json").write_text(json.dumps(_packed_folds_table(store, 1)))
+    tmp_mp.start_processes(_packed_rank_worker, args=(2, _free_ports(1)[0], str(tmp_path)), nprocs=2,
+                           start_method="fork")
+    tmp_mp.start_processes(_sequential_worker, args=(str(tmp_path),), nprocs=1, start_method="fork")
+    steps = {tag: json.loads((tmp_path / f"steps-{tag}.json").read_text()) for tag in ("rank0", "rank1", "seq")}
+    assert steps["rank0"]["packed"] == [0, 2] and steps["rank1"]["packed"] == [1, 3] and steps["seq"]["packed"] == []
+    par = {**steps["rank0"]["losses"], **steps["rank1"]["losses"]}
+    seq = steps["seq"]["losses"]
+    assert sorted(par) == sorted(seq) == ["0", "1", "2", "3"]
+    for fold, solo in seq.items():
+        assert len(par[fold]) == len(solo) == 2 * 5  # 180 training images a fold: 5 steps of 32 an epoch
+        assert max(abs(a - b) / abs(b) for a, b in zip(par[fold][:3], solo[:3])) <= 1e-5, (fold, par[fold], solo)
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("sequential", "packed"))
+    assert a.keys() == b.keys() and [f["fold"] for f in b["folds"]] == [0, 1, 2, 3]
+    for fa, fb in zip(a["folds"], b["folds"]):
+        assert (fb["val_acc"], fb["test_acc"], fb["best_epoch"]) == (fa["val_acc"], fa["test_acc"], fa["best_epoch"])
+        for k in ("val_loss", "test_loss"):
+            assert fb[k] == pytest.approx(fa[k], rel=1e-2), (fa["fold"], k)
+    listing = lambda run: sorted(str(p.relative_to(run)) for p in run.rglob("*"))  # noqa: E731
+    assert listing(tmp_path / "packed") == listing(tmp_path / "sequential")
+    rows = [line.split(",")[0] for line in (tmp_path / "packed" / "folds.csv").read_text().splitlines()]
+    assert rows == ["fold", "0", "1", "2", "3", "mean", "std"]
+    env = json.loads((tmp_path / "packed" / "env.json").read_text())
+    assert env["distributed"] == {"mode": "folds_parallel", "world_size": 2}

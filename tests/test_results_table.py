@@ -39,3 +39,18 @@ def test_write_replaces_only_the_marked_block(tmp_path):
 
 def test_empty_results_say_so(tmp_path):
     assert "no result files committed yet" in RT.table(tmp_path)
+
+
+def test_a_pack_result_lists_its_packed_rows_with_their_ratios(tmp_path):
+    env = {"date": "2026-12-06T16:00:00+00:00", "device_name": "CPU: AMD EPYC", "command": "fastcifar bench pack"}
+    rows = [{"model": "cnn_bn", "precision": "fp32", "batch": 16, "k": 1, "packed_img_s": 100.0, "seq_img_s": 100.0,
+             "ratio": 1.0, "mem_ratio": 1.0},
+            {"model": "cnn_bn", "precision": "fp32", "batch": 16, "k": 5, "packed_img_s": 250.0, "seq_img_s": 100.0,
+             "ratio": 2.5, "mem_ratio": 3.1},
+            {"model": "resnet18", "precision": "fp32", "batch": 16, "k": 5, "note": "skipped: global time budget"}]
+    (tmp_path / "p.json").write_text(json.dumps({"kind": "fastcifar-bench", "what": "pack", "environment": env,
+                                                 "rows": rows}))
+    line = RT.table(tmp_path).splitlines()[2]
+    assert "| packed k-fold |" in line and "`fastcifar bench pack`" in line
+    assert "cnn_bn fp32 b16 k=5: 250 img/s packed vs 100 sequential (2.50x, memory 3.10x)" in line
+    assert "k=1" not in line and "resnet18" not in line  # the solo control and rows without figures add nothing

@@ -18,11 +18,13 @@ def add_bench_parser(sub) -> None:
 
     b = sub.add_parser(
         "bench", help="throughput, latency, memory, energy and FLOPs of models (or, with `loader`, of the input "
-                      "pipelines), the seed projects' way measured beside ours in the same run",
+                      "pipelines; with `pack`, of packed k-fold training), the seed projects' way measured beside "
+                      "ours in the same run",
         description="fastcifar bench [--model ...]: train/infer img/s, latency, memory, energy, FLOPs, MFU per "
                     "model x precision x batch x compile x channels-last. fastcifar bench loader: img/s of each "
-                    "input pipeline x augmentation preset.")
-    b.add_argument("what", nargs="?", default="model", choices=["model", "loader"])
+                    "input pipeline x augmentation preset. fastcifar bench pack [--k 1 2 5]: img/s and peak memory "
+                    "of k folds trained packed (train.pack) against the same k one after another.")
+    b.add_argument("what", nargs="?", default="model", choices=["model", "loader", "pack"])
     b.add_argument("--data", help=f"store directory (default {DEFAULT_STORE}, or the recipe's data.store)")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     b.add_argument("--model", nargs="+", metavar="NAME", help="models (default: cnn_bn on CPU/MPS, resnet18 on CUDA)")
@@ -42,6 +44,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per phase (default 3)")
     b.add_argument("--workers", type=int, default=4, help="the seed projects' and torchvision's DataLoader workers, "
                                                           "DALI's and FFCV's threads (fitted to the cores; default 4)")
+    b.add_argument("--k", nargs="+", type=int, metavar="K", help="bench pack: folds per pack (default 1 2 5)")
     b.add_argument("--serve-batch", type=int, help="serving batch for latency (default 32 on CPU/MPS, 256 on CUDA)")
     b.add_argument("--budget", type=float, metavar="S", help="global wall-clock budget; cells that would not fit "
                                                              "are skipped with a note")
@@ -58,13 +61,19 @@ def add_bench_parser(sub) -> None:
 
 def _check(args) -> dict[str, Any]:
     from fastcifar.errors import RecipeError
-    from fastcifar.models import known_model, model_names
+    from fastcifar.models import known_model, model_entry, model_names
 
     for name in args.model or []:
         if not known_model(name):
             raise RecipeError(f"--model: unknown model {name!r} (choose from {', '.join(model_names())}, or "
                               "timm:<name>)")
+        if args.what == "pack" and not model_entry(name).stackable:
+            raise RecipeError(f"--model: {name} cannot be packed (choose from "
+                              f"{', '.join(n for n in model_names() if model_entry(n).stackable)})")
+    if args.k is not None and args.what != "pack":
+        raise RecipeError("--k: the pack sizes of `fastcifar bench pack`; not with `bench " + args.what + "`")
     minimum = {"--batch": (args.batch or [], 1), "--repeats": ([args.repeats], 1), "--workers": ([args.workers], 0),
+               "--k": (args.k or [], 1),
                "--warmup": ([args.warmup], 0),
                "--serve-batch": ([args.serve_batch] if args.serve_batch is not None else [], 1)}
     for flag, (values, lo) in minimum.items():
@@ -183,6 +192,12 @@ def run_bench(args: argparse.Namespace, console: Console) -> dict[str, Any] | No
                                   presets=args.preset, log=log)
     elif args.find_batch:
         return _find_batch(args, device, console, log)
+    elif args.what == "pack":
+        from fastcifar.bench.pack_bench import run_pack_bench
+
+        plan = _plan(args, device)
+        store = open_store(Path(args.data or (plan.recipe.data.store if args.recipe else DEFAULT_STORE)))
+        result = run_pack_bench(store, device, plan, args.k, log=log)
     else:
         from fastcifar.bench.model_bench import run_model_bench
 

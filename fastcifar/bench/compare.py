@@ -16,18 +16,20 @@ if TYPE_CHECKING:
 KEYS = {
     "model": ("model", "image_size", "augment", "precision", "batch", "compile", "channels_last"),
     "loader": ("loader", "preset", "batch"),
+    "pack": ("model", "image_size", "augment", "precision", "batch", "compile", "channels_last", "k"),
 }
 METRICS = {
     "model": ("train_img_s", "model_only_img_s", "infer_img_s", "lat_b1_p50_ms", "lat_serve_p50_ms", "peak_mem_mb",
               "energy_j_per_1k_img", "seeds_train_img_s"),
     "loader": ("img_s",),
+    "pack": ("packed_img_s", "seq_img_s", "ratio", "packed_peak_mb", "seq_peak_mb"),
 }
 
 
 def load_result(path: str | Path, what: str = "model") -> dict[str, Any]:
     """A bench JSON file, checked enough that a wrong file is one clear line rather than a KeyError later.
 
-    A device-suite file holds both benches; `what` picks the part ("model" or "loader")."""
+    A device-suite file holds several benches; `what` picks the part ("model", "loader" or "pack")."""
     path = Path(path)
     try:
         data = json.loads(read_text(path, "bench result", RUN_FILE_BYTES, DataError))  # no FIFO, no /dev/zero

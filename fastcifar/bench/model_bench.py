@@ -101,10 +101,10 @@ def _model(ctx: _Ctx, name: str, channels_last: bool) -> torch.nn.Module:
     return model.to(ctx.device, memory_format=fmt)
 
 
-def _loader(ctx: _Ctx, batch: int, in_dtype: torch.dtype):
+def _loader(ctx: _Ctx, batch: int, in_dtype: torch.dtype, seed: int = 0):
     r, s = ctx.plan.recipe, ctx.store
     tf = build_train_transform(r.augment, r.data.mean, r.data.std, in_dtype)
-    return DeviceLoader(s.train_images, s.train_labels, batch, tf, ctx.device, shuffle=True, seed=0,
+    return DeviceLoader(s.train_images, s.train_labels, batch, tf, ctx.device, shuffle=True, seed=seed,
                         mixer=build_mixer(r.augment, ctx.num_classes))
 
 

@@ -46,6 +46,19 @@ def _model_figures(d: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _pack_figures(d: dict[str, Any]) -> str:
+    """bench pack: each packed row's ratio to the same folds one after another, in img/s and peak memory."""
+    parts = []
+    for r in d["rows"]:
+        if not r.get("ratio") or r.get("k", 1) < 2:
+            continue
+        cell = (f"{r['model']} {r['precision']} b{r['batch']} k={r['k']}: {_rate(r['packed_img_s'])} img/s packed "
+                f"vs {_rate(r['seq_img_s'])} sequential ({r['ratio']:.2f}x")
+        cell += f", memory {r['mem_ratio']:.2f}x)" if r.get("mem_ratio") else ")"
+        parts.append(cell)
+    return "; ".join(parts)
+
+
 def _speedrun_figures(d: dict[str, Any]) -> str:
     ours, peer = d.get("ours") or {}, d.get("airbench") or {}
     if not ours.get("acc_mean"):
@@ -71,6 +84,7 @@ def _pooled_figures(d: dict[str, Any]) -> str:
 
 def _suite_figures(d: dict[str, Any]) -> str:
     parts = [_loader_figures(d["loader"]) if d.get("loader") else "",
+             _pack_figures(d["pack"]) if d.get("pack") else "",
              _model_figures(d["model"]) if d.get("model") else ""]
     seed = d.get("seed_workload") or {}
     if seed.get("ours_img_s"):
@@ -91,6 +105,8 @@ def row(path: Path) -> list[str] | None:
         what, figures = "loader", _loader_figures(d)
     elif d.get("what") == "model":
         what, figures = "model", _model_figures(d)
+    elif d.get("what") == "pack":
+        what, figures = "packed k-fold", _pack_figures(d)
     elif d.get("kind") == "peer-airbench-pooled":
         what, figures = "speedrun vs airbench, pooled", _pooled_figures(d)
     elif "airbench" in d:

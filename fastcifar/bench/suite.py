@@ -2,9 +2,11 @@
 written to bench/results/<date>-<device>.json and .md after every stage, so a run cut short keeps what it measured.
 
 Order is priority: the seed's own workload (tv_resnet34, ImageNet stem, 224 px, RandAugment(2, 9) + erasing 0.25)
-and its projected full-run hours, then the loader bench (the fused path's share of HBM bandwidth), then the
-CIFAR-stem ResNets at 32 px (bf16 vs fp32, channels-last on/off), then torch.compile cells, which cost a minute or
-more of compiling each. Cells that would overrun the budget are skipped with a note. `--quick` is a tiny CPU dry run of the same code (tests).
+and its projected full-run hours, then the loader bench (the fused path's share of HBM bandwidth), then packed
+k-fold (fastcifar bench pack: k = 1 and 5 for speedrun_net and seed000_fast's model), then the CIFAR-stem ResNets
+at 32 px (bf16 vs fp32, channels-last on/off), then torch.compile cells, which cost a minute or more of compiling
+each. Cells that would overrun the budget are skipped with a note. `--quick` is a tiny CPU dry run of the same
+code (tests).
 
     python -m fastcifar.bench.suite --data data/cifar10-suite --out bench/results --budget 480 [--quick]
 """
@@ -23,6 +25,8 @@ SEED_HOURS = 178.0  # seed 000's reported wall time for its full run (8 V100s)
 SEED_IMAGES = 2000 * 5 * 48_000  # 2000 epochs x 5 folds x 48k training images = 480M images
 LOADER_RESERVE_S = 100.0
 SEED_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "seed000_resnet34.toml"
+FAST_RECIPE = SEED_RECIPE.with_name("seed000_fast.toml")  # seed 000's protocol on the 96 % speedrun tier
+PACK_BUDGET_S = 90.0  # the packed k-fold cells: 4 measurements of ~1.5 s x 3 repeats, warm-up and building
 
 
 def _groups(quick: bool, cuda: bool) -> list[dict[str, Any]]:
@@ -53,6 +57,20 @@ def _groups(quick: bool, cuda: bool) -> list[dict[str, Any]]:
     return groups
 
 
+def _pack_groups(quick: bool, cuda: bool) -> list[dict[str, Any]]:
+    """The packed k-fold cells (fastcifar bench pack), k = 1 (the folds one after another) and 5 (seed 000's
+    folds as one pack): speedrun_net, and seed000_fast's model with that recipe's optimizer and augmentation.
+    Eager: a compile per pack size would cost a minute or more of the budget each."""
+    if quick:
+        return [dict(name="packed k-fold (quick: cnn_bn stands in)", augment="crop+flip", models=["cnn_bn"],
+                     batches=[16], precisions=["fp32"], ks=[1, 5])]
+    low = ["bf16" if cuda else "fp32"]
+    return [dict(name="packed k-fold: speedrun_net, 32 px", augment="crop+flip", models=["speedrun_net"],
+                 batches=[1024], precisions=low, ks=[1, 5]),
+            dict(name="packed k-fold: seed000_fast (speedrun_net96, its recipe, compile off)", recipe=FAST_RECIPE,
+                 models=["speedrun_net96"], batches=[1024], precisions=low, ks=[1, 5])]
+
+
 def _plan(group: dict[str, Any], seconds: float, workers: int, budget_s: float, quick: bool):
     from fastcifar.bench.model_bench import Plan
     from fastcifar.bench.presets import PRESETS
@@ -60,13 +78,16 @@ def _plan(group: dict[str, Any], seconds: float, workers: int, budget_s: float, 
 
     # The seed workload trains with the seed's own recipe (AdamW, label smoothing 0.1, grad clip 1.0).
     recipe = load_recipe(SEED_RECIPE) if group.get("seed") and SEED_RECIPE.exists() else Recipe(name="suite")
-    recipe = replace(recipe, augment=PRESETS[group["augment"]])
+    if group.get("recipe"):  # a recipe's own optimizer, augmentation and model settings
+        recipe = load_recipe(group["recipe"])
+    if group.get("augment"):
+        recipe = replace(recipe, augment=PRESETS[group["augment"]])
     if quick:  # a narrow cnn_bn: the dry run checks the plumbing, not a model
         recipe = replace(recipe, model=ModelCfg(name="cnn_bn", width=8))
     return Plan(recipe=recipe, models=group["models"], batches=group["batches"], precisions=group["precisions"],
                 compiles=group.get("compiles", [False]), channels_last=group.get("channels_last", [True]),
-                augment_name=group["augment"], seconds=seconds, repeats=3, warmup=1 if quick else 3,
-                serve_batch=8 if quick else 256, workers=workers, budget_s=budget_s)
+                augment_name=group.get("augment") or f"recipe:{recipe.name}", seconds=seconds, repeats=3,
+                warmup=1 if quick else 3, serve_batch=8 if quick else 256, workers=workers, budget_s=budget_s)
 
 
 def seed_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -123,6 +144,8 @@ def to_markdown(suite: dict[str, Any]) -> str:
         parts += ["```", *seed_lines(suite["seed_workload"]), "```", ""]
     if suite.get("loader"):
         parts += ["## Input pipelines", "", markdown_body(suite["loader"], "###")]
+    if suite.get("pack"):
+        parts += ["## Packed k-fold", "", markdown_body(suite["pack"], "###")]
     if suite.get("model"):
         parts += ["## Models", "", markdown_body(suite["model"], "###")]
     parts += [f"- {n}" for n in suite.get("notes", [])]
@@ -160,6 +183,7 @@ def run_suite(store_dir: Path, out_dir: Path, budget_s: float, *, quick: bool = 
                                                warmup=1 if quick else 3, workers=workers,
                                                presets=["crop+flip"] if quick else None, log=log)
             save()
+            _pack_stage(suite, store, dev, seconds, workers, min(left(), PACK_BUDGET_S), quick, log, save)
         if left() <= 0:
             suite["notes"].append(f"skipped {group['name']}: global time budget spent")
             continue
@@ -185,14 +209,73 @@ def run_suite(store_dir: Path, out_dir: Path, budget_s: float, *, quick: bool = 
     return json_path, md_path, suite
 
 
+def _pack_stage(suite: dict[str, Any], store, dev, seconds: float, workers: int, budget_s: float, quick: bool,
+                log: Callable[[str], Any], save: Callable[[], None]) -> None:
+    """The packed k-fold cells into suite["pack"] (a `fastcifar bench pack` result), saved after every row."""
+    from fastcifar.bench.model_bench import plan_settings
+    from fastcifar.bench.pack_bench import run_pack_bench
+
+    t0 = time.perf_counter()
+    suite["pack"] = {"kind": "fastcifar-bench", "what": "pack", "version": 1, "environment": suite["environment"],
+                     "settings": {}, "rows": []}
+    for group in _pack_groups(quick, dev.type == "cuda"):
+        left = budget_s - (time.perf_counter() - t0)
+        if left <= 0:
+            suite["notes"].append(f"skipped {group['name']}: its time budget spent")
+            continue
+        log(f"== {group['name']} ({left:.0f} s of budget left)")
+        plan = _plan(group, seconds, workers, left, quick)
+        suite["pack"]["settings"] = {**plan_settings(plan, store), "ks": group["ks"]}
+
+        def on_row(row: dict[str, Any], group: dict[str, Any] = group) -> None:
+            row["group"] = group["name"]
+            suite["pack"]["rows"].append(row)
+            save()
+
+        run_pack_bench(store, dev, plan, group["ks"], log=log, on_row=on_row)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def listing(quick: bool, cuda: bool) -> list[str]:
+    """The suite's stages in the order run_suite runs them (no data or device needed): `--list`."""
+    def cells(g: dict[str, Any]) -> str:
+        bits = [", ".join(g["models"]), "batch " + ", ".join(map(str, g["batches"])), ", ".join(g["precisions"])]
+        bits += [f"augment {g['augment']}"] if g.get("augment") else [f"recipe {Path(g['recipe']).name}"]
+        bits += ["compile on"] if g.get("compiles") == [True] else []
+        bits += ["channels-last on, off"] if g.get("channels_last") == [True, False] else []
+        bits += ["k " + ", ".join(map(str, g["ks"]))] if g.get("ks") else []
+        return "; ".join(bits)
+
+    groups = _groups(quick, cuda)
+    loader = ("loader bench: " + ("crop+flip" if quick else "every preset") + ", fastcifar vs the seeds' "
+              f"DataLoader (DALI / FFCV when installed), batch {32 if quick else 512}")
+    lines = [f"model: {groups[0]['name']}: {cells(groups[0])}", loader]
+    lines += [f"pack: {g['name']}: {cells(g)}" for g in _pack_groups(quick, cuda)]
+    lines += [f"model: {g['name']}: {cells(g)}" for g in groups[1:]]
+    return [f"{i} {line}" for i, line in enumerate(lines, 1)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastcifar.bench.suite", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="prepared store directory")
+    p.add_argument("--data", help="prepared store directory (required unless --list)")
+    p.add_argument("--list", action="store_true", help="print the stages in order (with --device cuda: the GPU "
+                                                       "plan, on any machine) and exit; nothing is run")
     p.add_argument("--out", default="bench/results", help="results directory (default bench/results)")
     p.add_argument("--budget", type=float, default=480.0, help="global wall-clock budget in seconds (default 480)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--quick", action="store_true", help="a tiny dry run (CPU tests)")
     args = p.parse_args(argv)
+    if args.list:
+        cuda = args.device == "cuda" or (args.device == "auto" and _cuda_available())
+        print("\n".join(listing(args.quick, cuda)))
+        return 0
+    if not args.data:
+        p.error("--data is required (unless --list)")
     from rich.markup import escape
 
     from fastcifar.console import make_console
@@ -210,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if suite.get("loader"):
         print_result(suite["loader"], console)
+    if suite.get("pack"):
+        print_result(suite["pack"], console)
     if suite.get("model"):
         print_result(suite["model"], console)
     for line in seed_lines(suite["seed_workload"]) if suite.get("seed_workload") else []:

@@ -88,6 +88,19 @@ LOADER: list[Column] = [
 ]
 
 
+PACK: list[Column] = _KEY + [
+    ("k", lambda r: str(r["k"])),
+    ("packed img/s", lambda r: rate(r, "packed_img_s")),
+    ("sequential img/s", lambda r: rate(r, "seq_img_s")),
+    ("packed / seq", lambda r: ratio(r.get("ratio"))),
+    ("k folds' time / 1 fold's", lambda r: ratio(r.get("time_ratio"))),
+    ("peak MB packed", lambda r: num(r.get("packed_peak_mb"))),
+    ("peak MB seq", lambda r: num(r.get("seq_peak_mb"))),
+    ("mem packed / seq", lambda r: ratio(r.get("mem_ratio"))),
+    ("note", lambda r: r.get("note") or ""),
+]
+
+
 def env_line(env: dict[str, Any]) -> str:
     bits = [env.get("device_name"), f"driver {env['driver']}" if env.get("driver") else None,
             _cuda(env), f"torch {env.get('torch')}",
@@ -128,6 +141,8 @@ def markdown_table(columns: list[Column], rows: list[Row]) -> str:
 def tables_for(result: dict[str, Any]) -> list[tuple[str, list[Column]]]:
     if result["what"] == "loader":
         return [("input pipelines (img/s on the device)", LOADER)]
+    if result["what"] == "pack":
+        return [("packed k-fold: k folds as one stacked model vs one after another", PACK)]
     return [("training and inference throughput", MODEL_THROUGHPUT), ("latency, memory, energy, FLOPs", MODEL_COST)]
 
 
@@ -153,6 +168,8 @@ def notes(result: dict[str, Any]) -> list[str]:
     s, env = result["settings"], result["environment"]
     out = [f"timing: {s['warmup']} warm-up steps excluded, then {s['repeats']} repeats of {s['seconds']:g} s / "
            f"{s['repeats']}; ± is half the range of the repeats"]
+    if result["what"] == "pack":  # no seeds' DataLoader here
+        return out + pack_notes(result)
     cores = env.get("cpu_cores_usable") or env.get("cpu_cores")
     if cores and s["workers"] > cores:
         out.append(f"the seeds' {s['workers']} DataLoader workers share {cores} usable CPU cores here")
@@ -168,6 +185,17 @@ def notes(result: dict[str, Any]) -> list[str]:
         if env["device"] != "cuda":
             out.append(f"NVML fields empty: CUDA only (device is {env['device']}); peak mem is the process peak RSS")
     return out
+
+
+def pack_notes(result: dict[str, Any]) -> list[str]:
+    rows = result["rows"]
+    source = next((r["peak_mem_source"] for r in rows if r.get("peak_mem_source")), "not measured")
+    return ["packed = the k folds' members trained in lock-step by one stacked model, through the trainer's packed "
+            "step (train.pack); img/s counts every member's images; a pack of one is the solo run",
+            "sequential = the same k folds one after another: the solo run's img/s and memory (the k = 1 "
+            "measurement); packed / seq > 1: packing is faster; k folds' time / 1 fold's = k / (packed / seq)",
+            f"peak MB: {source}; each member holds its own loader's copy of the training images, as a fold does",
+            "CUDA graphs and the OOM retry are off on both sides (packing refuses them); the schedule is constant"]
 
 
 def markdown_body(result: dict[str, Any], level: str = "##") -> str:

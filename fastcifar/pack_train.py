@@ -65,6 +65,9 @@ class Member:
     totals: EpochTotals | None = None  # the epoch in progress (None between epochs)
     batches: Iterator | None = None
     clock: StepClock | None = None
+    # this epoch's steps and their summed 1 / (folds trained in the step): the fold's share of the clock's time
+    steps: int = 0
+    share: float = 0.0
     result: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
@@ -203,6 +206,7 @@ def _open(m: Member) -> None:
     run.model.train()
     m.clock = StepClock(run.warmup_left, lambda: sync(run.device))
     m.clock.start()
+    m.steps, m.share = 0, 0.0
     m.batches = iter(run.data.train)
 
 
@@ -211,6 +215,8 @@ def _step(group: list[Member], packs: Packs, step: int, size: int) -> None:
     (forward_backward), then each member's own after_backward. A member alone (size 1) trains through its own
     StepRunner, as its solo run."""
     batches = [next(m.batches) for m in group]
+    for m in group:  # the step's wall time is the group's: each fold books 1 / len(group) of it
+        m.steps, m.share = m.steps + 1, m.share + 1 / len(group)
     if size == 1:
         (m,), ((x, y),) = group, batches
         seen = m.totals.seen
@@ -276,7 +282,7 @@ def _end_training(m: Member) -> tuple[int, EpochTotals]:
         run.step.check_pending()
     except NonFiniteStep as e:
         raise non_finite_error(run, m.state, e, m.state.epoch) from None
-    book_time(run, m.state, m.totals, m.clock)
+    book_time(run, m.state, m.totals, m.clock, m.share / m.steps if m.steps else 1.0)
     out = m.state.epoch, m.totals
     m.totals = m.batches = m.clock = None
     return out
@@ -295,7 +301,7 @@ def _stopped(live: list[Member], signum: int) -> Interrupted:
         run = m.run
         if m.totals is not None:
             run.step.check_pending()
-            book_time(run, m.state, m.totals, m.clock)
+            book_time(run, m.state, m.totals, m.clock, m.share / m.steps if m.steps else 1.0)
             run.partial = run.strategy.reduce(m.totals)
         save_last(run, m.state)
     run = live[0].run

@@ -135,13 +135,15 @@ def train_epoch(run: FoldRun, state: TrainState, epoch: int, progress: RunProgre
     return totals
 
 
-def book_time(run: FoldRun, state: TrainState, totals: EpochTotals, clock: StepClock) -> None:
-    """Warm-up time (compile / capture) goes to compile_time_s and is kept out of img/s (StepClock's rule)."""
+def book_time(run: FoldRun, state: TrainState, totals: EpochTotals, clock: StepClock, share: float = 1.0) -> None:
+    """Warm-up time (compile / capture) goes to compile_time_s and is kept out of img/s (StepClock's rule).
+    share: the part of the clock's time that is this fold's (a packed fold: fastcifar.pack_train splits each
+    step's time evenly among the folds it trained, so the folds' times add up to the run's wall time)."""
     clock.stop()
-    totals.seconds += clock.steady_s
-    totals.warmup_s += clock.warmup_s
+    totals.seconds += clock.steady_s * share
+    totals.warmup_s += clock.warmup_s * share
     totals.warmup_seen += clock.warmup_images
-    state.compile_time_s += clock.warmup_s
+    state.compile_time_s += clock.warmup_s * share
     run.warmup_left = clock.warmup_left
 
 

@@ -244,6 +244,25 @@ def test_a_packed_kfold_run_is_the_sequential_run(tiny, tmp_path, capsys):
     assert f"test accuracy {s2['folds'][1]['test_acc']:.2%}" in capsys.readouterr().out
 
 
+def test_a_packed_runs_fold_times_add_up_to_its_wall_time(tiny, tmp_path):
+    """Each step's time is the pack's: a packed fold books 1 / (folds in the step) of it, so the folds' train
+    times add up to at most the run's wall time (each fold booked the pack's whole time before: 3x it)."""
+    import time
+
+    t0 = time.perf_counter()
+    s = run_training(_kfold(tiny, "all", train={"epochs": 3}), tmp_path / "packed", QUIET)
+    wall = time.perf_counter() - t0
+    times = [f["train_time_s"] for f in s["folds"]]
+    assert all(t > 0 for t in times) and sum(times) <= wall, (times, wall)
+    rows = [_rows_all(tmp_path / "packed" / fold / "metrics.csv") for fold in FOLDS]
+    assert [sum(float(r["epoch_time_s"]) for r in fold) for fold in rows] == pytest.approx(times, abs=1e-4)  # csv: 6 decimals
+
+
+def _rows_all(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def test_a_fold_that_stops_early_leaves_the_pack_and_the_others_go_on(tiny, tmp_path):
     """Early stopping per fold (val_loss, patience 1): the folds stop after epochs 5, 2 and 6 alone and packed,
     and a stopped fold's last.pt stays at its last epoch while the others train on."""

@@ -160,6 +160,15 @@ class OptimCfg:
     muon_lr: float = 0.02  # Muon's own learning rate for the conv filters (scaled by the schedule like lr)
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
+    # "torch": torch.optim.Muon, one Newton-Schulz per filter; "batched": fastcifar.muon.BatchedMuon, one batched
+    # call per step over all filters padded into one 3-D tensor (the records'), with the options below
+    muon_impl: Literal["torch", "batched"] = "torch"
+    muon_ns_steps: int = 5  # batched: Newton-Schulz iterations (the records: 3)
+    muon_ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315)  # batched: (a, b, c)
+    muon_ns_dtype: Literal["float32", "bfloat16"] = "float32"  # batched: airbench94_muon iterates in bf16
+    # batched: filters renormalised to norm sqrt(out channels) before the update: "every" step (airbench94_muon),
+    # "adaptive" (Hiverge: when step - last >= 2 + floor(15 * step / total steps)), or "none"
+    muon_renorm: Literal["none", "every", "adaptive"] = "none"
     # Lookahead (airbench's): every lookahead_every steps the weights and float buffers are pulled to a slow
     # copy that follows them, slow += (1 - d) (w - slow), w = slow, with d = lookahead_decay * (t / T) ^
     # lookahead_power rising over the run (t steps done of T); after the last step (its pull first, if it is
@@ -178,6 +187,11 @@ class OptimCfg:
         check(self.muon_lr > 0, "optim.muon_lr", f"must be > 0, got {self.muon_lr}")
         check(0.0 <= self.muon_momentum < 1.0, "optim.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         check(self.muon_weight_decay >= 0, "optim.muon_weight_decay", f"must be >= 0, got {self.muon_weight_decay}")
+        check(self.muon_ns_steps >= 1, "optim.muon_ns_steps", f"must be >= 1, got {self.muon_ns_steps}")
+        batched = ("muon_ns_steps", "muon_ns_coefficients", "muon_ns_dtype", "muon_renorm")
+        changed = [k for k in batched if getattr(self, k) != getattr(OptimCfg, k)]
+        check(self.muon_impl == "batched" or not changed, f"optim.{changed[0] if changed else ''}",
+              'applies to optim.muon_impl = "batched" only')
         check(self.lookahead_every >= 0, "optim.lookahead_every", f"must be >= 0, got {self.lookahead_every}")
         check(0.0 <= self.lookahead_decay <= 1.0, "optim.lookahead_decay",
               f"must be in [0, 1], got {self.lookahead_decay}")
@@ -189,7 +203,8 @@ class ScheduleCfg:
     # triangle: airbench's piecewise-linear schedule (fastcifar.optim.triangle_factor): up from
     # peak / div_factor to the peak at pct_start of the steps, down to peak / (div_factor * final_div_factor) at
     # the end; momentum stays optim.momentum. OneCycle's linear anneal differs from it by a step at each end.
-    name: Literal["constant", "onecycle", "triangle", "cosine", "step"] = "onecycle"
+    # linear: 1 - t / T from the first step (after any warm-up) to 0 at the end, the records' decay
+    name: Literal["constant", "onecycle", "triangle", "cosine", "step", "linear"] = "onecycle"
     warmup_epochs: float = 0.0  # linear warm-up before constant / cosine / step (OneCycle, triangle: their own)
     max_lr: float = 0.0  # onecycle / triangle peak; 0 = optim.lr
     pct_start: float = 0.25

@@ -110,6 +110,16 @@ def check_folds(recipe: Recipe, store) -> None:
         if len(train) < recipe.train.batch_size:
             raise RecipeError(f"train.batch_size: {recipe.train.batch_size} is more than fold {fold.index}'s "
                               f"{len(train)} training images (no full batch to train on); lower it")
+        check_steps(recipe, len(train) // recipe.train.batch_size, fold.index)
+
+
+def check_steps(recipe: Recipe, steps_per_epoch: int, fold: int = 0) -> None:
+    """train.steps ends inside the last of train.epochs: after more than epochs - 1 whole epochs, at most all."""
+    tr = recipe.train
+    if tr.steps and not (tr.epochs - 1) * steps_per_epoch < tr.steps <= tr.epochs * steps_per_epoch:
+        need = -(-tr.steps // steps_per_epoch)
+        raise RecipeError(f"train.steps: {tr.steps} steps at fold {fold}'s {steps_per_epoch} steps an epoch end in "
+                          f"epoch {need}; set train.epochs = {need}, got {tr.epochs}")
 
 
 def check_augment(recipe: Recipe, store) -> None:

@@ -211,6 +211,14 @@ def set_trainable(model: torch.nn.Module, stage: int) -> list[torch.nn.Parameter
     return head
 
 
+def stage_steps(recipe: Recipe, steps_per_epoch: int) -> int:
+    """Optimizer steps of the full-training stage: train.steps (less the head stage's), else whole epochs."""
+    head = recipe.finetune.head_epochs * steps_per_epoch
+    if recipe.train.steps:
+        return recipe.train.steps - head
+    return recipe.train.epochs * steps_per_epoch - head
+
+
 def build_step(net: torch.nn.Module, model: torch.nn.Module, recipe: Recipe, device: torch.device,
                dtype: torch.dtype | None, *, steps_per_epoch: int, stage: int = 2, scaler=None,
                ema: engine.WeightEMA | None = None, prepare: Callable[[torch.Tensor], None] | None = None,
@@ -229,11 +237,11 @@ def build_step(net: torch.nn.Module, model: torch.nn.Module, recipe: Recipe, dev
                                     r.finetune.head_epochs)
     else:
         epochs = r.train.epochs - r.finetune.head_epochs
-        optimizer = build_optimizer(r.optim, model.parameters(), device)
-        scheduler = build_scheduler(r.schedule, r.optim, optimizer, steps_per_epoch, epochs)
+        total = stage_steps(r, steps_per_epoch)
+        optimizer = build_optimizer(r.optim, model.parameters(), device, total)
+        scheduler = build_scheduler(r.schedule, r.optim, optimizer, steps_per_epoch, epochs, total)
         if r.optim.lookahead_every:
             o = r.optim
-            lookahead = Lookahead(model, o.lookahead_every, o.lookahead_decay, o.lookahead_power,
-                                  steps_per_epoch * epochs)
+            lookahead = Lookahead(model, o.lookahead_every, o.lookahead_decay, o.lookahead_power, total)
     return StepRunner(net, optimizer, scheduler, scaler, recipe, device, dtype, log, ema=ema, prepare=prepare,
                       lookahead=lookahead, accum=accum, skipped_total=skipped_total)

@@ -233,6 +233,9 @@ TTA_VIEWS: dict[str, tuple[tuple[int, int, bool, float], ...]] = {
     "flip_translate": ((0, 0, False, 0.25), (0, 0, True, 0.25),
                        (1, 1, False, 0.125), (1, 1, True, 0.125),
                        (-1, -1, False, 0.125), (-1, -1, True, 0.125)),
+    # Hiverge's TTA (cifar10-speedrun @ 5cd49b1): the same six views, each weighted 1/6.
+    "flip_translate_mean": tuple((dy, dx, flip, 1 / 6) for dy, dx in ((0, 0), (1, 1), (-1, -1))
+                                 for flip in (False, True)),
 }
 
 
@@ -246,6 +249,14 @@ def tta_view(x: torch.Tensor, dy: int, dx: int, flip: bool) -> torch.Tensor:
     if flip:
         x = x.flip(-1)
     return x.contiguous(memory_format=fmt)
+
+
+def select_least_confident(logits: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Indices of the int(N * fraction) rows whose softmax maximum is lowest (Hiverge's selective TTA picks the
+    25 % least confident test images this way), in no particular order."""
+    k = int(len(logits) * fraction)
+    confidence = logits.float().softmax(1).amax(1)
+    return torch.topk(confidence, k, largest=False, sorted=False).indices
 
 
 def tta_logits(model: torch.nn.Module, x: torch.Tensor, mode: str = "none") -> torch.Tensor:

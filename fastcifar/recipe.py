@@ -303,8 +303,13 @@ class EvalCfg:
     metric: Literal["val_acc", "val_loss"] = "val_acc"  # picks the best checkpoint and drives early stopping
     figures: bool = True  # curves, confusion, samples, predictions, mistakes, Grad-CAM PNGs for every fold
     gradcam_layer: str = ""  # a dotted module name (e.g. "layer4.1.conv2"); "" = the last conv layer
-    tta: Literal["none", "flip", "flip_translate"] = "none"  # test-time augmentation: average the logits of
-    # the image and its mirror ("flip"), plus 1-pixel shifts of both ("flip_translate", the speedruns' TTA)
+    tta: Literal["none", "flip", "flip_translate", "flip_translate_mean"] = "none"  # test-time augmentation:
+    # average the logits of the image and its mirror ("flip"), plus 1-pixel shifts of both ("flip_translate",
+    # airbench's weights 1/4, 1/4, 1/8 x 4; "flip_translate_mean": the same six views at 1/6 each, Hiverge's)
+    # Selective TTA: only this fraction of the evaluated images, the least confident by the plain view's softmax
+    # maximum, get the eval.tta views; the rest keep the plain logits (Hiverge: 0.25 of the test set). 1 = all.
+    # Evaluation only (validation, the test set, `fastcifar eval`); predict and export apply every view.
+    tta_fraction: float = 1.0
     # Validate after every `every`-th epoch and always after the last (0: after the last only). best.pt and
     # early stopping see validated epochs only; train.early_stopping_patience then counts validations. With
     # 6-view TTA a speed run's validation costs ~40 % of a training epoch's FLOPs: a run of seconds needs it once.
@@ -313,6 +318,7 @@ class EvalCfg:
     def validate(self) -> None:
         check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.every >= 0, "eval.every", f"must be >= 0 (0 = after the last epoch only), got {self.every}")
+        check(0.0 < self.tta_fraction <= 1.0, "eval.tta_fraction", f"must be in (0, 1], got {self.tta_fraction}")
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,8 @@ class FoldRun:
 
     @property
     def eval_kwargs(self) -> dict[str, Any]:
-        return {"tta": self.recipe.eval.tta, "channels_last": self.recipe.train.channels_last}
+        return {"tta": self.recipe.eval.tta, "channels_last": self.recipe.train.channels_last,
+                "tta_fraction": self.recipe.eval.tta_fraction}
 
     def say(self, text: str) -> None:
         self.console.print(text)
@@ -363,7 +364,10 @@ def finish_fold(run: FoldRun, state: TrainState) -> dict[str, Any]:
     result["inference_ms_per_image"] = ms
     result["peak_memory_mb"], result["peak_memory_kind"] = peak_memory_mb(run.device)
     result["compile_time_s"] = state.compile_time_s  # warm-up steps, kept out of img_per_s
+    if "tta_selection" in final:  # selective TTA: how many of the reported set got the views, at what threshold
+        result["tta_selection"] = final["tta_selection"]
     result["engine"] = {**run.engine.summary(run.step.optimizer), "tta": run.recipe.eval.tta,
+                        "tta_fraction": run.recipe.eval.tta_fraction,
                         "channels_last": run.recipe.train.channels_last}
     write_json(run.dir / "result.json", result)  # before the figures: a figure can never cost the result
     if run.recipe.eval.figures:

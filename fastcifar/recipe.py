@@ -90,8 +90,8 @@ class ModelCfg:
 @dataclass(frozen=True)
 class AugmentCfg:
     """Train-time augmentation, applied in this order: crop / translate / flip / rotation (uint8) ->
-    ColorJitter -> RandAugment or TrivialAugmentWide (uint8) -> normalise + cast -> resize -> erasing / cutout
-    -> MixUp / CutMix (needs labels; turns targets into class probabilities)."""
+    ColorJitter -> RandAugment or TrivialAugmentWide (uint8) -> normalise + cast -> resize -> shift_jitter ->
+    erasing / cutout -> MixUp / CutMix (needs labels; turns targets into class probabilities)."""
 
     flip: bool = True
     flip_mode: Literal["random", "alternate"] = "random"  # alternate: each image flips on every other epoch
@@ -100,6 +100,9 @@ class AugmentCfg:
     translate: int = 0  # random shift of up to this many pixels each way, zero fill; 0 = off
     rotation: float = 0.0  # random rotation in [-deg, deg], nearest, zero fill; 0 = off
     color_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
+    # (brightness, contrast) jitter on the normalised batch, Hiverge's: x + U(-b, b), then x * U(1 - c, 1 + c) per
+    # image (fastcifar.augment.basic.shift_jitter), after normalising and before erasing / cutout; 0 = off
+    shift_jitter: tuple[float, float] = (0.0, 0.0)
     resize: int = 0  # >0: bilinear resize to this many pixels after cropping (224 for ImageNet-stem models)
     randaugment: bool = False
     randaugment_num_ops: int = 2
@@ -127,6 +130,8 @@ class AugmentCfg:
         b, c, s, h = self.color_jitter
         check(min(b, c, s) >= 0 and 0.0 <= h <= 0.5, "augment.color_jitter",
               f"brightness, contrast, saturation must be >= 0 and hue in [0, 0.5], got {[b, c, s, h]}")
+        check(min(self.shift_jitter) >= 0 and self.shift_jitter[1] < 1, "augment.shift_jitter",
+              f"brightness must be >= 0 and contrast in [0, 1), got {list(self.shift_jitter)}")
         check(self.resize == 0 or 8 <= self.resize <= 512, "augment.resize",
               f"must be 0 (off) or in [8, 512], got {self.resize}")
         check(self.randaugment_num_ops >= 0, "augment.randaugment_num_ops", "must be >= 0")

@@ -15,6 +15,11 @@ def check_loader(recipe) -> None:
     """Refuse, in one line, a train.loader whose library is missing or that cannot express the recipe's augment
     section; cheap, so preflight.check_inputs calls it before the run directory is touched."""
     kind = recipe.train.loader
+    if kind != "device" and any(recipe.augment.shift_jitter):
+        from fastcifar.errors import RecipeError
+
+        raise RecipeError(f'augment.shift_jitter: train.loader = "{kind}" has no such op (it acts on the normalised '
+                          'batch); use train.loader = "device"')
     if kind == "torchvision":
         from fastcifar.backends.torchvision import build_pil_transform
 

@@ -74,9 +74,13 @@ class ModelCfg:
     # speedrun nets: train the whitening layer's bias for the first n epochs only, then freeze it (airbench: 3);
     # 0 = trained throughout
     whiten_bias_epochs: int = 0
+    activation: Literal["gelu", "silu"] = "gelu"  # speedrun nets: the conv groups' activation (Hiverge: SiLU)
+    # speedrun nets: the whitening filters from the eigendecomposition of the patch covariance ("eigh") or its SVD
+    # ("svd", Hiverge's init: the same filters up to sign, so the same whitened channels in another order)
+    whiten_init: Literal["eigh", "svd"] = "eigh"
 
     def validate(self) -> None:
-        from fastcifar.models import known_model, model_names  # late: keeps recipe loading light
+        from fastcifar.models import SPEEDRUN_OPTIONS, known_model, model_names  # late: keeps recipe loading light
 
         check(known_model(self.name), "model.name",
               f"unknown model '{self.name}' (choose from {', '.join(model_names())}, or timm:<name>)")
@@ -85,6 +89,9 @@ class ModelCfg:
         check(self.whiten_bias_epochs >= 0, "model.whiten_bias_epochs", f"must be >= 0, got {self.whiten_bias_epochs}")
         check(not self.whiten_bias_epochs or self.name.startswith("speedrun_net"), "model.whiten_bias_epochs",
               f"applies to the speedrun nets (their whitening layer), not {self.name}")
+        for key, default in SPEEDRUN_OPTIONS.items():
+            check(getattr(self, key) == default or self.name.startswith("speedrun_net"), f"model.{key}",
+                  f"applies to the speedrun nets, not {self.name}")
 
 
 @dataclass(frozen=True)

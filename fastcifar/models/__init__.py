@@ -34,6 +34,10 @@ DATA_INIT: dict[str, Callable[[nn.Module, torch.Tensor, Sequence[float], Sequenc
 }
 
 
+# model section keys only the speedrun nets take, with their defaults (a non-default one is passed to the builder)
+SPEEDRUN_OPTIONS = {"activation": "gelu", "whiten_init": "eigh"}
+
+
 def model_names() -> list[str]:
     return list(MODELS)
 
@@ -44,8 +48,9 @@ def known_model(name: str) -> bool:
 
 
 def create_model(name: str, *, num_classes: int = 10, image_size: int = 32, width: int = 0,
-                 dropout: float = 0.0, pretrained: str = "") -> nn.Module:
-    """Build a registered model; `pretrained` is a local state-dict file ("" = random init), never a download."""
+                 dropout: float = 0.0, pretrained: str = "", **options: str) -> nn.Module:
+    """Build a registered model; `pretrained` is a local state-dict file ("" = random init), never a download.
+    `options`: a model's own choices (the speedrun nets': activation, whiten_init; SPEEDRUN_OPTIONS)."""
     if not known_model(name):
         raise RecipeError(f"model.name: unknown model {name!r} (choose from {', '.join(MODELS)}, or timm:<name>)")
     if width < 0:
@@ -53,7 +58,7 @@ def create_model(name: str, *, num_classes: int = 10, image_size: int = 32, widt
     if not 0.0 <= dropout < 1.0:
         raise RecipeError(f"model.dropout: must be in [0, 1), got {dropout}")
     size = dict(num_classes=num_classes, image_size=image_size, width=width, dropout=dropout)
-    model = timm_model(name, **size) if is_timm(name) else MODELS[name](**size)
+    model = timm_model(name, **size) if is_timm(name) else MODELS[name](**size, **options)
     if pretrained:
         load_pretrained(model, pretrained, name)
     return model
@@ -63,8 +68,9 @@ def build_model(recipe, num_classes: int, image_size: int, device: torch.device,
     """The model of `recipe` (a fastcifar.recipe.Recipe: the registry does not import the recipe module, which
     imports it) on `device`; `image_size` is the stored size (augment.resize, when set, wins)."""
     m = recipe.model
+    options = {k: getattr(m, k) for k in SPEEDRUN_OPTIONS if getattr(m, k) != SPEEDRUN_OPTIONS[k]}
     model = create_model(m.name, num_classes=num_classes, image_size=recipe.augment.resize or image_size,
-                         width=m.width, dropout=m.dropout, pretrained=m.pretrained if pretrained else "")
+                         width=m.width, dropout=m.dropout, pretrained=m.pretrained if pretrained else "", **options)
     # channels-last matches the loader's NHWC batches and is the fast conv layout on CUDA and oneDNN.
     return model.to(device, memory_format=torch.channels_last if recipe.train.channels_last else
                     torch.contiguous_format)

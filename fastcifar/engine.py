@@ -78,6 +78,7 @@ class EnginePlan:
     graphs: Literal["off", "module", "compiler"]  # module: make_graphed_callables; compiler: inductor's
     warmup_steps: int  # first steps timed as warm-up (compile / capture), kept out of img/s
     notes: tuple[str, ...] = ()  # one-line warnings for the user (a requested feature that is off)
+    compile_step: bool = False  # train.compile_step: the whole step is one compiled graph (fastcifar.fused_step)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -119,8 +120,8 @@ def plan_engine(recipe: Recipe, device: torch.device, distributed: bool | None =
         graphs = "compiler"
     # Warm-up: compile happens in step 1 (forward and backward); the compiler's CUDA graphs run step 1 eagerly,
     # record in step 2 and replay from step 3; make_graphed_callables captures inside step 1.
-    warmup = 3 if graphs == "compiler" else 1 if (tr.compile or graphs == "module") else 0
-    return EnginePlan(tr.compile, mode, graphs, warmup, tuple(notes))
+    warmup = 3 if graphs == "compiler" else 1 if (tr.compile or tr.compile_step or graphs == "module") else 0
+    return EnginePlan(tr.compile, mode, graphs, warmup, tuple(notes), tr.compile_step)
 
 
 def compile_model(model: torch.nn.Module, mode: str, backend: str | None = None) -> torch.nn.Module:

@@ -63,15 +63,16 @@ class BatchedMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        self.counters[0] += 1
-        renorm = self._renorm_now()
+        renorm = self.advance()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                self._update(group, params, group["lr"], renorm)
+                self._update(group, params, [p.grad for p in params], group["lr"], renorm)
         return None
 
-    def _renorm_now(self) -> torch.Tensor | bool:
+    def advance(self) -> torch.Tensor | bool:
+        """Count a step; whether its filters are renormalised (a device bool for "adaptive")."""
+        self.counters[0] += 1
         step, last = self.counters[0], self.counters[1]
         if self.renorm == "every":
             return True
@@ -83,18 +84,26 @@ class BatchedMuon(torch.optim.Optimizer):
         self.counters[1] = torch.where(now, step, last)
         return now
 
-    def _update(self, group: dict, params: list[torch.Tensor], lr, renorm) -> None:
-        m = group["momentum"]
-        grads = [p.grad for p in params]
-        bufs = []
+    def buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The momentum buffers of `params`, created (zeros: the first step's buffer is then its gradient)."""
         for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [self.state[p]["momentum_buffer"] for p in params]
+
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor], lr, renorm,
+                momentum=None) -> None:
+        """One step of `params` with `grads`; lr and momentum floats or 0-d tensors (the compiled step's)."""
+        m = group["momentum"] if momentum is None else momentum
+        bufs = self.buffers(params)
         torch._foreach_mul_(bufs, m)
         torch._foreach_add_(bufs, grads)
-        updates = torch._foreach_add(grads, bufs, alpha=m) if group["nesterov"] else bufs
+        if not group["nesterov"]:
+            updates = bufs
+        elif isinstance(m, torch.Tensor):  # alpha= takes numbers only
+            updates = torch._foreach_add(grads, torch._foreach_mul(bufs, m))
+        else:
+            updates = torch._foreach_add(grads, bufs, alpha=m)
         ortho = orthogonalize([u.reshape(len(u), -1) for u in updates], self.coefficients, self.ns_steps,
                               self.ns_dtype)
         if renorm is not False:

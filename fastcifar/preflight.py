@@ -73,6 +73,9 @@ def check_distributed(recipe: Recipe, world: int, device: torch.device, folds_pa
                               f'"kfold" and split.fold = -1, got kind = "{recipe.split.kind}", fold = '
                               f"{recipe.split.fold}")
         return
+    if tr.compile_step:
+        raise RecipeError("train.compile_step: not under DDP (its gradient all-reduce runs in .backward() hooks; "
+                          "the compiled step takes torch.autograd.grad); set train.compile_step = false")
     if tr.batch_size % world:
         raise RecipeError(f"train.batch_size: {tr.batch_size} is not divisible by the world size {world}; each "
                           f"rank trains batch_size / world_size images per step")

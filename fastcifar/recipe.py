@@ -289,6 +289,10 @@ class TrainCfg:
     compile: bool = False  # torch.compile the model (CUDA; compile time is logged and kept out of img/s)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     cuda_graphs: bool = False  # capture forward + backward as CUDA graphs (the optimizer step stays eager)
+    # Compile the whole step - forward, loss, gradients and the optimizer update - as one graph with no graph break
+    # (fastcifar.fused_step; train.compile_mode applies; train.compile still decides the evaluation model's).
+    # Needs optim.name "sgd", or "muon" with muon_impl = "batched", no grad_clip, on_nonfinite = "stop".
+    compile_step: bool = False
     ema_decay: float = 0.0  # weight EMA decay per step (e.g. 0.999); the EMA weights are evaluated; 0 = off
     sync_bn: bool = False  # SyncBatchNorm across ranks under torchrun
 
@@ -353,8 +357,21 @@ class Recipe:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()
+        if self.train.compile_step:
+            self._check_compile_step()
         check(self.finetune.head_epochs < self.train.epochs, "finetune.head_epochs",
               f"must be < train.epochs ({self.train.epochs}) so stage 2 has epochs, got {self.finetune.head_epochs}")
+
+    def _check_compile_step(self) -> None:
+        """What the one-graph step (fastcifar.fused_step) does not do, refused by key."""
+        o, t = self.optim, self.train
+        check(o.name == "sgd" or (o.name == "muon" and o.muon_impl == "batched"), "train.compile_step",
+              f'needs optim.name = "sgd", or "muon" with optim.muon_impl = "batched", got {o.name!r}'
+              + (f" with muon_impl {o.muon_impl!r}" if o.name == "muon" else ""))
+        for key, bad in (("train.grad_clip", t.grad_clip > 0), ("train.on_nonfinite", t.on_nonfinite != "stop"),
+                         ("train.oom_retry", t.oom_retry), ("train.cuda_graphs", t.cuda_graphs),
+                         ("finetune.head_epochs", self.finetune.head_epochs > 0)):
+            check(not bad, key, "cannot be used with train.compile_step (the step is one compiled graph)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from fastcifar import engine
 from fastcifar.device import autocast
 from fastcifar.errors import FastCifarError
+from fastcifar.fused_step import FusedStep
 from fastcifar.models import head_parameters
 from fastcifar.optim import Lookahead, build_optimizer, build_scheduler
 from fastcifar.recipe import Recipe, ScheduleCfg
@@ -78,7 +79,8 @@ class StepRunner:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
                  recipe: Recipe, device: torch.device, dtype: torch.dtype | None, log: Callable[[str], Any], *,
                  ema: engine.WeightEMA | None = None, prepare: Callable[[torch.Tensor], None] | None = None,
-                 lookahead: Lookahead | None = None, accum: int = 1, skipped_total: int = 0):
+                 lookahead: Lookahead | None = None, accum: int = 1, skipped_total: int = 0,
+                 fused: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.cfg, self.device, self.dtype, self.log = recipe.train, device, dtype, log
         self.accum = accum  # micro-batches per batch; grows only through oom_retry
@@ -88,6 +90,7 @@ class StepRunner:
         self.ema = ema  # updated after every optimizer step
         self.lookahead = lookahead  # pulls the weights to its slow copy every optim.lookahead_every steps
         self.prepare = prepare  # called with each batch before its forward (CUDA-graph capture / step marker)
+        self.fused = fused  # train.compile_step: forward, backward and update in one compiled call
 
     def step(self, x: torch.Tensor, y: torch.Tensor, totals: EpochTotals, step: int) -> None:
         while True:
@@ -115,10 +118,14 @@ class StepRunner:
         x = engine.input_layout(x, self.cfg.channels_last)
         if self.prepare is not None:
             self.prepare(x)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, correct = self._forward_backward(x, y)
-        totals.lr = self.optimizer.param_groups[0]["lr"]
-        grad_norm = self._unscale_and_clip()
+        totals.lr = self.optimizer.param_groups[0]["lr"]  # the lr this step trains at
+        if self.fused is not None:  # the update is part of the compiled step (recipe: no clip, no skip mode)
+            loss, correct = self.fused(x, y)
+            grad_norm = None
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, correct = self._forward_backward(x, y)
+            grad_norm = self._unscale_and_clip()
         if self.cfg.on_nonfinite == "skip" and engine.read_scalar(self._nonfinite(loss, grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             totals.skipped += 1
@@ -127,7 +134,8 @@ class StepRunner:
                 raise NonFiniteStep(step, f"loss or gradient ({self.skipped_total} steps skipped, more than "
                                           f"train.max_skipped_steps = {self.cfg.max_skipped_steps})")
         else:
-            self._optimizer_step()
+            if self.fused is None:
+                self._optimizer_step()
             if self.lookahead is not None:
                 self.lookahead.after_step()
             if self.ema is not None:
@@ -243,5 +251,12 @@ def build_step(net: torch.nn.Module, model: torch.nn.Module, recipe: Recipe, dev
         if r.optim.lookahead_every:
             o = r.optim
             lookahead = Lookahead(model, o.lookahead_every, o.lookahead_decay, o.lookahead_power, total)
+    fused = None
+    if r.train.compile_step and stage == 2:
+        if scaler is not None:  # fp16 on a GPU without bf16: GradScaler's unscale / skip are host-side logic
+            log("warning: train.compile_step ignored: fp16 with GradScaler (this GPU has no bf16); stepping eagerly")
+        else:
+            fused = FusedStep(model, optimizer, device, dtype, r.train.label_smoothing, engine.COMPILE_BACKEND,
+                              r.train.compile_mode)
     return StepRunner(net, optimizer, scheduler, scaler, recipe, device, dtype, log, ema=ema, prepare=prepare,
-                      lookahead=lookahead, accum=accum, skipped_total=skipped_total)
+                      lookahead=lookahead, accum=accum, skipped_total=skipped_total, fused=fused)

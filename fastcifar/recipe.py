@@ -78,6 +78,10 @@ class ModelCfg:
     # speedrun nets: the whitening filters from the eigendecomposition of the patch covariance ("eigh") or its SVD
     # ("svd", Hiverge's init: the same filters up to sign, so the same whitened channels in another order)
     whiten_init: Literal["eigh", "svd"] = "eigh"
+    # speedrun nets: BatchNorm running-stat momentum in torch's convention (airbench's 0.6 = 0.4 here; Hiverge's
+    # 0.5566 = 0.4434), and the BN shifts' learning-rate multiplier over the base lr (airbench: 64)
+    bn_momentum: float = 0.4
+    bias_lr_scale: float = 64.0
 
     def validate(self) -> None:
         from fastcifar.models import SPEEDRUN_OPTIONS, known_model, model_names  # late: keeps recipe loading light
@@ -89,6 +93,8 @@ class ModelCfg:
         check(self.whiten_bias_epochs >= 0, "model.whiten_bias_epochs", f"must be >= 0, got {self.whiten_bias_epochs}")
         check(not self.whiten_bias_epochs or self.name.startswith("speedrun_net"), "model.whiten_bias_epochs",
               f"applies to the speedrun nets (their whitening layer), not {self.name}")
+        check(0.0 < self.bn_momentum <= 1.0, "model.bn_momentum", f"must be in (0, 1], got {self.bn_momentum}")
+        check(self.bias_lr_scale > 0, "model.bias_lr_scale", f"must be > 0, got {self.bias_lr_scale}")
         for key, default in SPEEDRUN_OPTIONS.items():
             check(getattr(self, key) == default or self.name.startswith("speedrun_net"), f"model.{key}",
                   f"applies to the speedrun nets, not {self.name}")

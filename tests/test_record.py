@@ -365,3 +365,61 @@ def test_compile_step_trains_from_the_cli_and_refuses_what_it_cannot_do(store, t
         tiny(optim={"name": "muon"}, train={"compile_step": True})
     with pytest.raises(RecipeError, match="train.grad_clip: cannot be used with train.compile_step"):
         tiny(train={"compile_step": True, "grad_clip": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+
+
+def _number(text: str, pattern: str) -> float:
+    import re
+
+    match = re.search(pattern, text)
+    assert match, pattern
+    return float(match.group(1))
+
+
+def test_record_recipe_is_hiverge_s_hyper_parameters_translated(peers_dir):
+    """Every number of recipes/speedrun94_record.toml that has a Hiverge counterpart follows from the one in its
+    file by the conversions the recipe's comments state (summed -> mean loss at B = 1536, logit scale 1/256 with
+    a unit-std head -> 1/9 with torch's default head, per-group wd / lr -> one decay a step)."""
+    from fastcifar.bench.peers import PEERS, peer_steps
+    from fastcifar.recipe import load_recipe
+
+    text = (peers_dir / PEERS["hiverge"].path).read_text()
+    num = lambda p: _number(text, p)  # noqa: E731
+    batch = num(r"training_batch_size = (\d+)")
+    head_lr, bias_lr = num(r"head_lr = ([\d.]+)"), num(r"bias_lr = ([\d.]+)")
+    wd = num(r"wd = ([\d.e-]+) \* training_batch_size") * batch
+    r = load_recipe("speedrun94_record")
+    assert r.optim.lr == pytest.approx(head_lr * batch * (9 / 256) ** 2, rel=1e-3)
+    assert r.optim.lr * r.model.bias_lr_scale == pytest.approx(bias_lr * batch, rel=1e-3)
+    assert r.optim.lr * r.optim.weight_decay == pytest.approx(wd, rel=1e-3)
+    assert r.optim.muon_weight_decay == pytest.approx(wd, rel=1e-4)
+    assert r.optim.momentum == num(r"momentum=([\d.]+), nesterov=True, fused=True")
+    assert r.optim.muon_lr == num(r"Muon\(\s+filter_params,\s+lr=([\d.]+),")
+    assert r.optim.muon_momentum == num(r"Muon\(\s+filter_params,\s+lr=[\d.]+,\s+momentum=([\d.]+),")
+    assert r.optim.muon_ns_coefficients == HIVERGE_NS and "a, b, c = (3.4576, -4.7391, 2.0843)" in text
+    assert r.model.bn_momentum == pytest.approx(1 - num(r"def __init__\(self, num_features, momentum=([\d.]+)"))
+    assert r.train.label_smoothing == num(r"label_smoothing=([\d.]+)")
+    assert list(r.augment.shift_jitter) == [num(r'"brightness_range": ([\d.]+)'), num(r'"contrast_range": ([\d.]+)')]
+    assert r.eval.tta_fraction == num(r"UNCERTAIN_QUANTILE = ([\d.]+)") and r.eval.tta == "flip_translate_mean"
+    assert r.train.batch_size == batch and r.train.steps == peer_steps(PEERS["hiverge"], 50_000) == 243
+    assert (r.model.activation, r.model.whiten_init, r.schedule.name) == ("silu", "svd", "linear")
+    assert (r.optim.muon_impl, r.optim.muon_renorm, r.optim.muon_ns_steps) == ("batched", "adaptive", 3)
+
+
+def test_record_recipe_trains_a_tiny_run(store, tmp_path, monkeypatch):
+    import json
+
+    from fastcifar import engine
+    from fastcifar.cli import main
+
+    monkeypatch.setattr(engine, "COMPILE_BACKEND", "aot_eager")  # the one-graph step, without a C++ build
+    out = tmp_path / "run"
+    sets = [f'data.store="{store}"', "data.train_subset=8", "model.width=4", "train.batch_size=40", "train.epochs=2",
+            "train.steps=3", "train.compile=false", "train.amp=false", "eval.batch_size=80"]
+    assert main(["train", "speedrun94_record", "--device", "cpu", "--out", str(out)]
+                + [a for s in sets for a in ("--set", s)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["engine"]["compile_step"] and result["engine"]["tta_fraction"] == 0.25
+    assert result["tta_selection"]["tta_images"] == 20  # a quarter of the tiny store's 80 test images

@@ -35,7 +35,7 @@ DATA_INIT: dict[str, Callable[[nn.Module, torch.Tensor, Sequence[float], Sequenc
 
 
 # model section keys only the speedrun nets take, with their defaults (a non-default one is passed to the builder)
-SPEEDRUN_OPTIONS = {"activation": "gelu", "whiten_init": "eigh"}
+SPEEDRUN_OPTIONS = {"activation": "gelu", "whiten_init": "eigh", "bn_momentum": 0.4, "bias_lr_scale": 64.0}
 
 
 def model_names() -> list[str]:
@@ -50,7 +50,7 @@ def known_model(name: str) -> bool:
 def create_model(name: str, *, num_classes: int = 10, image_size: int = 32, width: int = 0,
                  dropout: float = 0.0, pretrained: str = "", **options: str) -> nn.Module:
     """Build a registered model; `pretrained` is a local state-dict file ("" = random init), never a download.
-    `options`: a model's own choices (the speedrun nets': activation, whiten_init; SPEEDRUN_OPTIONS)."""
+    `options`: a model's own choices (the speedrun nets': SPEEDRUN_OPTIONS)."""
     if not known_model(name):
         raise RecipeError(f"model.name: unknown model {name!r} (choose from {', '.join(MODELS)}, or timm:<name>)")
     if width < 0:

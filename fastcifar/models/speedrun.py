@@ -226,24 +226,24 @@ def fit_whitening(model: nn.Module, images: torch.Tensor, mean: Sequence[float],
     model.init_whitening(images, mean, std)
 
 
-# Each builder also takes the speedrun options of the recipe's model section: activation ("gelu" | "silu") and
-# whiten_init ("eigh" | "svd").
+# Each builder also takes the speedrun options of the recipe's model section (models.SPEEDRUN_OPTIONS):
+# activation ("gelu" | "silu"), whiten_init ("eigh" | "svd"), bn_momentum, bias_lr_scale.
 def speedrun_net(*, num_classes: int, image_size: int, width: int = 0, dropout: float = 0.0,
-                 **options: str) -> nn.Module:
+                 **options) -> nn.Module:
     """airbench94-style net; width sets the first group (default 64), the other two are 4x it (256)."""
     w = width or 64
     return SpeedrunNet(num_classes, (w, 4 * w, 4 * w), dropout=dropout, **options)
 
 
 def speedrun_net95(*, num_classes: int, image_size: int, width: int = 0, dropout: float = 0.0,
-                   **options: str) -> nn.Module:
+                   **options) -> nn.Module:
     """airbench95-style: wider groups, 128 -> 384 -> 384 (width sets the first; the others are 3x it)."""
     w = width or 128
     return SpeedrunNet(num_classes, (w, 3 * w, 3 * w), dropout=dropout, **options)
 
 
 def speedrun_net96(*, num_classes: int, image_size: int, width: int = 0, dropout: float = 0.0,
-                   **options: str) -> nn.Module:
+                   **options) -> nn.Module:
     """airbench96-style: 128 -> 512 -> 512, three convs per group with a residual (width sets the first)."""
     w = width or 128
     return SpeedrunNet(num_classes, (w, 4 * w, 4 * w), dropout=dropout, residual=True, **options)

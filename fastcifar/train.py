@@ -34,6 +34,7 @@ from fastcifar.fold_data import FoldData, make_loaders
 from fastcifar.lifecycle import Interrupted
 from fastcifar.metrics import compute_metrics
 from fastcifar.models import build_model, init_from_data, set_whiten_bias
+from fastcifar.precision import choose_cpu_precision, model_desc, precision_name
 from fastcifar.progress import RunProgress
 from fastcifar.recipe import Recipe
 from fastcifar.splits import Fold
@@ -76,6 +77,7 @@ class FoldRun:
     partial: EpochTotals | None = None  # the interrupted epoch's totals, after a mid-epoch resume
     tb: FoldLog = field(default_factory=lambda: FoldLog(Path(), None, False))  # TensorBoard; off by default
     warmup_left: int = 0  # steps still timed as warm-up (engine.StepClock)
+    precision: dict[str, Any] | None = None  # train.amp = "auto" on the CPU: what was chosen and how
 
     @property
     def last_path(self) -> Path:
@@ -111,13 +113,19 @@ def build_fold(recipe: Recipe, store, fold: Fold, fold_dir: Path, device: torch.
     image_size = int(store.train_images.shape[1])
     model = build_model(recipe, len(store.classes), image_size, device)
     init_from_data(recipe.model.name, model, data.train.images, recipe.data.mean, recipe.data.std)
+    dtype, precision = recipe_amp_dtype(recipe.train, device), None
+    if recipe.train.amp == "auto" and device.type == "cpu":  # the faster of fp32 / bf16 here, measured
+        precision = choose_cpu_precision(model, model_desc(recipe.model), recipe.train.batch_size,
+                                         recipe.augment.resize or image_size, len(store.classes),
+                                         recipe.train.channels_last, recipe.train.amp_cpu, console.print)
+        dtype = precision.dtype
     model = strategy.adopt_model(model)
-    dtype = recipe_amp_dtype(recipe.train, device)
     # The engine wraps the model for the step (compile / CUDA graphs) and validation (EMA); run.model stays
     # the plain module, so checkpoints never carry torch.compile's "_orig_mod." prefix.
     engine = build_engine(model, recipe, device, dtype, lambda text: warn(console, text))
     run = FoldRun(recipe, fold, fold_dir, device, console, strategy, list(store.classes), image_size, data, model,
-                  engine, dtype, make_scaler(dtype, device), warmup_left=engine.plan.warmup_steps)
+                  engine, dtype, make_scaler(dtype, device), warmup_left=engine.plan.warmup_steps,
+                  precision=precision.as_dict() if precision is not None else None)
     run.step = make_step(run, first_stage(recipe))
     strategy.seeded()
     return run
@@ -368,7 +376,8 @@ def finish_fold(run: FoldRun, state: TrainState) -> dict[str, Any]:
         result["tta_selection"] = final["tta_selection"]
     result["engine"] = {**run.engine.summary(run.step.optimizer), "tta": run.recipe.eval.tta,
                         "tta_fraction": run.recipe.eval.tta_fraction,
-                        "channels_last": run.recipe.train.channels_last}
+                        "channels_last": run.recipe.train.channels_last,
+                        "precision": run.precision or {"precision": precision_name(run.dtype), "chosen_by": "recipe"}}
     write_json(run.dir / "result.json", result)  # before the figures: a figure can never cost the result
     if run.recipe.eval.figures:
         _figures(run, state, result, final, final_loader, plain)

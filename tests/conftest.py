@@ -8,6 +8,20 @@ from fastcifar.recipe import Recipe, recipe_from_dict
 from synth import make_store
 
 
+@pytest.fixture(scope="session", autouse=True)
+def precision_cache(tmp_path_factory):
+    """train.amp = "auto" caches its CPU measurements in $FASTCIFAR_CACHE: a session folder, not the user's home."""
+    import os
+
+    saved = os.environ.get("FASTCIFAR_CACHE")
+    os.environ["FASTCIFAR_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if saved is None:
+        os.environ.pop("FASTCIFAR_CACHE", None)
+    else:
+        os.environ["FASTCIFAR_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def store(tmp_path_factory) -> Path:
     return make_store(tmp_path_factory.mktemp("data") / "store", 24, 8)

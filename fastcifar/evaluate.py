@@ -73,20 +73,29 @@ def selective_tta_logits(model: torch.nn.Module, loader, device: torch.device, d
                          tta: str, fraction: float, channels_last: bool = True) -> tuple[torch.Tensor, dict]:
     """Hiverge's selective TTA over a whole evaluation set: plain logits for every image, then the `tta` views
     for the int(N * fraction) least confident ones (one softmax-maximum ranking over the whole set, not per
-    batch), whose logits they replace. Two passes over the loader; a batch without a chosen image runs no TTA.
-    Returns (float32 logits (N, C) in loader order, {"tta_fraction", "tta_images", "tta_confidence_max"}: the
-    highest plain confidence among the chosen images, the threshold the fraction amounts to)."""
+    batch), whose logits they replace. Two passes over the loader; the chosen images go through the TTA views in
+    chunks of the loader's batch size (the last one ragged), like Hiverge's, so the shapes a compiled model sees
+    do not depend on which images were chosen. Returns (float32 logits (N, C) in loader order, {"tta_fraction",
+    "tta_images", "tta_confidence_max"}: the highest plain confidence among the chosen images, the threshold the
+    fraction amounts to)."""
     logits = torch.cat([_logits(model, x, device, dtype, "none", channels_last).float() for x, _ in loader])
     chosen = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
     picked = select_least_confident(logits, fraction)
     chosen[picked] = True
     confidence = logits.softmax(1).amax(1)
-    start = 0
+    size, start = loader.batch_size, 0
+    waiting_x, waiting_i = [], []  # chosen images not yet through the views, and their rows
     for x, _ in loader:
         rows = chosen[start:start + len(x)].nonzero().squeeze(1)  # one host read a batch: evaluation only
-        if len(rows):
-            logits[start + rows] = _logits(model, x[rows], device, dtype, tta, channels_last).float()
+        waiting_x.append(x[rows])
+        waiting_i.append(start + rows)
         start += len(x)
+        if sum(len(i) for i in waiting_i) >= size or start == len(logits):
+            xs, idx = torch.cat(waiting_x), torch.cat(waiting_i)
+            full = len(idx) if start == len(logits) else len(idx) - len(idx) % size
+            for a in range(0, full, size):
+                logits[idx[a:a + size]] = _logits(model, xs[a:a + size], device, dtype, tta, channels_last).float()
+            waiting_x, waiting_i = [xs[full:]], [idx[full:]]
     top = float(confidence[picked].max()) if len(picked) else None
     return logits, {"tta_fraction": fraction, "tta_images": len(picked), "tta_confidence_max": top}
 

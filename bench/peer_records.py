@@ -145,20 +145,28 @@ def build_sides(args, recipe: Recipe, store, device: torch.device, work: Path, c
                 runner.warm_up()
         steps, bsz = peer_steps(spec, n_train, batch), batch or spec.batch_size
         mine = equal_steps(recipe, steps, bsz, n_train)
+        if device.type == "cuda":  # our warm-up at this batch: compile, autotuning, allocator growth
+            run_ours(_one_epoch(mine), store, device, console)
         sides[f"ours@{name}"] = (
             {"status": "ok", "steps": steps, "batch_size": bsz, "epochs": mine.train.epochs,
              "train_steps": mine.train.steps},
             lambda seed, r=mine: run_ours(_seeded(r, seed), store, device, console))
     if args.ours_own:
+        from fastcifar.preflight import check_steps
+
         per_epoch = n_train // recipe.train.batch_size
+        check_steps(recipe, per_epoch)  # train.steps fits these images (--train-per-class changes the epochs)
         steps = recipe.train.steps or recipe.train.epochs * per_epoch
         sides["ours"] = ({"status": "ok", "steps": steps, "batch_size": recipe.train.batch_size,
                           "epochs": recipe.train.epochs, "train_steps": recipe.train.steps},
                          lambda seed: run_ours(_seeded(recipe, seed), store, device, console))
-    if device.type == "cuda":  # our warm-up: compile, autotuning, allocator growth
-        run_ours(dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, epochs=1, steps=0)), store,
-                 device, console)
+        if device.type == "cuda":
+            run_ours(_one_epoch(recipe), store, device, console)
     return sides, n_train
+
+
+def _one_epoch(recipe: Recipe) -> Recipe:
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, epochs=1, steps=0))
 
 
 def _seeded(recipe: Recipe, seed: int) -> Recipe:

@@ -102,13 +102,16 @@ def _side_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def comparisons(sides: dict[str, dict[str, Any]], n_train: int) -> dict[str, Any]:
-    """ours@<peer> against <peer>: accuracy differences with their (Welch) standard errors, time ratios."""
+    """ours@<peer> against <peer> (key <peer>: equal steps), and with --ours-own our recipe at its own settings
+    against each peer at its own (key <peer>/own): accuracy differences with their (Welch) standard errors, time
+    ratios."""
     out = {}
-    for name in PEERS:
-        peer, ours = sides.get(name, {}), sides.get(f"ours@{name}", {})
+    for name, mine, key in [(n, f"ours@{n}", n) for n in PEERS] + [(n, "ours", f"{n}/own") for n in PEERS]:
+        peer, ours = sides.get(name, {}), sides.get(mine, {})
         if not peer.get("runs") or not ours.get("runs"):
             continue
-        entry: dict[str, Any] = {"steps": peer["steps"], "n": [len(ours["runs"]), len(peer["runs"])]}
+        entry: dict[str, Any] = {"ours": mine, "steps": [ours["steps"], peer["steps"]],
+                                 "n": [len(ours["runs"]), len(peer["runs"])]}
         for k in ("acc", "acc_no_tta"):
             se = math.sqrt(ours[f"{k}_std"] ** 2 / len(ours["runs"]) + peer[f"{k}_std"] ** 2 / len(peer["runs"]))
             entry[k] = {"delta": ours[f"{k}_mean"] - peer[f"{k}_mean"], "se": se}
@@ -118,7 +121,7 @@ def comparisons(sides: dict[str, dict[str, Any]], n_train: int) -> dict[str, Any
         entry["epoch_time_ratio"] = per_epoch(ours) / per_epoch(peer)
         entry["time_ratio"] = ((ours["train_s_mean"] + ours["eval_s_mean"]) / (peer["train_s_mean"]
                                                                                + peer["eval_s_mean"]))
-        out[name] = entry
+        out[key] = entry
     return out
 
 
@@ -255,7 +258,8 @@ def run_harness(args: argparse.Namespace) -> Path:
                 console.print(f"budget: stopping after {i + 1} of {args.n} rounds ({args.budget:.0f} s)")
                 break
     for peer, c in result["comparisons"].items():
-        console.print(f"ours@{peer} - {peer} at {c['steps']} steps: TTA {c['acc']['delta'] * 100:+.2f} ± "
+        console.print(f"{c['ours']} - {peer.split('/')[0]} at {c['steps'][0]} / {c['steps'][1]} steps: TTA "
+                      f"{c['acc']['delta'] * 100:+.2f} ± "
                       f"{c['acc']['se'] * 100:.2f} pp, no TTA {c['acc_no_tta']['delta'] * 100:+.2f} ± "
                       f"{c['acc_no_tta']['se'] * 100:.2f} pp; epoch-time ratio {c['epoch_time_ratio']:.2f}")
     console.print(f"wrote {out.path}")

@@ -22,7 +22,20 @@ import torch
 import torch.nn.functional as F
 
 from fastcifar.device import autocast
+from fastcifar.typed_toml import check
 from fastcifar.muon import BatchedMuon
+
+
+def check_recipe(recipe) -> None:
+    """What the one-graph step does not do, refused by key (Recipe.validate calls it for train.compile_step)."""
+    o, t = recipe.optim, recipe.train
+    check(o.name == "sgd" or (o.name == "muon" and o.muon_impl == "batched"), "train.compile_step",
+          f'needs optim.name = "sgd", or "muon" with optim.muon_impl = "batched", got {o.name!r}'
+          + (f" with muon_impl {o.muon_impl!r}" if o.name == "muon" else ""))
+    for key, bad in (("train.grad_clip", t.grad_clip > 0), ("train.on_nonfinite", t.on_nonfinite != "stop"),
+                     ("train.oom_retry", t.oom_retry), ("train.cuda_graphs", t.cuda_graphs),
+                     ("finetune.head_epochs", recipe.finetune.head_epochs > 0)):
+        check(not bad, key, "cannot be used with train.compile_step (the step is one compiled graph)")
 
 
 class FusedStep:

@@ -331,9 +331,8 @@ class EvalCfg:
     tta: Literal["none", "flip", "flip_translate", "flip_translate_mean"] = "none"  # test-time augmentation:
     # average the logits of the image and its mirror ("flip"), plus 1-pixel shifts of both ("flip_translate",
     # airbench's weights 1/4, 1/4, 1/8 x 4; "flip_translate_mean": the same six views at 1/6 each, Hiverge's)
-    # Selective TTA: only this fraction of the evaluated images, the least confident by the plain view's softmax
-    # maximum, get the eval.tta views; the rest keep the plain logits (Hiverge: 0.25 of the test set). 1 = all.
-    # Evaluation only (validation, the test set, `fastcifar eval`); predict and export apply every view.
+    # Only this fraction of the evaluated images, the least confident by the plain view's softmax maximum, gets the
+    # views (Hiverge: 0.25); 1 = all. Evaluation only: predict and export apply every view.
     tta_fraction: float = 1.0
     # Validate after every `every`-th epoch and always after the last (0: after the last only). best.pt and
     # early stopping see validated epochs only; train.early_stopping_patience then counts validations. With
@@ -367,20 +366,11 @@ class Recipe:
             if dataclasses.is_dataclass(section):
                 section.validate()
         if self.train.compile_step:
-            self._check_compile_step()
+            from fastcifar.fused_step import check_recipe  # late, as ModelCfg's models import
+
+            check_recipe(self)
         check(self.finetune.head_epochs < self.train.epochs, "finetune.head_epochs",
               f"must be < train.epochs ({self.train.epochs}) so stage 2 has epochs, got {self.finetune.head_epochs}")
-
-    def _check_compile_step(self) -> None:
-        """What the one-graph step (fastcifar.fused_step) does not do, refused by key."""
-        o, t = self.optim, self.train
-        check(o.name == "sgd" or (o.name == "muon" and o.muon_impl == "batched"), "train.compile_step",
-              f'needs optim.name = "sgd", or "muon" with optim.muon_impl = "batched", got {o.name!r}'
-              + (f" with muon_impl {o.muon_impl!r}" if o.name == "muon" else ""))
-        for key, bad in (("train.grad_clip", t.grad_clip > 0), ("train.on_nonfinite", t.on_nonfinite != "stop"),
-                         ("train.oom_retry", t.oom_retry), ("train.cuda_graphs", t.cuda_graphs),
-                         ("finetune.head_epochs", self.finetune.head_epochs > 0)):
-            check(not bad, key, "cannot be used with train.compile_step (the step is one compiled graph)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

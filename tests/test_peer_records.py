@@ -72,6 +72,22 @@ def test_equal_steps_recipe(pr):
     assert (ab.train.batch_size, ab.train.epochs, ab.train.steps) == (2000, 8, 0)
 
 
+def test_comparisons_pair_each_peer_with_ours_at_equal_steps_and_at_its_own(pr):
+    def side(accs, train_s, steps, batch):
+        runs = [{"acc": a, "acc_no_tta": a - 0.01, "train_s": train_s, "eval_s": 1.0} for a in accs]
+        return {"steps": steps, "batch_size": batch, "runs": runs, **pr.stats(runs, pr.KEYS)}
+
+    sides = {"hiverge": side([0.94, 0.942], 100.0, 243, 1536), "ours@hiverge": side([0.945, 0.943], 90.0, 243, 1536),
+             "ours": side([0.95, 0.95], 120.0, 300, 1536)}
+    c = pr.comparisons(sides, 50_000)
+    assert set(c) == {"hiverge", "hiverge/own"} and c["hiverge"]["ours"] == "ours@hiverge"
+    assert c["hiverge"]["acc"]["delta"] == pytest.approx(0.003) and c["hiverge"]["acc"]["se"] == pytest.approx(
+        ((0.001 ** 2 * 2) / 2 + (0.001 ** 2 * 2) / 2) ** 0.5)
+    assert c["hiverge"]["epoch_time_ratio"] == pytest.approx(0.9) and c["hiverge"]["steps"] == [243, 243]
+    # at its own 300 steps ours trains 300 / 243 epochs' worth: the epoch time is per epoch of images
+    assert c["hiverge/own"]["epoch_time_ratio"] == pytest.approx((120 / 300) / (100 / 243))
+
+
 def test_result_file_is_only_rewritten_while_it_is_ours(pr, tmp_path):
     from fastcifar.errors import FastCifarError
 
@@ -109,7 +125,7 @@ def test_peer_records_tiny_on_cpu(pr, store, tmp_path, peers_dir):
         assert (ours["steps"], ours["batch_size"], ours["epochs"]) == (8, 40, 8)
         assert ours["runs"][0]["steps"] == 8 and ours["runs"][0]["train_s"] > 0
         c = res["comparisons"][name]
-        assert c["steps"] == 8 and c["epoch_time_ratio"] > 0 and set(c["acc"]) == {"delta", "se"}
+        assert c["steps"] == [8, 8] and c["epoch_time_ratio"] > 0 and set(c["acc"]) == {"delta", "se"}
     assert (torch.cuda.Event, torch.cuda.synchronize, torch.nn.Module.cuda, torch.compile, torch.load) == originals
 
 

@@ -44,21 +44,33 @@ class FusedStep:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  dtype: torch.dtype | None, label_smoothing: float, backend: str, mode: str | None = None):
         self.model, self.device, self.dtype, self.smoothing = model, device, dtype, label_smoothing
-        self.muon: BatchedMuon | None = getattr(optimizer, "muon", None)
         self.optimizer = optimizer
-        owned = {id(p) for p in model.parameters()}
-        self.groups = []  # (param group, [(param, momentum buffer or None)]) in param_groups order
-        for group in optimizer.param_groups:
-            params = [p for p in group["params"] if id(p) in owned]  # not MuonFilters' empty placeholder
-            if self.muon is not None and group is self.muon.param_groups[0]:
-                bufs = self.muon.buffers(params)
-            else:
-                bufs = [self._sgd_buffer(optimizer, p, group) for p in params]
-            self.groups.append((group, list(zip(params, bufs))))
+        self._bind()
         self.lr = [torch.zeros((), device=device) for _ in self.groups]
         self.momentum = [torch.zeros((), device=device) for _ in self.groups]
         kwargs = {"mode": mode} if backend == "inductor" and mode else {}
         self.fn = torch.compile(self._step, backend=backend, fullgraph=True, **kwargs)
+
+    def _bind(self) -> None:
+        """Take the optimizer's current param groups and momentum buffers (load_state_dict, on resume, replaces
+        both: the step then rebinds, and recompiles once)."""
+        self.muon: BatchedMuon | None = getattr(self.optimizer, "muon", None)
+        owned = {id(p) for p in self.model.parameters()}
+        self.groups = []  # (param group, [(param, momentum buffer or None)]) in param_groups order
+        for group in self.optimizer.param_groups:
+            params = [p for p in group["params"] if id(p) in owned]  # not MuonFilters' empty placeholder
+            if self.muon is not None and group is self.muon.param_groups[0]:
+                bufs = self.muon.buffers(params)
+            else:
+                bufs = [self._sgd_buffer(self.optimizer, p, group) for p in params]
+            self.groups.append((group, list(zip(params, bufs))))
+        self._bound = self._binding()
+
+    def _binding(self) -> tuple[int, ...]:
+        """Identities of the param groups and momentum buffers the compiled step was bound to."""
+        states = [o.state for o in (self.muon, getattr(self.optimizer, "sgd", self.optimizer)) if o is not None]
+        return (tuple(map(id, self.optimizer.param_groups))
+                + tuple(id(s.get("momentum_buffer")) for st in states for s in st.values()))
 
     @staticmethod
     def _sgd_buffer(optimizer, p: torch.Tensor, group: dict) -> torch.Tensor | None:
@@ -73,6 +85,8 @@ class FusedStep:
         return state["momentum_buffer"]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._binding() != self._bound:
+            self._bind()
         for (group, _), lr, m in zip(self.groups, self.lr, self.momentum):
             lr.fill_(group["lr"])
             m.fill_(group["momentum"])

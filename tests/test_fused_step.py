@@ -79,3 +79,16 @@ def test_compile_step_trains_from_the_cli_and_refuses_what_it_cannot_do(store, t
         tiny(optim={"name": "muon"}, train={"compile_step": True})
     with pytest.raises(RecipeError, match="train.grad_clip: cannot be used with train.compile_step"):
         tiny(train={"compile_step": True, "grad_clip": 1.0})
+
+
+def test_a_compiled_step_run_resumes_mid_epoch_bit_identical(tiny, tmp_path, monkeypatch):
+    """Stopped at epoch 2 step 3 and resumed, a train.compile_step run ends on the same weights as an uninterrupted
+    one: the resumed optimizer's state (new groups, new buffers from load_state_dict) is what the step uses."""
+    from resume import full_and_resumed
+
+    monkeypatch.setattr(engine, "COMPILE_BACKEND", "aot_eager")
+    recipe = tiny(model={"name": "speedrun_net", "width": 4, "whiten_bias_epochs": 1},
+                  optim={"name": "muon", "muon_impl": "batched", "muon_ns_steps": 3, "muon_renorm": "adaptive",
+                         "lr": 0.05}, schedule={"name": "linear"}, train={"epochs": 3, "compile_step": True})
+    full, _, _ = full_and_resumed(recipe, tmp_path, epoch=1, step=3)
+    assert json.loads((full / "result.json").read_text())["engine"]["compile_step"] is True

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import platform
+from pathlib import Path
 
 import torch
 
@@ -45,3 +47,14 @@ def recipe_amp_dtype(train_cfg, device: torch.device) -> torch.dtype | None:
     if device.type == "cpu":
         return amp_dtype(device, bool(train_cfg.amp) and train_cfg.amp_cpu)
     return amp_dtype(device, bool(train_cfg.amp))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for result files and the CPU precision cache's key."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

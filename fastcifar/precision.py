@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcifar.atomic import write_json
+from fastcifar.device import cpu_model
 
 PROBE_BATCH = 128  # throughput per image is flat beyond this on a CPU; the probe stays a few seconds
 PROBE_STEPS = 3  # timed steps per precision (after one warm-up step each)
@@ -77,8 +78,6 @@ def cache_path() -> Path:
 
 
 def probe_key(model_desc: dict[str, Any], batch: int, channels_last: bool, image_size: int) -> str:
-    from fastcifar.bench.env import cpu_model
-
     return json.dumps({"model": model_desc, "batch": batch, "channels_last": channels_last, "image": image_size,
                        "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__},
                       sort_keys=True)

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from fastcifar.device import cpu_model
+
 # (dense bf16 tensor-core TFLOP/s, fp32 non-tensor-core TFLOP/s). H200 has the H100 SXM's compute.
 DENSE_TFLOPS: dict[str, tuple[float, float]] = {
     "H100 SXM": (989.0, 67.0),
@@ -69,14 +71,6 @@ def peak_hbm_gbs(device_name: str) -> float | None:
     return HBM_PEAK_GBS.get(fam) if fam else None
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def git_commit(where: Path | None = None) -> tuple[str, bool | None]:

@@ -127,6 +127,10 @@ def test_peer_records_tiny_on_cpu(pr, store, tmp_path, peers_dir):
         c = res["comparisons"][name]
         assert c["steps"] == [8, 8] and c["epoch_time_ratio"] > 0 and set(c["acc"]) == {"delta", "se"}
     assert (torch.cuda.Event, torch.cuda.synchronize, torch.nn.Module.cuda, torch.compile, torch.load) == originals
+    from fastcifar.bench import results_table
+
+    cells = results_table.row(out)  # a committed records file gets its README row
+    assert cells[2] == "records side by side (tiny)" and "ours@hiverge" in cells[4] and "at 8 / 8 steps" in cells[4]
 
 
 # ---------------------------------------------------------------------------------------------- train.steps

@@ -83,7 +83,7 @@ sys.exit(0 if os.path.realpath(fastcifar.__file__).startswith(os.path.realpath('
 }
 
 T0=$(date +%s); install; printf 'install\t%s\t%s\n' "$?" "$(( $(date +%s) - T0 ))" >> "$OUT/stages.tsv"
-stage preflight 30 "$PYTHON" -m fastcifar.bench.preflight --out "$OUT/preflight.json" ${QUICK:+--quick} || {
+stage preflight 30 "$PYTHON" -m fastcifar.bench.device_check --out "$OUT/preflight.json" ${QUICK:+--quick} || {
   say "preflight failed: the GPU stages cannot run here (see $OUT/preflight.json)"; exit 2; }
 if [[ -f "$STORE/meta.json" ]]; then
   say "store $STORE already prepared (an earlier call on this box)"

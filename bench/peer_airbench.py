@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -46,11 +46,16 @@ except ImportError:  # a checkout without `pip install -e .`: use the repository
 
 from fastcifar.atomic import write_json  # noqa: E402
 from fastcifar.bench.airbench import AB_HYP, run_airbench, write_airbench_data  # noqa: E402
-from fastcifar.bench.env import environment, free_stem, slug  # noqa: E402
+from fastcifar.bench.env import bench_environment, free_stem, slug  # noqa: E402
 from fastcifar.bench.ours import run_ours, stats  # noqa: E402  (our side, shared with peer_records.py)
 from fastcifar.errors import FastCifarError  # noqa: E402
 from fastcifar.recipe import Recipe, load_recipe  # noqa: E402
 from fastcifar.splits import take_per_class  # noqa: E402
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from fastcifar.data.store import Store
 
 AIRBENCH_VERSION = "0.1.8"
 TINY_PER_CLASS = 30  # 300 training images
@@ -91,7 +96,7 @@ def _with_seed(recipe: Recipe, seed: int) -> Recipe:
     return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, seed=seed))
 
 
-def _airbench_runner(args, store, device: torch.device, per_class: int,
+def _airbench_runner(args, store: Store, device: torch.device, per_class: int,
                      work: Path) -> tuple[dict[str, Any], Callable[[float], dict[str, float]] | None]:
     """(facts for the report, a run(epochs) function, or None where airbench cannot run here)."""
     ab = import_airbench(Path(args.wheels))
@@ -109,12 +114,12 @@ def _airbench_runner(args, store, device: torch.device, per_class: int,
     return {**info, "status": "ok"}, lambda epochs, seed=0: run_airbench(ab, data_dir, device, epochs, batch, seed)
 
 
-def _log(console, label: str, i: int, n: int, run: dict[str, float]) -> None:
+def _log(console: Console, label: str, i: int, n: int, run: dict[str, float]) -> None:
     console.print(f"{label} run {i + 1}/{n}: " + ", ".join(f"{k} {v:.4g}" for k, v in run.items()
                                                           if isinstance(v, (int, float))))
 
 
-def compare(args, recipe: Recipe, store, device: torch.device, console) -> tuple[dict, dict]:
+def compare(args, recipe: Recipe, store: Store, device: torch.device, console: Console) -> tuple[dict, dict]:
     """Warm both sides up, then alternate airbench and ours n times (drift in clocks or temperature then
     hits both alike); our run i uses seed train.seed + i, airbench draws from torch's global generator."""
     with tempfile.TemporaryDirectory(prefix="peer-airbench-") as work:
@@ -192,7 +197,7 @@ def run_harness(args: argparse.Namespace) -> Path:
         torch.backends.cudnn.benchmark = True  # airbench sets it at import; the same for both sides
     # The environment (git commit, load) as the runs start: the code that ran, not the tree at the end of a
     # run of hours in which later commits may land.
-    env = environment(device)
+    env = bench_environment(device)
     ours, airbench = compare(args, recipe, store, device, console)
     env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     result: dict[str, Any] = {

@@ -47,7 +47,7 @@ except ImportError:  # a checkout without `pip install -e .`: use the repository
 
 from fastcifar.atomic import write_json  # noqa: E402
 from fastcifar.bench.airbench import write_airbench_data  # noqa: E402
-from fastcifar.bench.env import environment, free_stem, slug  # noqa: E402
+from fastcifar.bench.env import bench_environment, free_stem, slug  # noqa: E402
 from fastcifar.bench.ours import run_ours, stats  # noqa: E402
 from fastcifar.bench.peers import PEERS, PeerError, PeerRunner, find_peers, peer_steps  # noqa: E402
 from fastcifar.errors import FastCifarError  # noqa: E402
@@ -227,7 +227,7 @@ def run_harness(args: argparse.Namespace) -> Path:
     device = resolve_device(recipe.train.device)
     store = open_store(Path(recipe.data.store), verify=True)
     recipe = resolve_stats(recipe, store)
-    env = environment(device)  # as the runs start: the code that ran, not the tree hours later
+    env = bench_environment(device)  # as the runs start: the code that ran, not the tree hours later
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     name = slug(torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)
     out_dir = Path(args.out_dir)

@@ -11,15 +11,16 @@ import torch
 from fastcifar.errors import RecipeError
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """auto picks cuda > mps > cpu; a forced device that is missing is an error, not a silent fallback."""
+def resolve_device(name: str = "auto", key: str = "train.device") -> torch.device:
+    """auto picks cuda > mps > cpu; a forced device that is missing is an error, not a silent fallback. `key`:
+    what the user set, named in that error (the recipe key, or a command's --device flag)."""
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("train.device: 'cuda' requested but torch sees no CUDA device")
+        raise RecipeError(f"{key}: 'cuda' requested but torch sees no CUDA device")
     if name == "mps" and not has_mps:
-        raise RecipeError("train.device: 'mps' requested but torch sees no MPS device")
+        raise RecipeError(f"{key}: 'mps' requested but torch sees no MPS device")
     return torch.device(name)
 
 

@@ -31,24 +31,27 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from rich.console import Console
 
+from fastcifar.context import Hooks
+from fastcifar.console import make_console
 from fastcifar.device import resolve_device
-from fastcifar.engine import compile_model
+from fastcifar.engine import Engine, compile_model
 from fastcifar.errors import FastCifarError, RecipeError
-from fastcifar.lifecycle import GracefulStop, Interrupted
+from fastcifar.lifecycle import GracefulStop, Interrupted, StopFlag
+from fastcifar.loader import DeviceLoader, TrainLoader
 from fastcifar.preflight import check_distributed, check_inputs
 from fastcifar.recipe import Recipe
 from fastcifar.run import drive
 from fastcifar.step import EpochTotals
 from fastcifar.strategy import Solo
-from fastcifar.train import Hooks
 
-check_recipe = check_distributed  # the name the DDP tests use
+if TYPE_CHECKING:
+    from fastcifar.splits import Fold
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Fold-parallel ranks meet only at the end; with 5 folds on 4 GPUs one rank trains a second fold while rank 0
@@ -151,7 +154,9 @@ def reduce_totals(totals: EpochTotals, ctx: DistContext) -> EpochTotals:
                         torch.tensor([float(getattr(totals, f)) for f in counts], device=dev, dtype=torch.float64)])
     dist.all_reduce(packed)  # float64 counts are exact below 2**53
     summed = {f: int(v) for f, v in zip(counts, packed[2:].tolist())}
-    return dataclasses.replace(totals, loss_sum=packed[0].clone(), correct=packed[1].round().long(), **summed)
+    # log_mark counts rank 0's own images (its TensorBoard step points): no point of the world's sums
+    return dataclasses.replace(totals, loss_sum=packed[0].clone(), correct=packed[1].round().long(), log_mark=None,
+                               **summed)
 
 
 class AgreedStop:
@@ -196,18 +201,19 @@ class DDP(Solo):
     def open_run(self, start: Callable[[], bool]) -> bool:
         return share_start(self.ctx.is_main, lambda obj: broadcast_object(obj, self.ctx), start)
 
-    def stop(self, stop: GracefulStop) -> "AgreedStop":
+    def stop(self, stop: GracefulStop) -> StopFlag:
         return AgreedStop(stop, self.ctx, STOP_POLL.get(self.ctx.device.type, 1))
 
-    def adopt_loader(self, loader) -> None:
-        loader.shard = (self.ctx.rank, self.ctx.world)  # preflight: a "device" loader, batch divisible by W
+    def adopt_loader(self, loader: TrainLoader) -> None:
+        assert isinstance(loader, DeviceLoader)  # preflight.check_distributed: DDP shards the "device" loader only
+        loader.shard = (self.ctx.rank, self.ctx.world)  # batch_size divisible by W: preflight too
 
     def adopt_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.sync_bn:  # preflight: CUDA only, and not speedrun_net
+        if self.sync_bn:  # preflight: CUDA only, and a model whose entry allows it (models.ModelEntry)
             return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the Parameters
         return model
 
-    def train_net(self, model: torch.nn.Module, engine) -> torch.nn.Module:
+    def train_net(self, model: torch.nn.Module, engine: Engine) -> torch.nn.Module:
         # DDP hooks the parameters that require grad when it is built; a fine-tuning stage change flips
         # requires_grad, so each stage gets its own wrapper (which also re-broadcasts rank 0's weights).
         ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
@@ -254,7 +260,7 @@ class FoldsParallel(Solo):
     def open_run(self, start: Callable[[], bool]) -> bool:
         return share_start(self.board.rank == 0, lambda obj: self.board.share("start", obj), start)
 
-    def folds(self, folds: list) -> list:
+    def folds(self, folds: list[Fold]) -> list[Fold]:
         return folds[self.board.rank::self.board.world]
 
     def gather(self, results: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
@@ -302,8 +308,8 @@ def share_start(is_main: bool, share: Callable[[Any], Any], start: Callable[[], 
     return bool(outcome[1])
 
 
-def run_distributed(recipe: Recipe, run_dir: Path, console, *, resume: bool = False, folds_parallel: bool = False,
-                    hooks: Hooks | None = None) -> dict[str, Any] | None:
+def run_distributed(recipe: Recipe, run_dir: Path, console: Console, *, resume: bool = False,
+                    folds_parallel: bool = False, hooks: Hooks | None = None) -> dict[str, Any] | None:
     """`fastcifar train` in one torchrun worker: DDP, or with folds_parallel this rank's share of the folds.
     Returns the summary on rank 0, None on the other ranks."""
     env = torchrun_env()
@@ -314,17 +320,15 @@ def run_distributed(recipe: Recipe, run_dir: Path, console, *, resume: bool = Fa
     device = rank_device(recipe.train.device, local_rank)
     check_distributed(recipe, world, device, folds_parallel)
     if folds_parallel and world > 1:  # live progress bars of W processes on one terminal garble each other
-        console = Console(force_terminal=False, soft_wrap=True)
+        console = make_console(force_terminal=False)
     elif rank:
         console = Console(quiet=True)
     try:
-        recipe, store = check_inputs(recipe, run_dir if rank == 0 else None, resume, device)
+        plan = check_inputs(recipe, run_dir, resume, device, check_dir=rank == 0)
         if folds_parallel:
-            strategy = FoldsParallel(FoldBoard(FOLDS_PARALLEL_TIMEOUT))
-            return drive(recipe, run_dir, console, store, device, strategy, resume=resume, hooks=hooks)
+            return drive(plan, console, FoldsParallel(FoldBoard(FOLDS_PARALLEL_TIMEOUT)), hooks)
         with process_group(device, local_rank) as ctx:
-            return drive(recipe, run_dir, console, store, device, DDP(ctx, recipe.train.sync_bn), resume=resume,
-                         hooks=hooks)
+            return drive(plan, console, DDP(ctx, plan.recipe.train.sync_bn), hooks)
     except FastCifarError as e:
         if rank == 0:
             raise

@@ -1,10 +1,11 @@
 """`fastcifar export CKPT --format onnx|torchscript [--out FILE]`: the checkpoint's model with its evaluation built
 in, for use outside fastcifar.
 
-Input: uint8 images, NHWC (batch, S, S, 3), RGB 0..255, S = the trained image size; output: float32 logits
-(batch, classes). Inside: the run's normalisation (data.mean / data.std), its resize (augment.resize) and its
-test-time augmentation (eval.tta), then the model, so the file gives `fastcifar predict`'s numbers. The class
-names, image size and input contract travel in the file (ONNX metadata "fastcifar", TorchScript extra file
+Input: uint8 images, NHWC (batch, S, S, 3), RGB 0..255, S = the trained image size; output: float32 logits (batch,
+classes). Inside: the run's normalisation (data.mean / data.std), its resize (augment.resize) and its test-time
+augmentation (eval.tta), then the model, so the file gives `fastcifar predict`'s numbers. An image file becomes that
+input as prepare --size made the store's images (data.images.fit_image, named by PREPROCESS). The class names, image
+size, preprocessing and input contract travel in the file (ONNX metadata "fastcifar", TorchScript extra file
 fastcifar.json). The export is checked before it lands: the exported file, loaded back (onnxruntime or
 torch.jit.load), against the checkpoint's own model on the same images; the largest difference is printed.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import warnings
 import zipfile
@@ -25,9 +27,11 @@ import torch.nn.functional as F
 
 from fastcifar.atomic import atomic_path
 from fastcifar.data import open_store
+from fastcifar.data.images import PREPROCESS
 from fastcifar.engine import tta_logits
 from fastcifar.errors import CheckpointError, FastCifarError, first_line
 from fastcifar.evaluate import load_trained_model
+from fastcifar.fields import check_fields
 from fastcifar.ownership import output_guard
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -35,6 +39,9 @@ META_KEY = "fastcifar"
 MIN_OPSET = 18  # torch's ONNX exporter (dynamo) implements its operators from opset 18 on
 TOLERANCE = 1e-3  # |logit difference| allowed between the exported file and the checkpoint (fp32 both)
 ONNX_MISSING = "--format onnx needs onnx, onnxruntime and onnxscript: pip install 'fastcifar[onnx]'"
+# How an image file becomes the input (data.images.fit_image, PREPROCESS): what prepare did to the store's images
+FROM_FILES = ("an image file of any size: shorter side to {size} px, centre crop to {size}x{size}, antialiased "
+              "bicubic (PIL), as fastcifar prepare --size and fastcifar predict do")
 
 
 class Deployed(torch.nn.Module):
@@ -81,12 +88,13 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path | None = None, opse
     deployed = Deployed(model, recipe, size).eval()
     meta = {"format": "fastcifar-export", "version": 1, "classes": classes, "image_size": size,
             "input": f"uint8 NHWC (batch, {size}, {size}, 3), RGB 0-255", "output": "float32 logits (batch, classes)",
+            "preprocess": PREPROCESS, "image_files": FROM_FILES.format(size=size),
             "recipe": recipe.name, "mean": list(recipe.data.mean), "std": list(recipe.data.std),
             "tta": recipe.eval.tta, "checkpoint": str(checkpoint)}
     images = sample_images(recipe, size)
     with torch.no_grad():
         want = deployed(images).numpy()
-    with atomic_path(out, guard) as tmp:  # a failed export or parity check leaves nothing behind
+    with atomic_path(out, guard, again="export again") as tmp:  # a failed export or parity check leaves nothing behind
         (_onnx if fmt == "onnx" else _torchscript)(deployed, images, tmp, meta, opset)
         got = run_exported(tmp, images.numpy())
         diff = float(np.abs(got - want).max())
@@ -117,17 +125,16 @@ def _onnx(deployed: Deployed, images: torch.Tensor, path: Path, meta: dict, opse
     try:
         program = torch.onnx.export(deployed, (images,), dynamo=True, opset_version=opset, input_names=["images"],
                                     output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
-        program.save(str(path))
+        model = program.model_proto  # in memory: the file is written once, below, by a write that can fail cleanly
     except Exception as e:  # noqa: BLE001 - the exporter raises many types for an unsupported op or opset
         raise CheckpointError(f"{meta['checkpoint']}: cannot export to ONNX opset {opset} ({first_line(e)[:200]})") \
             from None
-    model = onnx.load(str(path))
     made = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if made != opset:  # the exporter falls back to its own opset when converting to the asked one fails
         raise CheckpointError(f"{meta['checkpoint']}: cannot export to ONNX opset {opset} (the exporter could only "
                               f"produce opset {made}); pass --opset {made}")
     onnx.helper.set_model_props(model, {META_KEY: json.dumps(meta)})
-    onnx.save(model, str(path))
+    path.write_bytes(model.SerializeToString())  # ENOSPC here is atomic_path's disk-full line
 
 
 @contextlib.contextmanager
@@ -140,12 +147,16 @@ def _quiet_jit() -> Iterator[None]:
 
 
 def _torchscript(deployed: Deployed, images: torch.Tensor, path: Path, meta: dict, opset: int) -> None:
+    buffer = io.BytesIO()
     try:
         with _quiet_jit(), torch.no_grad():
             traced = torch.jit.trace(deployed, (images,), check_trace=False)
-            torch.jit.save(traced, str(path), _extra_files={f"{META_KEY}.json": json.dumps(meta)})
+            torch.jit.save(traced, buffer, _extra_files={f"{META_KEY}.json": json.dumps(meta)})
     except Exception as e:  # noqa: BLE001 - tracing fails in many ways for models it cannot follow
         raise CheckpointError(f"{meta['checkpoint']}: cannot export to TorchScript ({first_line(e)[:200]})") from None
+    # Written by Python, not by torch.jit.save's zip writer: on a full disk that aborts the process with a C++
+    # stack (exit 134, its temp file left); a plain write raises ENOSPC, which atomic_path turns into one line.
+    path.write_bytes(buffer.getbuffer())
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -206,6 +217,10 @@ def read_export(path: Path) -> dict[str, Any]:
     meta = export_meta(path)
     if meta is None:
         raise CheckpointError(f"{path}: not a fastcifar export (no {META_KEY} metadata)")
+    for key in ("classes", "image_size"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: {key}: missing from its {META_KEY} metadata")
+    check_fields(meta, path, only=("classes", "image_size", "preprocess"))  # as a checkpoint's are
     return meta
 
 

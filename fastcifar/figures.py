@@ -25,7 +25,7 @@ SAMPLE_ROWS = 20  # classes the sample grid shows at most
 GOOD, BAD = "#1a7f37", "#c62828"  # green / red titles for correct / wrong predictions
 
 
-def _figure(width: float, height: float, layout: str | None = "constrained"):
+def new_figure(width: float, height: float, layout: str | None = "constrained"):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -34,7 +34,7 @@ def _figure(width: float, height: float, layout: str | None = "constrained"):
     return fig
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_png(fig, path: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
     data = buf.getvalue()
@@ -64,7 +64,7 @@ def _grid(n: int, cols: int, cell_w: float, cell_h: float):
     """A figure with an (rows x cols) grid of image axes; returns (fig, flat list of axes), unused cells hidden."""
     cols = max(1, min(cols, n))
     rows = max(1, math.ceil(n / cols))
-    fig = _figure(cols * cell_w, rows * cell_h)
+    fig = new_figure(cols * cell_w, rows * cell_h)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel().tolist()
     for ax in axes[n:]:
         ax.set_axis_off()
@@ -75,8 +75,9 @@ def _grid(n: int, cols: int, cell_w: float, cell_h: float):
 
 
 def plot_curves(history: list[dict], path: str | os.PathLike, stage_boundary: int | None = None) -> Path:
-    """Loss, accuracy (%) and learning rate per epoch, side by side; a dashed "stage 2" line at stage_boundary."""
-    fig = _figure(13.5, 3.8)
+    """Loss, accuracy (%) per epoch and the learning rate (per step where the history has "lr_steps"), side by
+    side; a dashed "stage 2" line at stage_boundary."""
+    fig = new_figure(13.5, 3.8)
     ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
     ep = [r["epoch"] for r in history]
     col = lambda key: [float(r[key]) for r in history]  # noqa: E731
@@ -87,8 +88,11 @@ def plot_curves(history: list[dict], path: str | os.PathLike, stage_boundary: in
     ax_loss.plot(val_ep, [float(r["val_loss"]) for r in validated], marker=val_marker, ms=3, label="val")
     ax_acc.plot(ep, [100 * v for v in col("train_acc")], marker=marker, ms=3, label="train")
     ax_acc.plot(val_ep, [100 * float(r["val_acc"]) for r in validated], marker=val_marker, ms=3, label="val")
-    lrs = col("lr")
-    ax_lr.plot(ep, lrs, color="tab:purple", marker=marker, ms=3, label="lr")
+    # the lr inside each epoch where the run recorded it (a warm-up or a OneCycle rise shows), else one an epoch
+    steps = [p for r in history for p in r.get("lr_steps") or []]
+    lr_x, lrs = ([float(x) for x, _ in steps], [float(v) for _, v in steps]) if steps else (ep, col("lr"))
+    ax_lr.plot(lr_x, lrs, color="tab:purple", marker=marker if not steps else None, ms=3,
+               label="lr per step" if steps else "lr")
     if lrs and min(lrs) > 0 and max(lrs) / min(lrs) > 10:  # a log axis only helps when lr spans decades
         ax_lr.set_yscale("log")
     else:
@@ -109,16 +113,18 @@ def plot_curves(history: list[dict], path: str | os.PathLike, stage_boundary: in
             # Between the last head-only epoch and the first epoch of stage 2.
             ax.axvline(stage_boundary + 0.5, color="0.35", linestyle="--", linewidth=1.2, label="stage 2")
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    if steps:  # step s of epoch e sits at e - 1 + (s + 1) / steps: the first epoch starts at 0
+        ax_lr.set_xlim(0.0, max(lr_x) + 0.5)
+    return save_png(fig, path)
 
 
 # --- confusion --------------------------------------------------------------------------------------------------
 
 
 def _heatmap(fig, ax, values: np.ndarray, text: list[list[str]], classes: Sequence[str], title: str,
-             vmin: float, vmax: float, integer: bool = False) -> None:
+             vmin: float, vmax: float, integer: bool = False, unit: str = "") -> None:
     im = ax.imshow(values, cmap="Blues", vmin=vmin, vmax=vmax)
-    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8, label=unit)
     if integer:  # counts: no "2.5 images" ticks
         from matplotlib.ticker import MaxNLocator
 
@@ -150,13 +156,14 @@ def plot_confusion(confusion: list[list[int]], classes: Sequence[str], path: str
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)  # empty row -> 0, not NaN
     side = min(max(4.5, 0.55 * len(classes) + 1.5), 16.0)  # 100 classes: 16 in, not 56
-    fig = _figure(2 * side + 1.5, side)
+    fig = new_figure(2 * side + 1.5, side)
     ax_n, ax_p = fig.subplots(1, 2)
     _heatmap(fig, ax_n, cm, [[str(v) for v in r] for r in cm.tolist()], classes, "counts", 0, max(int(cm.max()), 1),
-             integer=True)
-    pct = [[f"{100 * v:.0f}" for v in r] for r in norm.tolist()]
-    _heatmap(fig, ax_p, norm, pct, classes, "row-normalised (% of true class)", 0.0, 1.0)
-    return _save(fig, path)
+             integer=True, unit="images")
+    pct = 100 * norm  # cells and colour bar in the same unit: % of the true class
+    _heatmap(fig, ax_p, pct, [[f"{v:.0f}" for v in r] for r in pct.tolist()], classes,
+             "row-normalised (% of true class)", 0.0, 100.0, unit="% of true class")
+    return save_png(fig, path)
 
 
 # --- image grids ------------------------------------------------------------------------------------------------
@@ -170,7 +177,7 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
     rng = np.random.default_rng(seed)
     shown = np.unique(np.linspace(0, len(classes) - 1, min(len(classes), SAMPLE_ROWS)).round().astype(int))
     k = len(shown)
-    fig = _figure(1.2 + per_class * 0.9, k * 0.9 + (0.4 if k < len(classes) else 0))
+    fig = new_figure(1.2 + per_class * 0.9, k * 0.9 + (0.4 if k < len(classes) else 0))
     if k < len(classes):
         fig.suptitle(f"{k} of {len(classes)} classes")
     axes = fig.subplots(k, per_class, squeeze=False)
@@ -186,7 +193,7 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
             for spine in ax.spines.values():
                 spine.set_visible(False)
         axes[row][0].set_ylabel(_name(classes, c), rotation=0, ha="right", va="center", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _title(classes: Sequence[str], y: int, p: int, prob: float) -> str:
@@ -198,13 +205,14 @@ def plot_predictions(images: np.ndarray, labels: np.ndarray, preds: np.ndarray, 
     """The first n images titled "true → pred (p%)", green when right and red when wrong."""
     n = min(n, len(images))
     fig, axes = _grid(max(n, 1), 8, 1.9, 1.9)
+    fig.suptitle("true class → predicted class (its probability); green: right, red: wrong", fontsize=10)
     for i in range(n):
         y, p = int(labels[i]), int(preds[i])
         _show(axes[i], images[i])
         axes[i].set_title(_title(classes, y, p, float(probs[i][p])), fontsize=7.5, color=GOOD if y == p else BAD)
     if n == 0:
         axes[0].text(0.5, 0.5, "no images", ha="center", va="center", fontsize=12)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_mistakes(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: Sequence[str],
@@ -217,14 +225,15 @@ def plot_mistakes(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, cla
     wrong = np.flatnonzero(preds != labels)
     order = wrong[np.argsort(-conf[wrong], kind="stable")][:n]
     if len(order) == 0:
-        fig = _figure(4.0, 1.6)
+        fig = new_figure(4.0, 1.6)
         fig.text(0.5, 0.5, "no mistakes", ha="center", va="center", fontsize=16)
-        return _save(fig, path)
+        return save_png(fig, path)
     fig, axes = _grid(len(order), 8, 1.9, 1.9)
+    fig.suptitle("the most confident mistakes: true class → predicted class (its probability)", fontsize=10)
     for ax, i in zip(axes, order):
         _show(ax, images[i])
         ax.set_title(_title(classes, int(labels[i]), int(preds[i]), float(conf[i])), fontsize=7.5, color=BAD)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_gradcam(images: np.ndarray, cams: np.ndarray, labels: np.ndarray, preds: np.ndarray,
@@ -242,4 +251,4 @@ def plot_gradcam(images: np.ndarray, cams: np.ndarray, labels: np.ndarray, preds
         ax_cam.imshow(np.asarray(cams[i], dtype=np.float32), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0,
                       interpolation="bilinear")
         ax_cam.set_title("Grad-CAM", fontsize=7.5)
-    return _save(fig, path)
+    return save_png(fig, path)

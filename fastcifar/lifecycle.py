@@ -19,9 +19,10 @@ import stat
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
-from fastcifar.errors import FastCifarError
+from fastcifar.atomic import disk_full
+from fastcifar.errors import DiskFullError, FastCifarError
 from fastcifar.ownership import NotOurs, pid_alive
 
 
@@ -56,7 +57,21 @@ class PidLock:
         return self.fd is not None
 
     def acquire(self) -> None:
+        created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._take()
+        except OSError as e:  # the pid did not fit on the disk (its lock file is gone): no folder left either
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.path.parent)  # only ever an empty folder
+            full = disk_full(e, self.path.parent if self.path.parent.exists() else self.path.parent.parent)
+            if full is None:
+                raise
+            raise DiskFullError(f"{self.path}: disk full while writing ({full}); nothing was written, free some "
+                                "space and start again") from None
+
+    def _take(self) -> None:
         for _ in range(10):  # a previous owner may remove the file between our open and our flock: open again
             fd = self._open()
             try:
@@ -77,8 +92,15 @@ class PidLock:
             if owner is not None and owner != os.getpid() and pid_alive(owner):
                 os.close(fd)  # written by a fastcifar from before flock, whose owner still runs
                 raise self.busy(owner)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    if os.path.samestat(mine, os.stat(self.path, follow_symlinks=False)):  # not a successor's
+                        os.unlink(self.path)
+                os.close(fd)
+                raise
             self.fd = fd
             return
         raise self.busy(None)
@@ -185,6 +207,16 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class StopFlag(Protocol):
+    """What the step loop reads once per step: GracefulStop, or a flag the DDP ranks agree on
+    (fastcifar.distributed.AgreedStop)."""
+
+    signum: int | None
+
+    @property
+    def requested(self) -> bool: ...
 
 
 class GracefulStop:

@@ -8,12 +8,45 @@ stopped mid-epoch resumes on exactly the batch it would have trained next.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from fastcifar.augment.pipeline import Mixer, Transform
+
+
+@runtime_checkable
+class TrainLoader(Protocol):
+    """What the fold loop, the checkpoint codec and the figures use of a training loader. DeviceLoader and every
+    backend's loader (fastcifar.backends: torchvision, DALI, FFCV) meet it; evaluation uses DeviceLoader."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The uint8 (N, H, W, 3) rows (the data-dependent init and the figures read them)."""
+
+    @property
+    def labels(self) -> torch.Tensor: ...
+
+    @property
+    def num_images(self) -> int:
+        """Images this process trains on per epoch."""
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch already handed out (0 between epochs)."""
+
+    def __len__(self) -> int: ...  # batches per epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Its resume point; "pos" holds `position` (TrainState.steps_done reads it)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def gather_images(train_images: np.ndarray, test_images: np.ndarray, idx: np.ndarray) -> np.ndarray:

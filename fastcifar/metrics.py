@@ -101,17 +101,3 @@ def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, num_classes: in
     m["log_loss"] = _num(F.cross_entropy(logits, targets)) if len(targets) else None
     m["ece"] = _num(tmf.multiclass_calibration_error(probs, targets, c, n_bins=ECE_BINS, norm="l1"))
     return m
-
-
-def fold_table_row(metrics: dict) -> dict:
-    """The per-fold summary columns (the seed-000 table): headline numbers only, macro averages."""
-    return {
-        "accuracy": metrics["accuracy"],
-        "precision": metrics["precision"]["macro"],
-        "recall": metrics["recall"]["macro"],
-        "specificity": metrics["specificity"]["mean"],
-        "f1": metrics["f1"]["macro"],
-        "kappa": metrics["cohen_kappa"],
-        "balanced_accuracy": metrics["balanced_accuracy"],
-        "auroc": metrics["auroc_macro"],
-    }

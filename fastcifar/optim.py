@@ -68,6 +68,17 @@ def triangle_factor(cfg: ScheduleCfg, step: int, total_steps: int, base_lr: floa
     return f * (cfg.max_lr or base_lr) / base_lr
 
 
+def onecycle_pct(pct_start: float, total_steps: int) -> float:
+    """pct_start as torch's OneCycleLR can take it. Its warm-up ends at step pct_start * T - 1; where that is 0
+    (0.25 of 4 steps, 0.5 of 2, 1/3 of 3) the warm-up starts and ends at step 0 and OneCycleLR divides 0 by 0
+    (ZeroDivisionError at the first step). The largest float below it moves the end a hair before step 0, so
+    step 0 trains at the peak, as the product a hair below 1 always did (the anneal's first point: exactly the
+    peak for "cos", within 1e-15 of it for "linear")."""
+    while float(pct_start * total_steps) - 1 == 0:
+        pct_start = math.nextafter(pct_start, 0.0)
+    return pct_start
+
+
 def build_scheduler(cfg: ScheduleCfg, optim_cfg: OptimCfg, optimizer: torch.optim.Optimizer,
                     steps_per_epoch: int, epochs: int,
                     total_steps: int | None = None) -> torch.optim.lr_scheduler.LRScheduler:
@@ -81,7 +92,7 @@ def build_scheduler(cfg: ScheduleCfg, optim_cfg: OptimCfg, optimizer: torch.opti
         peak = (cfg.max_lr or optim_cfg.lr) / optim_cfg.lr
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[g["lr"] * peak for g in optimizer.param_groups], total_steps=total,
-            pct_start=cfg.pct_start,
+            pct_start=onecycle_pct(cfg.pct_start, total),
             anneal_strategy=cfg.anneal, div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
             cycle_momentum=cycle)
     return torch.optim.lr_scheduler.LambdaLR(

@@ -1,7 +1,7 @@
 """What fastcifar may delete or overwrite: only what it wrote itself, recognised by a marker it wrote with it.
 
-- A store, a run and a sweep directory each hold a marker file (`.fastcifar-store`, `.fastcifar-run`,
-  `.fastcifar-sweep`). A directory without one is the user's: fastcifar writes into it only while it is new or
+- A store, a run, a sweep, a tuning study and an lr-find directory each hold a marker file (`.fastcifar-store`,
+  `.fastcifar-run`, `.fastcifar-sweep`, `.fastcifar-study`, `.fastcifar-lrfind`). A directory without one is the user's: fastcifar writes into it only while it is new or
   empty, and never replaces or cleans it, `--force` or not.
 - A file the user names as an output (`report --out`, `bench --json/--md`, a .beton) is overwritten only when it
   is recognisably fastcifar's own output of that kind (a marker line or key that fastcifar writes).
@@ -20,8 +20,10 @@ from typing import Callable
 
 from fastcifar.atomic import write_json
 from fastcifar.errors import FastCifarError
+from fastcifar.textfiles import RUN_FILE_BYTES, read_text
 
-MARKERS = {"store": ".fastcifar-store", "run": ".fastcifar-run", "sweep": ".fastcifar-sweep"}
+MARKERS = {"store": ".fastcifar-store", "run": ".fastcifar-run", "sweep": ".fastcifar-sweep",
+           "study": ".fastcifar-study", "lrfind": ".fastcifar-lrfind"}
 MD_MARKER = "<!-- written by fastcifar: {kind} -->"  # first line of every Markdown file a command writes
 # atomic_open's temp files: mkstemp's 8 random characters are lowercase letters, digits and "_".
 ATOMIC_TMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
@@ -47,8 +49,8 @@ def legacy_run(path: Path) -> bool:
     """A run directory written before run markers existed: its saved recipe.toml (with a [train] table) and its
     env.json are there. Read as text: `report` must not import torch."""
     try:
-        text = (path / "recipe.toml").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        text = read_text(path / "recipe.toml", "run file", RUN_FILE_BYTES)
+    except (OSError, FastCifarError):  # missing, a FIFO, huge, not UTF-8: not a run's saved recipe
         return False
     return (path / "env.json").is_file() and re.search(r"^\[train\]\s*$", text, re.M) is not None
 

@@ -61,14 +61,13 @@ def precision_name(dtype: torch.dtype | None) -> str:
 
 
 def model_desc(model_cfg, name: str | None = None) -> dict[str, Any]:
-    """What decides a model's speed, for the cache key: its name, width and speedrun options (a recipe's model
+    """What decides a model's speed, for the cache key: its name, width and own options (a recipe's model
     section; `name`: another model benched beside it, at its defaults)."""
-    from fastcifar.models import SPEEDRUN_OPTIONS
+    from fastcifar.models import model_options
 
     if name is not None and name != model_cfg.name:
         return {"name": name, "width": 0}
-    return {"name": model_cfg.name, "width": model_cfg.width,
-            **{k: getattr(model_cfg, k) for k in SPEEDRUN_OPTIONS if getattr(model_cfg, k) != SPEEDRUN_OPTIONS[k]}}
+    return {"name": model_cfg.name, "width": model_cfg.width, **model_options(model_cfg)}
 
 
 def cache_path() -> Path:

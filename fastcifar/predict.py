@@ -4,44 +4,44 @@ or export, preprocessed as in evaluation."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fastcifar.augment import build_eval_transform
-from fastcifar.data.archive import check_regular
-from fastcifar.data.images import IMAGE_EXTS, UnsupportedImage, to_rgb
+from fastcifar.data.archive import MEMBER_CAP, check_regular, one_line
+from fastcifar.data.images import IMAGE_EXTS, decode_image, fit_image
 from fastcifar.device import resolve_device
 from fastcifar.engine import tta_logits
-from fastcifar.errors import DataError, FastCifarError, first_line
+from fastcifar.errors import DataError, FastCifarError
 from fastcifar.evaluate import load_trained_model
 from fastcifar.export import exported_runner, looks_exported, read_export
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 BATCH = 256  # images per forward pass: bounds memory when many files (or augment.resize = 224) are given
 
 
 def read_image(path: str | Path, image_size: int) -> torch.Tensor:
-    """uint8 (3, S, S): RGB, bicubic-resized with antialiasing (PIL filters scale with the shrink factor)."""
-    from PIL import Image
-
-    BICUBIC = getattr(Image, "Resampling", Image).BICUBIC  # Pillow < 9.1 has no Resampling enum
+    """uint8 (3, S, S) of an image file, made exactly as `prepare --size S` makes a store's images
+    (data.images.decode_image + fit_image: shorter side to S, centre crop, antialiased bicubic)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such image file")
-    check_regular(path, "image")  # a FIFO would block Image.open forever
+    check_regular(path, "image")  # a FIFO would block the read forever
     if path.is_dir():
         raise DataError(f"{path}: is a folder; pass image files or a folder of them")
+    if path.stat().st_size > MEMBER_CAP:  # an image file is read whole: the cap prepare puts on a data file
+        raise DataError(f"{path}: is {path.stat().st_size / 2**20:,.0f} MiB, over the {MEMBER_CAP // 2**20} MiB "
+                        "an image file may have")
     try:
-        with Image.open(path) as im:
-            rgb, _ = to_rgb(im)  # 16-bit greyscale scaled, transparency composited, as prepare stores them
-            im = Image.fromarray(rgb)
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), BICUBIC)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, UnsupportedImage) as e:
-        raise DataError(f"{path}: not a readable image ({first_line(e)})") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({one_line(e)})") from None
+    rgb, _ = decode_image(data, str(path))  # 16-bit greyscale scaled, transparency composited, as in prepare
+    return torch.from_numpy(np.array(fit_image(rgb, image_size))).permute(2, 0, 1)
 
 
 def expand_images(paths: list[Path]) -> list[Path]:
@@ -107,7 +107,7 @@ def _exported_probs(path: Path, images: list[Path]) -> tuple[torch.Tensor, list[
     return torch.softmax(torch.cat(logits).float(), dim=1), [str(c) for c in meta["classes"]]
 
 
-def print_predictions(results: list[dict[str, Any]], console) -> None:
+def print_predictions(results: list[dict[str, Any]], console: Console) -> None:
     """One row per image: its top-k classes with probabilities, most probable first."""
     from rich.table import Table
 

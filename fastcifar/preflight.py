@@ -7,7 +7,6 @@ half-made run folder is left behind and no training time is lost.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -19,13 +18,18 @@ import torch
 from fastcifar.augment import build_eval_transform, build_train_transform
 from fastcifar.backends import check_loader
 from fastcifar.backends.ffcv import check_beton, default_beton
-from fastcifar.data import open_store, store_stats
+from fastcifar.context import RunPlan
+from fastcifar.data import Store, open_store, store_stats
+from fastcifar.device import recipe_amp_dtype
 from fastcifar.errors import DataError, FastCifarError, RecipeError, first_line
 from fastcifar.gradcam import get_layer
-from fastcifar.models import build_model, create_model
+from fastcifar.models import build_model, create_model, model_entry
 from fastcifar.ownership import check_own_dir, legacy_run
 from fastcifar.recipe import Recipe, load_recipe, recipe_diff
-from fastcifar.splits import make_folds, take_per_class
+from fastcifar.runfiles import trained_on
+from fastcifar.splits import Fold, make_folds, take_per_class
+from fastcifar.step import make_scaler
+from fastcifar.stores import locate_store
 from fastcifar.tblog import check_tensorboard
 
 # Keys that may differ when a run is resumed: where it runs does not change what it computes.
@@ -33,7 +37,7 @@ RESUMABLE_DIFFS = {"train.device", "train.threads"}
 BYTES_PER_PARAM = 16  # fp32 weights + gradients + two optimizer moments (Adam); SGD with momentum needs 12
 
 
-def resolve_stats(recipe: Recipe, store) -> Recipe:
+def resolve_stats(recipe: Recipe, store: Store) -> Recipe:
     """The recipe with data.mean / data.std = "auto" replaced by the store's training statistics."""
     if recipe.data.mean != "auto" and recipe.data.std != "auto":
         return recipe
@@ -43,25 +47,33 @@ def resolve_stats(recipe: Recipe, store) -> Recipe:
     return replace(recipe, data=data)
 
 
-def check_inputs(recipe: Recipe, run_dir: Path | None = None, resume: bool = False,
-                 device=None) -> tuple[Recipe, Any]:
-    """All pre-run checks; returns the recipe with the store's statistics filled in (data.mean / data.std =
-    "auto") and the opened, hash-verified store. `run_dir`: also check the folder may hold this run (new,
-    empty, or this run with --resume on the same data)."""
-    store = open_store(Path(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
+def check_inputs(recipe: Recipe, run_dir: Path, resume: bool = False, device: torch.device | None = None, *,
+                 check_dir: bool = True) -> RunPlan:
+    """All pre-run checks, as the plan the run consumes: the recipe with the store's statistics filled in
+    (data.mean / data.std = "auto"), the opened, hash-verified store, the folds, the .beton. `check_dir`: also
+    check `run_dir` may hold this run (new, empty, or this run with --resume on the same data); a DDP rank other
+    than 0 leaves that to rank 0."""
+    device = device or torch.device("cpu")
+    # data.store from here or under $FASTCIFAR_DATA; the store's absolute path is what the run records
+    store = open_store(locate_store(recipe.data.store), verify=True)  # hashes: ~0.3 s for the 184 MB store
     recipe = resolve_stats(recipe, store)
     check_loader(recipe)  # a missing DALI / FFCV extra, or an augment section the loader cannot express
     check_tensorboard(recipe)
     if len(store.classes) < 2:
         raise DataError(f"data.store: {store.path} holds {len(store.classes)} class; a classifier needs at least 2")
-    check_model(recipe, store, device or torch.device("cpu"))
+    check_model(recipe, store, device)
+    if recipe.train.pack != 1:
+        check_pack(recipe, store, device)
     check_augment(recipe, store)
-    check_folds(recipe, store)
-    if recipe.train.loader == "ffcv":  # the .beton must exist (and match the store) before the run folder does
-        check_beton(default_beton(store.path), store)
-    if run_dir is not None:
-        check_run_dir(run_dir, recipe, resume, store)
-    return recipe, store
+    folds = check_folds(recipe, store)
+    if recipe.split.kind == "kfold" and recipe.split.fold >= 0:
+        folds = [folds[recipe.split.fold]]
+    # The .beton must exist (and match the store) before the run folder does.
+    beton = check_beton(default_beton(store.path), store) if recipe.train.loader == "ffcv" else None
+    plan = RunPlan(recipe, store, device, Path(run_dir), resume, tuple(folds), beton)
+    if check_dir:
+        check_run_dir(plan.run_dir, recipe, resume, store)
+    return plan
 
 
 def check_distributed(recipe: Recipe, world: int, device: torch.device, folds_parallel: bool) -> None:
@@ -76,6 +88,9 @@ def check_distributed(recipe: Recipe, world: int, device: torch.device, folds_pa
     if tr.compile_step:
         raise RecipeError("train.compile_step: not under DDP (its gradient all-reduce runs in .backward() hooks; "
                           "the compiled step takes torch.autograd.grad); set train.compile_step = false")
+    if tr.pack != 1:
+        raise RecipeError("train.pack: DDP trains one model on every rank; packing composes with --folds-parallel "
+                          "(each rank packs its own folds), or set train.pack = 1")
     if tr.batch_size % world:
         raise RecipeError(f"train.batch_size: {tr.batch_size} is not divisible by the world size {world}; each "
                           f"rank trains batch_size / world_size images per step")
@@ -84,17 +99,18 @@ def check_distributed(recipe: Recipe, world: int, device: torch.device, folds_pa
     if tr.oom_retry:
         raise RecipeError("train.oom_retry: not supported under DDP (an out-of-memory retry on one rank would "
                           "change its number of gradient all-reduces); lower train.batch_size instead")
-    if tr.sync_bn and recipe.model.name == "speedrun_net":  # convert_sync_batchnorm rebuilds plain BatchNorms
-        raise RecipeError("train.sync_bn: speedrun_net's scale-free BatchNorm keeps its shift in its own parameter, "
-                          "which SyncBatchNorm would drop; set train.sync_bn = false")
+    if tr.sync_bn and not model_entry(recipe.model.name).sync_bn:  # its BatchNorm is not torch's plain one
+        raise RecipeError(f"train.sync_bn: {recipe.model.name}'s scale-free BatchNorm keeps its shift in its own "
+                          "parameter, which SyncBatchNorm would drop; set train.sync_bn = false")
     if tr.sync_bn and device.type != "cuda":
         raise RecipeError("train.sync_bn: SyncBatchNorm runs on CUDA only (torch has no CPU kernel for it)")
 
 
-def check_folds(recipe: Recipe, store) -> None:
-    """Every fold has validation images and at least one full training batch, and k-fold has at least k images
-    of every class in its pool (else some folds would validate on classes they never saw, or on nothing)."""
-    labels = np.concatenate([store.train_labels, store.test_labels])
+def check_folds(recipe: Recipe, store: Store) -> list[Fold]:
+    """All folds of the split, each with validation images and at least one full training batch; k-fold needs
+    at least k images of every class in its pool (else some folds would validate on classes they never saw, or
+    on nothing)."""
+    labels = store.labels
     split = recipe.split
     if split.kind == "kfold":
         pool = labels if split.pool == "train+test" else store.train_labels
@@ -103,7 +119,8 @@ def check_folds(recipe: Recipe, store) -> None:
         if counts[c] < split.k:
             raise RecipeError(f"split.k: {split.k} folds need at least {split.k} images of every class in the pool, "
                               f"but class '{store.classes[c]}' has {counts[c]}; lower split.k")
-    for fold in make_folds(len(store.train_labels), labels, split):
+    folds = make_folds(len(store.train_labels), labels, split)
+    for fold in folds:
         train = fold.train
         if recipe.data.train_subset:
             train = take_per_class(train, labels, recipe.data.train_subset)
@@ -114,6 +131,7 @@ def check_folds(recipe: Recipe, store) -> None:
             raise RecipeError(f"train.batch_size: {recipe.train.batch_size} is more than fold {fold.index}'s "
                               f"{len(train)} training images (no full batch to train on); lower it")
         check_steps(recipe, len(train) // recipe.train.batch_size, fold.index)
+    return folds
 
 
 def check_steps(recipe: Recipe, steps_per_epoch: int, fold: int = 0) -> None:
@@ -125,7 +143,53 @@ def check_steps(recipe: Recipe, steps_per_epoch: int, fold: int = 0) -> None:
                           f"epoch {need}; set train.epochs = {need}, got {tr.epochs}")
 
 
-def check_augment(recipe: Recipe, store) -> None:
+def check_pack(recipe: Recipe, store: Store, device: torch.device, folds: bool = True) -> None:
+    """What packing (train.pack, sweep --pack) cannot do yet, refused in one line naming the key; then two copies
+    of the model are packed on the CPU and run one batch (a layer the pack cannot stack fails here). `folds`:
+    train.pack packs the folds of one k-fold run."""
+    from fastcifar.pack import PackedNet, stack_inputs  # imports the models: only when packing
+
+    split, m, tr = recipe.split, recipe.model, recipe.train
+    if folds and (split.kind != "kfold" or split.fold != -1):
+        raise RecipeError(f'train.pack: packs the folds of a k-fold run; it needs split.kind = "kfold" and split.fold '
+                          f'= -1, got kind = "{split.kind}", fold = {split.fold}')
+    entry = model_entry(m.name)
+    if not entry.stackable:
+        raise RecipeError(f"model.name: {m.name} cannot be packed (a layer of it is not one fastcifar.pack stacks: "
+                          "convolutions, BatchNorm, linear, pooling, pointwise); set train.pack = 1")
+    if m.dropout:
+        raise RecipeError(f"model.dropout: {m.dropout} cannot be packed (each fold would need the dropout masks of its "
+                          "solo run); set model.dropout = 0 or train.pack = 1")
+    refusals = {
+        "train.loader": (tr.loader != "device", f'packed folds train from the "device" loader, got "{tr.loader}"'),
+        "train.oom_retry": (tr.oom_retry, "not with packing (a micro-batch retry would split every fold); lower "
+                                          "train.batch_size or train.pack"),
+        "train.cuda_graphs": (tr.cuda_graphs, "not with packing yet; train.compile with compile_mode = "
+                                              '"reduce-overhead" records the compiler\'s CUDA graphs of the pack'),
+        "train.amp": (make_scaler(recipe_amp_dtype(tr, device), device) is not None,
+                      "fp16 loss scaling (this GPU has no bf16) is not supported with packing; set train.amp = false"),
+    }
+    for key, (refused, why) in refusals.items():
+        if refused:
+            raise RecipeError(f"{key}: {why}")
+    size = recipe.augment.resize or int(store.train_images.shape[1])
+    copies = [build_model(recipe, len(store.classes), int(store.train_images.shape[1]), torch.device("cpu"),
+                          pretrained=False) for _ in range(2)]
+    net = PackedNet(copies)
+    net.bind()
+    x = torch.zeros(2, 3, size, size).to(memory_format=torch.channels_last if tr.channels_last else
+                                          torch.contiguous_format)
+    try:
+        with torch.no_grad():
+            out = net(stack_inputs([x, x]))
+    except RuntimeError as e:
+        raise RecipeError(f"model.name: {m.name} cannot be packed ({first_line(e)}); set train.pack = 1") from None
+    if tuple(out.shape) != (2, 2 * len(store.classes)):
+        raise RecipeError(f"model.name: {m.name} packed gives outputs of shape {list(out.shape)}, not (batch, 2 x "
+                          f"{len(store.classes)} classes); set train.pack = 1")
+
+
+def check_augment(recipe: Recipe, store: Store) -> None:
     """Run the train and eval transforms once on two stored images (CPU): an augment setting the image size
     does not allow (reflect padding wider than the image, ...) fails here, not at the first step."""
     images = torch.from_numpy(np.array(store.train_images[:2]))  # a writable copy of two memory-mapped images
@@ -155,7 +219,7 @@ def _param_count(recipe: Recipe, num_classes: int, size: int) -> int | None:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_model(recipe: Recipe, store, device: torch.device) -> None:
+def check_model(recipe: Recipe, store: Store, device: torch.device) -> None:
     """Build the model on the CPU (a bad width or pretrained file fails here), run one 2-image batch of the
     store's (resized) image size through it, and check the Grad-CAM layer yields a feature map."""
     m, num_classes, size = recipe.model, len(store.classes), int(store.train_images.shape[1])
@@ -209,7 +273,13 @@ def _gradcam_probe(model: torch.nn.Module, recipe: Recipe) -> dict:
 # ---------------------------------------------------------------------------------------------- the run folder
 
 
-def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, store) -> bool:
+def recheck_run_dir(plan: RunPlan) -> bool:
+    """check_run_dir again, under the run lock (fastcifar.run.start_run): between preflight and the lock another
+    process may have started, finished or removed a run in the folder. True when resuming."""
+    return check_run_dir(plan.run_dir, plan.recipe, plan.resume, plan.store)
+
+
+def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, store: Store) -> bool:
     """True if run_dir already holds this run; refuse a folder fastcifar did not write, two different recipes in
     one directory, and a resume on data other than the run was trained on."""
     check_own_dir(run_dir, "run", legacy_run)
@@ -227,20 +297,10 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, store) -> bool:
     return True
 
 
-def data_identity(store) -> dict[str, Any]:
+def data_identity(store: Store) -> dict[str, Any]:
     """What a run was trained on, as data.json records it: a resume or evaluation on other data is refused."""
     return {"store": str(store.path), "classes": list(store.classes),
             "image_shape": list(store.train_images.shape[1:]), "sha256": dict(store.meta["sha256"])}
-
-
-def trained_on(run_dir: Path) -> dict[str, Any]:
-    """data.json of a run; for a run from before data.json, the store hashes its env.json recorded."""
-    for name, pick in (("data.json", lambda d: d), ("env.json", lambda d: {"sha256": d["store"]["sha256"]})):
-        try:
-            return pick(json.loads((run_dir / name).read_text()))
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
-            continue
-    return {}
 
 
 def _describe(key: str, ident: dict[str, Any], other: dict[str, Any]) -> str:

@@ -6,11 +6,14 @@ every LINE_EVERY_S seconds with fold, epoch, step, img/s and the ETA of the epoc
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from rich.progress import (BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 LINE_EVERY_S = 30.0  # a 10-minute CPU epoch prints ~20 lines; a 5-second GPU epoch prints none between epochs
 
@@ -28,7 +31,7 @@ def clock_text(seconds: float) -> str:
 class RunProgress:
     """The run's progress over the folds this process trains (`folds`: how many are left to train)."""
 
-    def __init__(self, console, folds: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, console: Console, folds: int, clock: Callable[[], float] = time.monotonic):
         self.console, self.clock, self.folds_left = console, clock, folds
         self.bars = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                              RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
@@ -47,7 +50,7 @@ class RunProgress:
     def __exit__(self, *exc) -> None:
         self.bars.__exit__(*exc)
 
-    def start_fold(self, index: int, epochs: int, epochs_done: int, steps_per_epoch: int, position: int) -> None:
+    def start_fold(self, index: int | str, epochs: int, epochs_done: int, steps_per_epoch: int, position: int) -> None:
         self.fold, self.steps_per_epoch, self.full_fold = index, steps_per_epoch, epochs * steps_per_epoch
         self.fold_steps = self.full_fold - epochs_done * steps_per_epoch - position
         self.steps_done = 0

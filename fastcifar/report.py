@@ -6,16 +6,17 @@ built anywhere. Keys newer than the oldest run format are optional: a missing va
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Callable
 
 from fastcifar.atomic import write_text
+from fastcifar.differences import differing_keys
 from fastcifar.ownership import MARKERS, MD_MARKER, has_marker, legacy_run, md_ours, output_guard
-from fastcifar.runfiles import Fold, ReportError, Run, dig, load_run, num  # noqa: F401 - the report API too
+from fastcifar.runfiles import FIGURE_FILES, FIGURES_DIR, FoldFiles, ReportError, RunFiles, dig, load_run, num
 
 DASH = "–"
-FIGURES = ["curves.png", "confusion.png", "samples.png", "predictions.png", "mistakes.png", "gradcam.png"]
 # (key, label, path inside result["metrics"], format): "pct" for accuracies, "num" (4 decimals) otherwise.
 HEADLINE = [
     ("accuracy", "accuracy", ("accuracy",), "pct"),
@@ -55,7 +56,7 @@ def headline(result: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
-def fold_timing(fold: Fold) -> dict[str, float | None]:
+def fold_timing(fold: FoldFiles) -> dict[str, float | None]:
     r, rows = fold.result, fold.rows
     times = [t for t in (row.get("epoch_time_s") for row in rows) if t is not None]
     rates = [t for t in (row.get("img_per_s") for row in rows) if t is not None]
@@ -73,11 +74,14 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     vals = [v for v in values if v is not None]
     if not vals:
         return None, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+    try:
+        return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+    except OverflowError:  # damaged files: 1e308 twice has no float mean; unknown rather than a traceback
+        return None, None
 
 
 def fmt(v: float | None, kind: str = "num") -> str:
-    if v is None:
+    if v is None or not math.isfinite(v * (100 if kind == "pct" else 1)):  # 1e308 as a percentage: inf
         return DASH
     return {"pct": f"{v:.2%}", "num": f"{v:.4f}", "int": f"{v:,.0f}", "s": f"{v:,.1f}",
             "ms": f"{v:.3f}", "mb": f"{v:,.1f}", "ratio": f"{v:.2f}×"}[kind]
@@ -99,19 +103,19 @@ def md_table(header: list[str], rows: list[list[str]], numeric: bool = True) -> 
     return out + [""]
 
 
-def _rel(run: Run, path: Path) -> str:
+def _rel(run: RunFiles, path: Path) -> str:
     return path.relative_to(run.dir).as_posix()
 
 
-def _figures(fold: Fold) -> list[Path]:
+def _figures(fold: FoldFiles) -> list[Path]:
     """Existing figures: the known ones in a fixed order, then any other PNG the fold left."""
-    d = fold.dir / "figures"
-    known = [d / n for n in FIGURES if (d / n).is_file()]
-    extra = sorted(p for p in d.glob("*.png") if p.name not in FIGURES) if d.is_dir() else []
+    d = fold.dir / FIGURES_DIR
+    known = [d / n for n in FIGURE_FILES.values() if (d / n).is_file()]
+    extra = sorted(p for p in d.glob("*.png") if p.name not in FIGURE_FILES.values()) if d.is_dir() else []
     return known + extra
 
 
-def _env_section(run: Run) -> list[str]:
+def _env_section(run: RunFiles) -> list[str]:
     if not run.env:
         return ["## Environment", "", "env.json is missing.", ""]
     env = run.env
@@ -119,7 +123,7 @@ def _env_section(run: Run) -> list[str]:
     store = env.get("store") if isinstance(env.get("store"), dict) else {}
     rows.append(["store", str(store.get("path", DASH))])
     hashes = store.get("sha256") if isinstance(store.get("sha256"), dict) else {}
-    rows += [[f"sha256 {name}", f"`{digest[:16]}…`"] for name, digest in sorted(hashes.items())]
+    rows += [[f"sha256 {name}", f"`{str(digest)[:16]}…`"] for name, digest in sorted(hashes.items())]
     source = store.get("source") if isinstance(store.get("source"), dict) else {}
     if source:
         rows.append(["source", f"{source.get('kind', DASH)}: {source.get('path', DASH)} "
@@ -127,13 +131,13 @@ def _env_section(run: Run) -> list[str]:
     return ["## Environment", ""] + md_table(["key", "value"], rows, numeric=False)
 
 
-def _recipe_section(run: Run) -> list[str]:
+def _recipe_section(run: RunFiles) -> list[str]:
     if run.recipe_text is None:
         return ["## Recipe", "", "recipe.toml is missing.", ""]
     return ["## Recipe", "", "```toml", run.recipe_text.rstrip("\n"), "```", ""]
 
 
-def _timing_section(run: Run) -> list[str]:
+def _timing_section(run: RunFiles) -> list[str]:
     rows = []
     for fold in run.folds:
         t = fold_timing(fold)
@@ -146,12 +150,13 @@ def _timing_section(run: Run) -> list[str]:
             + [f"Total wall (train time over all folds): {fmt(total_train_time(run), 's')} s", ""])
 
 
-def _metrics_section(run: Run) -> list[str]:
+def _metrics_section(run: RunFiles) -> list[str]:
     per_fold = [headline(f.result) for f in run.folds]
     split = split_of(run.folds[0].result)
     n = num(dig(run.folds[0].result, "metrics", "n"))
-    title = f"## Final metrics ({split} set" + (f", {n:,.0f} images" if n is not None and len(per_fold) == 1
-                                                 else "") + ")"
+    scope = capped(run.folds[0].result, split).removeprefix(" on ")
+    title = f"## Final metrics ({split} set" + (f", {scope or f'{n:,.0f} images'}" if n is not None and
+                                                 len(per_fold) == 1 else "") + ")"
     if len(per_fold) == 1:
         rows = [[label, fmt(per_fold[0][key], kind)] for key, label, _, kind in HEADLINE]
         return [title, ""] + md_table(["metric", "value"], rows)
@@ -176,7 +181,7 @@ def per_class(result: dict[str, Any]) -> dict[str, list[float | None]]:
     return out
 
 
-def _per_class_section(run: Run) -> list[str]:
+def _per_class_section(run: RunFiles) -> list[str]:
     classes = next((f.result["classes"] for f in run.folds if isinstance(f.result.get("classes"), list)), None)
     if not classes:
         return []
@@ -197,7 +202,7 @@ def _per_class_section(run: Run) -> list[str]:
         ["class", "accuracy", "precision", "recall", "F1", "specificity"], rows)
 
 
-def _kfold_section(run: Run) -> list[str]:
+def _kfold_section(run: RunFiles) -> list[str]:
     """The fold table with mean and std rows, and each fold's confusion matrix."""
     header = ["fold", "best epoch"] + [LABEL[k].replace(" (macro)", "").replace(" (mean)", "") for k in FOLD_TABLE]
     per_fold = [(f, headline(f.result)) for f in run.folds]
@@ -207,13 +212,13 @@ def _kfold_section(run: Run) -> list[str]:
         best = mean_std([num(f.result.get("best_epoch")) for f, _ in per_fold])[pick]
         rows.append([f"**{stat}**", fmt(best, "num" if stat == "std" else "s")]
                     + [fmt(mean_std([m[k] for _, m in per_fold])[pick], FORMAT[k]) for k in FOLD_TABLE])
-    links = [f"[fold {f.index}]({_rel(run, f.dir / 'figures' / 'confusion.png')})"
-             for f in run.folds if (f.dir / "figures" / "confusion.png").is_file()]
+    confusion = [(f, f.dir / FIGURES_DIR / FIGURE_FILES["confusion"]) for f in run.folds]
+    links = [f"[fold {f.index}]({_rel(run, path)})" for f, path in confusion if path.is_file()]
     out = [f"## Folds ({len(run.folds)}, {split_of(run.folds[0].result)} metrics)", ""] + md_table(header, rows)
     return out + ([f"Confusion matrices: {' · '.join(links)}", ""] if links else [])
 
 
-def _figures_section(run: Run) -> list[str]:
+def _figures_section(run: RunFiles) -> list[str]:
     out = []
     for fold in run.folds:
         figs = _figures(fold)
@@ -245,14 +250,43 @@ def selection_note(results: list[dict[str, Any]]) -> str | None:
             "last epoch only) avoids that")
 
 
-def _headline_line(run: Run) -> list[str]:
+def capped(result: dict[str, Any], split: str) -> str:
+    """" on N of M test images" when data.eval_subset evaluated only part of the set, else "" (a whole set, or a
+    run from before the counts were recorded)."""
+    n, total = num(result.get(f"{split}_images")), num(result.get(f"{split}_images_total"))
+    if n is None or total is None or n >= total:
+        return ""
+    return f" on {n:,.0f} of {total:,.0f} {'validation' if split == 'val' else split} images"
+
+
+def closing_lines(run_dir: Path, summary: dict[str, Any]) -> list[str]:
+    """The train command's last lines: the test accuracy, the validation accuracy where it is another set (the
+    official split validates on the test set: one line, not two equal ones); selection_note may follow."""
+    folds = summary["folds"]
+    val_is_test = all(dig(r, "selection", "on_reported_set") is True for r in folds)
+    lines = []
+    if "test_acc_mean" in summary:
+        lines.append(f"{run_dir}: test accuracy {summary['test_acc_mean']:.2%}{capped(folds[0], 'test')}"
+                     + (" (the official split validates on the test set)" if val_is_test else ""))
+    if "test_acc_mean" not in summary or not val_is_test:
+        spread = f" ± {summary['val_acc_std']:.2%}" if len(folds) > 1 else ""
+        scope = capped(folds[0], "val")
+        lines.append(f"{run_dir}: validation accuracy {summary['val_acc_mean']:.2%}{spread}{scope}"
+                     + (" per fold" if scope and len(folds) > 1 else ""))
+    return lines
+
+
+def _headline_line(run: RunFiles) -> list[str]:
     """What a reader came for, first: the accuracy, mean ± std over the folds (and how far it flatters)."""
     accs = [headline(f.result)["accuracy"] for f in run.folds]
     mean, std = mean_std(accs)
     split = split_of(run.folds[0].result)
     spread = f" ± {fmt(std, 'pct')} over {len(accs)} folds" if len(accs) > 1 else ""
     note = selection_note([f.result for f in run.folds])
-    return [f"**{split} accuracy: {fmt(mean, 'pct')}{spread}**", ""] + ([f"> Note: {note}.", ""] if note else [])
+    scope = capped(run.folds[0].result, split)
+    return [f"**{split} accuracy: {fmt(mean, 'pct')}{spread}**{scope}"
+            + (" (data.eval_subset: not the whole set)" if scope else ""), ""] + \
+        ([f"> Note: {note}.", ""] if note else [])
 
 
 def _collapsed(section: list[str]) -> list[str]:
@@ -261,7 +295,7 @@ def _collapsed(section: list[str]) -> list[str]:
     return ["<details>", f"<summary>{title}</summary>", "", *section[1:], "</details>", ""]
 
 
-def render_report(run: Run) -> str:
+def render_report(run: RunFiles) -> str:
     """The headline accuracy first; environment and resolved recipe folded away under it; then timing and the
     results (metric table, folds, curves and confusion matrices, per-class metrics). Everything that differs
     between two runs of the same numbers (paths, environment, times) stays above "## Final metrics"."""
@@ -285,24 +319,24 @@ def write_report(run_dir: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- comparing
 
 
-def _column_name(run: Run) -> str:
+def _column_name(run: RunFiles) -> str:
     where = run.env.get("gpu") or run.env.get("device")
     name = run.dir.resolve().name
     return f"{name} ({where})" if where else name
 
 
-def total_train_time(run: Run) -> float | None:
+def total_train_time(run: RunFiles) -> float | None:
     """Sum of the folds' train times; unknown if any fold's is (a partial sum would flatter that run)."""
     times = [fold_timing(f)["train_time_s"] for f in run.folds]
     return None if None in times else sum(times)  # type: ignore[arg-type]
 
 
-def _compare_rows(runs: list[Run]) -> list[list[str]]:
+def _compare_rows(runs: list[RunFiles]) -> list[list[str]]:
     """Rows of the comparison table: headline metrics (mean ± std over folds), timing, environment."""
-    def over_folds(run: Run, get: Callable[[Fold], float | None]) -> tuple[float | None, float | None]:
+    def over_folds(run: RunFiles, get: Callable[[FoldFiles], float | None]) -> tuple[float | None, float | None]:
         return mean_std([get(f) for f in run.folds])
 
-    def metric_cell(run: Run, key: str) -> str:
+    def metric_cell(run: RunFiles, key: str) -> str:
         mean, std = over_folds(run, lambda f: headline(f.result)[key])
         return fmt(mean, FORMAT[key]) + (f" ± {fmt(std, FORMAT[key])}" if std is not None else "")
 
@@ -323,6 +357,21 @@ def _compare_rows(runs: list[Run]) -> list[list[str]]:
     return rows
 
 
+def _differences_section(runs: list[RunFiles]) -> list[str]:
+    """## How the recipes differ: the keys whose values are not the same in all runs, one column a run."""
+    names = [_column_name(r) for r in runs]
+    broken, rows = differing_keys([r.recipe_text for r in runs])
+    lines = ["## How the recipes differ", ""]
+    if broken:
+        lines += [f"recipe.toml missing or unreadable: {', '.join(names[i] for i in broken)} (not compared).", ""]
+    if len(runs) - len(broken) < 2:
+        return lines
+    if not rows:
+        return lines + ["Every key is the same in all recipes.", ""]
+    kept = [n for i, n in enumerate(names) if i not in broken]
+    return lines + md_table(["key", *kept], [[f"`{k}`", *v] for k, v in rows], numeric=False)
+
+
 def combine_reports(run_dirs: list[Path], out: Path = Path("report.md")) -> Path:
     """One run: (re)build its report.md (`out` unused). Several: write `out` comparing them side by side.
     Only a fastcifar run folder gets a report.md, and `out` is overwritten only if it is a comparison."""
@@ -341,6 +390,7 @@ def combine_reports(run_dirs: list[Path], out: Path = Path("report.md")) -> Path
              "(± sample std where a run has several folds).", ""]
     lines += [f"- **{_column_name(r)}**: recipe `{r.name}`, `{r.dir}`" for r in runs] + [""]
     lines += md_table(["", *[_column_name(r) for r in runs]], _compare_rows(runs))
+    lines += _differences_section(runs)
     out = Path(out)
     write_text(out, "\n".join(lines).rstrip("\n") + "\n", guard)
     return out

@@ -1,6 +1,7 @@
 """Train / validation / test index sets, as indices into the concatenation [store train ; store test].
 
-official: train on the 50k, validate on the official test set (what the seeds did), test = the same set.
+official: train on the 50k, validate on the official test set (what the seed projects did), test = the same
+          set.
 holdout:  a stratified val_fraction of the pool is held out (seed 002: 45k / 5k), test = official test.
 kfold:    stratified k folds of the pool (seed 000: the merged 60k in 5 folds); with pool = train the official
           test set stays the test set, with pool = train+test there is no untouched test set.

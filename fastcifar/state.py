@@ -36,7 +36,7 @@ class TrainState:
     scaler: dict[str, Any] | None = None
     ema: dict[str, Any] | None = None
     lookahead: dict[str, Any] | None = None  # optim.lookahead_every: the slow weights and the step count
-    loader: dict[str, Any] | None = None
+    loader: dict[str, Any] | None = None  # the training loader's state_dict: "pos" = batches of the epoch done
     torch_rng: torch.Tensor | None = None
     cuda_rng: torch.Tensor | None = None
     partial: dict[str, Any] | None = None  # the interrupted epoch's running totals (a mid-epoch checkpoint)
@@ -55,7 +55,14 @@ class TrainState:
         progress = {k: d["state"][k] for k in PROGRESS}
         state = cls(**parts, **progress)
         state.epoch, state.stage, state.skipped_total = int(state.epoch), int(state.stage), int(state.skipped_total)
+        if not isinstance(state.loader, dict):
+            raise TypeError(f"loader: expected a dict, got {type(state.loader).__name__}")
+        int(state.loader.get("pos", 0))  # read by steps_done before anything is restored
         return state
+
+    def steps_done(self, steps_per_epoch: int) -> int:
+        """Optimizer steps the fold had taken when this state was captured (a resumed fold continues after it)."""
+        return self.epoch * steps_per_epoch + int(self.loader.get("pos", 0) if self.loader is not None else 0)
 
 
 @dataclass(frozen=True)

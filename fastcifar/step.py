@@ -9,7 +9,7 @@ fastcifar.engine.read_scalar, the step loop's only host read (tests count them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -22,6 +22,8 @@ from fastcifar.fused_step import FusedStep
 from fastcifar.models import head_parameters
 from fastcifar.optim import Lookahead, build_optimizer, build_scheduler
 from fastcifar.recipe import Recipe, ScheduleCfg
+
+LR_POINTS = 16  # lr points per epoch in the history (curves.png): a warm-up of a fraction of an epoch shows
 
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
@@ -55,6 +57,12 @@ class EpochTotals:
     seconds: float = 0.0  # steady-state step time (warm-up excluded: fastcifar.engine.StepClock)
     warmup_seen: int = 0  # images of the warm-up (compile / graph capture) steps among `seen`
     warmup_s: float = 0.0
+    # (step of the epoch, lr it trained at) for every step: the lr curve inside the epoch, where a warm-up or a
+    # OneCycle rise happens (one lr an epoch hid them); a few hundred pairs, kept in a mid-epoch checkpoint
+    lr_trace: list[tuple[int, float]] = field(default_factory=list)
+    # (loss sum, images seen) at the epoch's last TensorBoard step point (fastcifar.tblog): the next point
+    # averages from there, and a mid-epoch checkpoint keeps it, so a resumed run logs the same mean
+    log_mark: tuple[float, int] | None = None
 
     @classmethod
     def zeros(cls, device: torch.device, lr: float) -> "EpochTotals":
@@ -64,24 +72,44 @@ class EpochTotals:
     def state_dict(self) -> dict[str, Any]:
         return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen,
                 "skipped": self.skipped, "lr": self.lr, "seconds": self.seconds,
-                "warmup_seen": self.warmup_seen, "warmup_s": self.warmup_s}
+                "warmup_seen": self.warmup_seen, "warmup_s": self.warmup_s,
+                "lr_trace": [[s, v] for s, v in self.lr_trace],
+                "log_mark": list(self.log_mark) if self.log_mark is not None else None}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> "EpochTotals":
         return cls(state["loss_sum"].to(device), state["correct"].to(device), int(state["seen"]),
                    int(state["skipped"]), float(state["lr"]), float(state["seconds"]),
-                   int(state.get("warmup_seen", 0)), float(state.get("warmup_s", 0.0)))
+                   int(state.get("warmup_seen", 0)), float(state.get("warmup_s", 0.0)),
+                   [(int(s), float(v)) for s, v in state.get("lr_trace", [])], _mark(state.get("log_mark")))
+
+    def lr_curve(self, epoch: int, steps: int, points: int = LR_POINTS) -> list[list[float]]:
+        """At most `points` [x, lr] pairs of the epoch (0-based `epoch`, `steps` per epoch), evenly spaced, the
+        first and last step included; x in epochs, step s of epoch e at e + (s + 1) / steps (its end at e + 1)."""
+        trace = self.lr_trace
+        picks = sorted({round(i * (len(trace) - 1) / max(points - 1, 1)) for i in range(points)}) if trace else []
+        return [[epoch + (trace[i][0] + 1) / max(steps, 1), trace[i][1]] for i in picks if i < len(trace)]
+
+
+def _mark(value) -> tuple[float, int] | None:
+    """A checkpoint's log_mark (absent from checkpoints before it existed: None, the epoch's start)."""
+    if value is None:
+        return None
+    loss_sum, seen = value
+    return float(loss_sum), int(seen)
 
 
 class StepRunner:
     """Forward, backward, optimizer and scheduler step of one batch; built complete by build_step."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
+    def __init__(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
                  recipe: Recipe, device: torch.device, dtype: torch.dtype | None, log: Callable[[str], Any], *,
                  ema: engine.WeightEMA | None = None, prepare: Callable[[torch.Tensor], None] | None = None,
                  lookahead: Lookahead | None = None, accum: int = 1, skipped_total: int = 0,
                  fused: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None):
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        # net: the model as the step calls it (compiled, graphed or DDP-wrapped); its parameters are the plain
+        # model's, which the optimizer holds
+        self.net, self.optimizer, self.scheduler, self.scaler = net, optimizer, scheduler, scaler
         self.cfg, self.device, self.dtype, self.log = recipe.train, device, dtype, log
         self.accum = accum  # micro-batches per batch; grows only through oom_retry
         self.skipped_total = skipped_total
@@ -104,7 +132,7 @@ class StepRunner:
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         for xc, yc in zip(x.chunk(self.accum), y.chunk(self.accum)):
             with autocast(self.device, self.dtype):
-                logits = self.model(xc)
+                logits = self.net(xc)
             # Class-index targets, or (MixUp / CutMix) class probabilities: cross_entropy takes both.
             loss = F.cross_entropy(logits.float(), yc, label_smoothing=self.cfg.label_smoothing)
             loss = loss * (len(yc) / len(y))  # micro-batch losses add up to the batch mean
@@ -118,14 +146,23 @@ class StepRunner:
         x = engine.input_layout(x, self.cfg.channels_last)
         if self.prepare is not None:
             self.prepare(x)
-        totals.lr = self.optimizer.param_groups[0]["lr"]  # the lr this step trains at
         if self.fused is not None:  # the update is part of the compiled step (recipe: no clip, no skip mode)
             loss, correct = self.fused(x, y)
-            grad_norm = None
         else:
             self.optimizer.zero_grad(set_to_none=True)
             loss, correct = self._forward_backward(x, y)
-            grad_norm = self._unscale_and_clip()
+        self.after_backward(loss, correct, len(y), totals, step)
+
+    def after_backward(self, loss: torch.Tensor, correct: torch.Tensor, images: int, totals: EpochTotals,
+                       step: int) -> None:
+        """The step once the gradients are in (the batch's mean loss and hit count, on the device): clipping, the
+        non-finite check, the optimizer, Lookahead, EMA, the totals and the schedule. A packed step
+        (fastcifar.pack_train) runs one backward for several folds, then this for each fold's own runner. With
+        train.compile_step the compiled call has already updated the weights: no clipping or optimizer step here
+        (the schedule has not moved: param_groups' lr is still the lr this step trained at)."""
+        totals.lr = self.optimizer.param_groups[0]["lr"]
+        totals.lr_trace.append((step, totals.lr))
+        grad_norm = self._unscale_and_clip() if self.fused is None else None
         if self.cfg.on_nonfinite == "skip" and engine.read_scalar(self._nonfinite(loss, grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             totals.skipped += 1
@@ -140,15 +177,15 @@ class StepRunner:
                 self.lookahead.after_step()
             if self.ema is not None:
                 self.ema.update()
-            totals.loss_sum += loss.double() * len(y)
+            totals.loss_sum += loss.double() * images
             totals.correct += correct
-            totals.seen += len(y)
+            totals.seen += images
             if self.cfg.on_nonfinite == "stop":
                 self._note_stop_mode(loss, grad_norm, step)
         self.scheduler.step()
 
     def _unscale_and_clip(self) -> torch.Tensor | None:
-        params = self.model.parameters()
+        params = self.net.parameters()
         if self.scaler is not None:
             if not self.cfg.grad_clip:
                 return None  # fp16 overflow in the gradients is the scaler's business, not an error

@@ -4,12 +4,14 @@ check_value(value, annotation, key) accepts what a field's type admits (bool, in
 str, Literal choices, fixed-length and variable-length tuples, unions, nested dataclasses) and raises RecipeError
 naming the dotted key otherwise; build(cls, table, prefix) builds a dataclass from a table, refusing unknown keys;
 toml_value(v) writes a value back as TOML, escaping what TOML requires, and table_to_toml a two-level table;
-apply_overrides applies `--set section.key=value` strings to a raw table (types checked later, by build).
+apply_overrides applies `--set section.key=value` strings to a raw table (types checked later, by build);
+setting / section attach each field's meaning, which key_reference lists with its type and default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import sys
@@ -25,6 +27,17 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 INT_MAX = 2**63 - 1  # every integer key: torch and numpy take at most 64-bit integers
+MEANING = "meaning"  # the field metadata key_reference prints: a key's meaning lives beside its field
+
+
+def setting(default: Any, meaning: str) -> Any:
+    """A key of a recipe section: its default and what it means (key_reference prints both)."""
+    return dataclasses.field(default=default, metadata={MEANING: meaning})
+
+
+def section(cls: type) -> Any:
+    """A section ([name] in TOML) of a recipe: its meaning is the class docstring."""
+    return dataclasses.field(default_factory=cls, metadata={MEANING: " ".join((cls.__doc__ or "").split())})
 
 
 def show_key(name: str) -> str:
@@ -50,6 +63,20 @@ def _describe(tp: Any) -> str:
         return " or ".join(map(repr, typing.get_args(tp)))
     if typing.get_origin(tp) is tuple:
         return f"a list of {len(typing.get_args(tp))} numbers"
+    return getattr(tp, "__name__", str(tp))
+
+
+def type_text(tp: Any) -> str:
+    """A field's type as a recipe author writes its values: `"sgd" | "adam"`, `[float, float]`, `list of ...`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(toml_value(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_text(a) for a in args)
+    if origin is tuple and args[1:] == (Ellipsis,):
+        return f"list of ({type_text(args[0])})"
+    if origin is tuple:
+        return "[" + ", ".join(type_text(a) for a in args) + "]"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -102,7 +129,10 @@ def build(cls: type, table: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for k, v in table.items():
         key = f"{prefix}.{show_key(k)}" if prefix else show_key(k)
-        check(k in names, key, f"unknown key (known keys: {', '.join(sorted(names))})")
+        if k not in names:
+            near = difflib.get_close_matches(str(k), sorted(names), n=1)
+            hint = f"did you mean {prefix + '.' if prefix else ''}{near[0]}? " if near else ""
+            raise RecipeError(f"{key}: unknown key ({hint}known keys: {', '.join(sorted(names))})")
         kwargs[k] = check_value(v, hints[k], key)
     return cls(**kwargs)
 
@@ -170,3 +200,26 @@ def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, An
             raise RecipeError(f"{show_key(parts[0])}: is not a section")
         section[parts[1]] = _parse_override_value(text.strip())
     return out
+
+
+# ---------------------------------------------------------------------------------------------- the reference
+
+
+def key_reference(cls: type) -> list[dict[str, str]]:
+    """Every key of a two-level recipe class in field order, {"key", "type", "default", "meaning"} (type
+    "section" for a [table]): generated from the dataclasses, so `fastcifar recipes keys` cannot go stale."""
+    rows: list[dict[str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not dataclasses.is_dataclass(hints[f.name]):
+            rows.append(_key_row(f.name, f, hints[f.name]))
+            continue
+        rows.append({"key": f"[{f.name}]", "type": "section", "default": "", "meaning": f.metadata.get(MEANING, "")})
+        inner = typing.get_type_hints(hints[f.name])
+        rows += [_key_row(f"{f.name}.{g.name}", g, inner[g.name]) for g in dataclasses.fields(hints[f.name])]
+    return rows
+
+
+def _key_row(key: str, f: dataclasses.Field, tp: Any) -> dict[str, str]:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return {"key": key, "type": type_text(tp), "default": toml_value(default), "meaning": f.metadata.get(MEANING, "")}

@@ -8,8 +8,8 @@ import torch
 from rich.console import Console
 
 from fastcifar.checkpoint import load_checkpoint
+from fastcifar.context import Hooks
 from fastcifar.run import run_training
-from fastcifar.train import Hooks
 
 QUIET = Console(quiet=True)
 

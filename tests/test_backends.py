@@ -67,6 +67,33 @@ def _assert_contract(loader, n: int, batch: int, *, soft: int = 0, size: int = 3
     assert seen == loader.num_images and loader.position == 0 and loader.epoch == 1
 
 
+# --- the loader interface ------------------------------------------------------------------------------------
+
+
+def _declared(cls) -> set[str]:
+    """Names a loader class declares: methods and properties, and attributes annotated on it or a base."""
+    return set(dir(cls)) | {k for c in cls.__mro__ for k in getattr(c, "__annotations__", {})}
+
+
+def test_every_training_loader_meets_the_train_loader_protocol(rows):
+    """FoldData.train is typed TrainLoader: the device loader and each backend's loader have all of it (DALI's
+    and FFCV's are checked by what their classes declare, as their libraries need not be installed here)."""
+    import typing
+
+    from fastcifar.backends import BACKENDS
+    from fastcifar.loader import TrainLoader
+
+    images, labels = rows
+    device = DeviceLoader(images, labels, 16, build_eval_transform(PLAIN, MEAN, STD), CPU, shuffle=True)
+    made = BACKENDS["torchvision"].make(images, labels, 16, PLAIN, MEAN, STD, train=True, workers=0, seed=0,
+                                        device=CPU)
+    assert isinstance(device, TrainLoader) and isinstance(made, TrainLoader)
+    members = set((getattr(typing, "get_protocol_members", None) or typing._get_protocol_attrs)(TrainLoader))
+    for cls in (dali_mod.DaliLoader, ffcv_mod.FfcvLoader):
+        assert members <= _declared(cls), (cls.__name__, members - _declared(cls))
+    assert set(BACKENDS) == {"torchvision", "dali", "ffcv"}
+
+
 # --- torchvision ---------------------------------------------------------------------------------------------
 
 

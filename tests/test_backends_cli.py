@@ -15,8 +15,8 @@ import fastcifar.backends.forked
 import fastcifar.run
 from conftest import tiny_table
 from fastcifar.cli import main
+from fastcifar.context import Hooks
 from fastcifar.recipe import recipe_from_dict, recipe_to_toml
-from fastcifar.train import Hooks
 from synth import make_image_folder
 
 HAVE = {kind: importlib.util.find_spec(lib) is not None for kind, lib in (("dali", "nvidia.dali"), ("ffcv", "ffcv"))}

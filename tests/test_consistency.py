@@ -15,7 +15,7 @@ from conftest import tiny_table
 from fastcifar.cli import main
 from fastcifar.data import open_store, prepare_store
 from fastcifar.errors import DataError
-from fastcifar.recipe import recipe_from_dict
+from fastcifar.recipe import recipe_from_dict, recipe_to_toml
 from fastcifar.run import run_training
 from synth import make_image_folder, make_store, png16
 
@@ -76,6 +76,30 @@ def test_a_run_from_before_data_json_is_checked_by_its_env_json(tmp_path):
                        model={"name": "cnn_bn", "width": 4})
     with pytest.raises(DataError, match="_images.npy with sha256"):
         run_training(recipe_from_dict(table), run, QUIET, resume=True)
+
+
+@pytest.mark.parametrize("file, damage, line", [
+    ("fold0/result.json", {"val_acc": "0.9"}, "fold0/result.json: val_acc is '0.9', expected a number; delete "
+                                              "the file and resume to evaluate fold 0 again"),
+    ("fold1/result.json", {"fold": 0}, "fold1/result.json: fold is 0, expected 1;"),
+    ("fold0/result.json", {"train_time_s": None}, "fold0/result.json: train_time_s is None, expected a number"),
+    ("fold0/result.json", {"test_acc": 3.5}, "fold0/result.json: test_acc is 3.5, expected an accuracy in [0, 1]"),
+    ("data.json", {"classes": 5}, "data.json: classes is 5, expected a list of str"),
+    ("data.json", {"sha256": ["x"]}, "data.json: sha256 is ['x'], expected a dict of str"),
+])
+def test_a_resume_reads_its_own_files_as_untrusted(store, tmp_path, capsys, file, damage, line):
+    """Finished folds' result.json and data.json are read back on --resume: a value of the wrong type is one
+    line naming the file and key (it raised ValueError / TypeError in the fold table or the data check)."""
+    run, recipe = tmp_path / "run", tmp_path / "r.toml"
+    table = tiny_table(store, train={"epochs": 1, "batch_size": 8}, data={"train_subset": 4},
+                       model={"name": "cnn_bn", "width": 4}, split={"kind": "kfold", "k": 2})
+    recipe.write_text(recipe_to_toml(recipe_from_dict(table)))
+    run_training(recipe_from_dict(table), run, QUIET)
+    obj = json.loads((run / file).read_text())
+    (run / file).write_text(json.dumps({**obj, **damage}))
+    assert main(["train", str(recipe), "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastcifar: error: {run}/{line}") and err.count("\n") == 1, err
 
 
 def test_eval_on_a_store_of_another_image_size_is_refused(store, tmp_path, capsys):

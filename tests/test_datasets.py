@@ -92,6 +92,17 @@ def _mat_with(element: bytes) -> bytes:
     return header + element
 
 
+def _element(kind: int, data: bytes) -> bytes:
+    return struct.pack("<II", kind, len(data)) + data + bytes(-len(data) % 8)
+
+
+def _array(dims_kind: int, dims: bytes, values: bytes = bytes(8)) -> bytes:
+    """A double array 'X' whose dimensions element has data type `dims_kind` and bytes `dims` (MATLAB: int32)."""
+    body = (_element(6, struct.pack("<II", 6, 0)) + _element(dims_kind, dims) + _element(1, b"X")
+            + _element(9, values))
+    return _mat_with(_element(14, body))
+
+
 @pytest.mark.parametrize("data, why", [
     (b"not a mat file at all", "not a .mat file"),
     (b"MATLAB 7.3 MAT-file".ljust(124) + struct.pack("<H", 0x0200) + b"IM" + bytes(64), "MATLAB 7.3 (HDF5)"),
@@ -100,11 +111,29 @@ def _mat_with(element: bytes) -> bytes:
     (_mat_with(struct.pack("<II", 14, 56) + struct.pack("<II", 6, 8) + struct.pack("<II", 1, 0)  # a cell array
                + struct.pack("<II", 5, 8) + struct.pack("<ii", 1, 1) + struct.pack("<II", 1, 1) + b"X" + bytes(7)
                + struct.pack("<II", 2, 0)), "only numeric arrays"),
-])
+    # dimension headers that used to give four different raw errors (ValueError, OverflowError, ...)
+    (_array(9, struct.pack("<dd", float("nan"), 1.0)), "array 'X': its dimensions are not integers (data type 9)"),
+    (_array(9, struct.pack("<dd", 1e300, 1.0)), "array 'X': its dimensions are not integers"),
+    (_array(12, struct.pack("<qq", 2**32, 2**32), b""), "dimensions [4294967296, 4294967296] do not match its 0 "
+                                                        "values"),  # an int64 product wraps to 0
+    (_array(5, struct.pack("<70i", *[1] * 70)), "array 'X': 70 dimensions (MATLAB writes 2 or more; at most 32"),
+    (_mat_with(_element(14, _element(6, struct.pack("<II", 6, 0)) + _element(5, struct.pack("<ii", 1, 1))
+                        + _element(1, b"X") + struct.pack("<HH", 9, 4000) + bytes(4))),
+     "small element at byte 184 claims 4000 bytes (it holds at most 4)"),
+], ids=["not-mat", "hdf5", "past-end", "corrupt-zlib", "cell", "nan-dims", "huge-dims", "wrapping-dims", "70-dims",
+        "small-element"])
 def test_hostile_mat_files_are_one_line_refusals(data, why):
     with pytest.raises(DataError) as e:
         read_mat(data, "x.mat")
     assert why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_hostile_mat_header_is_one_line_at_the_cli(tmp_path, capsys):
+    write_svhn(tmp_path / "svhn")
+    (tmp_path / "svhn" / "train_32x32.mat").write_bytes(_array(9, struct.pack("<dd", float("nan"), 1.0)))
+    assert main(["prepare", "--source", str(tmp_path / "svhn"), "--out", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train_32x32.mat: not a readable .mat file (array 'X': its dimensions" in err
 
 
 def test_svhn_with_wrong_variables_or_labels_is_refused(tmp_path):

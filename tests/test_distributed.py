@@ -28,11 +28,11 @@ from conftest import tiny_table
 from fastcifar.augment import build_train_transform
 from fastcifar.checkpoint import load_checkpoint
 from fastcifar.cli import main
+from fastcifar.context import Hooks
 from fastcifar.lifecycle import Interrupted
 from fastcifar.loader import DeviceLoader
 from fastcifar.recipe import AugmentCfg, recipe_from_dict, recipe_to_toml
 from fastcifar.run import run_training
-from fastcifar.train import Hooks
 
 QUIET = Console(quiet=True)
 TIME_COLUMNS = ("epoch_time_s", "img_per_s", "train_time_s")
@@ -237,9 +237,22 @@ def test_sync_bn_is_refused_for_speedrun_net(tiny):
     # convert_sync_batchnorm would replace ShiftBatchNorm by a plain SyncBatchNorm and lose its learned shifts.
     import torch
 
-    from fastcifar.distributed import check_recipe
     from fastcifar.errors import RecipeError
+    from fastcifar.preflight import check_distributed
 
     recipe = tiny(model={"name": "speedrun_net", "width": 8}, train={"sync_bn": True})
     with pytest.raises(RecipeError, match=r"^train\.sync_bn: speedrun_net's scale-free BatchNorm"):
-        check_recipe(recipe, 2, torch.device("cuda"), False)
+        check_distributed(recipe, 2, torch.device("cuda"), False)
+
+
+@pytest.mark.parametrize("name", ["speedrun_net95", "speedrun_net96"])
+def test_sync_bn_is_refused_for_the_other_speedrun_nets(tiny, name):
+    # The same ShiftBatchNorm: the refusal follows the registry entry (models.ModelEntry.sync_bn), not the name.
+    import torch
+
+    from fastcifar.errors import RecipeError
+    from fastcifar.preflight import check_distributed
+
+    recipe = tiny(model={"name": name, "width": 8}, train={"sync_bn": True})
+    with pytest.raises(RecipeError, match=rf"^train\.sync_bn: {name}'s scale-free BatchNorm"):
+        check_distributed(recipe, 2, torch.device("cuda"), False)

@@ -14,12 +14,13 @@ from rich.console import Console
 import fastcifar.engine as engine
 from fastcifar.checkpoint import load_checkpoint
 from fastcifar.cli import main
+from fastcifar.context import Hooks
 from fastcifar.evaluate import evaluate
 from fastcifar.lifecycle import Interrupted
+from fastcifar.models import build_model
 from fastcifar.optim import build_optimizer, build_scheduler, update_kernel
 from fastcifar.run import run_training
 from fastcifar.step import EpochTotals, StepRunner
-from fastcifar.train import Hooks, build_model
 
 QUIET = Console(quiet=True)
 CUDA = torch.device("cuda")  # a device object needs no GPU: the planner only reads its type

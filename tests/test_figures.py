@@ -82,13 +82,13 @@ def test_no_mistakes(tmp_path: Path, data: dict) -> None:
 
 def test_no_mistakes_text(tmp_path: Path, data: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
-    real = figures._save
+    real = figures.save_png
 
     def spy(fig, path):
         seen.extend(t.get_text() for t in fig.texts)
         return real(fig, path)
 
-    monkeypatch.setattr(figures, "_save", spy)
+    monkeypatch.setattr(figures, "save_png", spy)
     figures.plot_mistakes(data["images"], data["labels"], np.eye(10)[data["labels"]], CLASSES, tmp_path / "m.png")
     assert "no mistakes" in seen
 

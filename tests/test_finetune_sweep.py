@@ -8,12 +8,12 @@ from rich.console import Console
 
 from conftest import tiny_table
 from fastcifar.checkpoint import load_checkpoint
+from fastcifar.context import Hooks
 from fastcifar.errors import RecipeError
 from fastcifar.models import build_model
 from fastcifar.recipe import recipe_from_dict, recipe_to_toml
 from fastcifar.run import run_training
 from fastcifar.sweep import run_sweep, split_values
-from fastcifar.train import Hooks
 from resume import full_and_resumed
 
 QUIET = Console(quiet=True)
@@ -67,7 +67,7 @@ def test_sweep_runs_each_factor_against_the_baseline(store, tmp_path):
     rows = run_sweep(str(path), [], ["train.label_smoothing=0.0,0.1", "augment.erasing_p=0.5"], tmp_path / "sw",
                      QUIET)
     assert [r["variant"] for r in rows] == ["baseline", "train.label_smoothing=0.1", "augment.erasing_p=0.5"]
-    assert rows[0]["delta_pp"] == 0.0 and all(r["params"] > 0 and r["wall_time_s"] > 0 for r in rows)
+    assert rows[0]["delta_pp"] == 0.0 and all(r["params"] > 0 and r["train_time_s"] > 0 for r in rows)
     assert rows[1]["delta_pp"] == pytest.approx(100 * (rows[1]["accuracy"] - rows[0]["accuracy"]))
     assert (tmp_path / "sw" / "train.label_smoothing=0.1" / "summary.json").exists()
     md = (tmp_path / "sw" / "sweep.md").read_text()
@@ -80,4 +80,29 @@ def test_sweep_refuses_a_bad_variant_before_running_anything(store, tmp_path):
     path.write_text(recipe_to_toml(recipe_from_dict(tiny_table(store))))
     with pytest.raises(RecipeError, match=r"optim\.lr: must be > 0"):
         run_sweep(str(path), [], ["train.label_smoothing=0.1", "optim.lr=0.1,-1"], tmp_path / "sw", QUIET)
+    assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize("values, line", [
+    # two stores whose paths differ only where a folder name cannot follow: both would be data.store=_tmp_..._s
+    ("{a}/s,{a}_s", "--vary: 'data.store={a}/s' and 'data.store={a}_s' would train into the same folder "),
+    ("0.1,0.10", "--vary: 'optim.lr=0.10' is the same recipe as 'optim.lr=0.1'; give each value once"),
+])
+def test_sweep_variants_that_share_a_folder_are_refused_before_training(store, tmp_path, capsys, values, line):
+    """Found only after the baseline and the first variant had trained (then: `differs from the run's saved
+    recipe.toml`); now one line naming both values, and nothing written."""
+    import shutil
+
+    from fastcifar.cli import main
+
+    a = tmp_path / "a"
+    shutil.copytree(store, a / "s")
+    shutil.copytree(store, tmp_path / "a_s")
+    path = tmp_path / "r.toml"
+    path.write_text(recipe_to_toml(recipe_from_dict(tiny_table(store, train={"epochs": 1}))))
+    key = "data.store" if "{a}" in values else "optim.lr"
+    vary = f"{key}={values.format(a=a)}"
+    assert main(["sweep", str(path), "--vary", vary, "--out", str(tmp_path / "sw")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastcifar: error: {line.format(a=a)}") and err.count("\n") == 1, err
     assert not (tmp_path / "sw").exists()

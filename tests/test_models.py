@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from fastcifar.errors import CheckpointError, RecipeError
-from fastcifar.models import create_model, model_names
+from fastcifar.models import create_model, model_entry, model_names
 
 ALL = ["softmax", "mlp", "cnn", "cnn_bn", "resnet9", "resnet18", "resnet34",
        "tv_resnet18", "tv_resnet34", "efficientnet_b2", "speedrun_net", "speedrun_net95", "speedrun_net96"]
@@ -25,6 +25,26 @@ def _first_weight(model: nn.Module) -> torch.Tensor:
 
 def test_model_names_lists_all() -> None:
     assert model_names() == ALL
+
+
+# What torch.func can stack as it is: convolutions, BatchNorm, linear, pooling and pointwise layers (plus the
+# speedrun net's whitening conv, shift-only BatchNorm and logit scale, which are the same ops).
+STACKABLE_LAYERS = ("Conv2d", "BatchNorm2d", "ShiftBatchNorm", "PatchWhitening", "Linear", "MaxPool2d",
+                    "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "ReLU", "GELU", "Flatten", "Identity", "Dropout",
+                    "Scale")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_registry_entry_says_what_the_model_is(name: str) -> None:
+    """Each entry's claims hold for the model it builds, so the trainer and preflight can trust the entry."""
+    entry = model_entry(name)
+    model = create_model(name, num_classes=10, image_size=64 if name in LARGE else 32)
+    leaves = {type(m).__name__ for m in model.modules() if not list(m.children())}
+    norms = {type(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert entry.stackable == leaves.issubset(STACKABLE_LAYERS), sorted(leaves - set(STACKABLE_LAYERS))
+    assert entry.sync_bn == norms.issubset({nn.BatchNorm1d, nn.BatchNorm2d})  # what SyncBatchNorm rebuilds alike
+    assert entry.whiten_bias == hasattr(model, "whiten")
+    assert (entry.data_init is not None) == hasattr(model, "init_whitening")
 
 
 @pytest.mark.parametrize(("name", "size"), CASES, ids=[f"{n}-{s}" for n, s in CASES])

@@ -70,7 +70,12 @@ def test_matches_manual_forward_pass(ckpt, images):
     model.eval()
     mean, std = CIFAR_MEAN, CIFAR_STD
     for path, r in zip(images, results):
-        im = Image.open(path).convert("RGB").resize((32, 32), Image.BICUBIC)
+        # shorter side to 32, centre crop: the centred min(W, H) square resampled (PIL reads the filter's reach
+        # around the box, as resizing the whole image and cropping would), never the whole image squashed
+        im = Image.open(path).convert("RGB")
+        side = min(im.size)
+        x0, y0 = (im.size[0] - side) / 2, (im.size[1] - side) / 2
+        im = im.resize((32, 32), Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side))
         x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None]
         with torch.no_grad():
             probs = torch.softmax(model(normalize(x, mean, std)), 1)[0]

@@ -116,13 +116,13 @@ def test_class_names_matplotlib_cannot_parse_still_get_figures(tmp_path):
 
 
 def test_a_failing_figure_or_report_keeps_the_model_and_result(store, tmp_path, monkeypatch, capsys):
+    import fastcifar.artifacts
     import fastcifar.run
-    import fastcifar.train
 
     def broken(*_, **__):
         raise RuntimeError("font cache exploded")
 
-    monkeypatch.setattr(fastcifar.train, "write_figures", broken)
+    monkeypatch.setattr(fastcifar.artifacts, "write_figures", broken)
     monkeypatch.setattr(fastcifar.run, "write_report", broken)
     recipe = write_recipe(tmp_path / "r.toml", store, eval={"figures": True})
     assert main(["train", str(recipe), "--out", str(tmp_path / "run")]) == 0

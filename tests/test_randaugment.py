@@ -1,7 +1,6 @@
 """Batched RandAugment / TrivialAugmentWide vs torchvision.transforms.v2, sample by sample, with the per-sample
 ops and magnitudes fixed; then the samplers' distributions, batch independence and determinism."""
 
-import time
 
 import pytest
 import torch
@@ -148,24 +147,6 @@ def test_pipeline_runs_rotation_jitter_and_randaugment():
     a = tf(store, idx, torch.Generator().manual_seed(0), 0)
     assert a.shape == (20, 3, 32, 32) and a.dtype == torch.float32 and torch.isfinite(a).all()
     assert torch.equal(a, tf(store, idx, torch.Generator().manual_seed(0), 0))
-
-
-def test_speed_sanity_print(capsys):
-    """Not an assertion: batched rand_augment vs v2.RandAugment per image, same images, same process."""
-    x = _images(512, seed=9)
-    gen = torch.Generator().manual_seed(0)
-    R.rand_augment(x[:64], 2, 9, 31, gen)  # warm-up
-    t0 = time.perf_counter()
-    R.rand_augment(x, 2, 9, 31, gen)
-    batched = time.perf_counter() - t0
-    tv = T.RandAugment(2, 9, 31)
-    t0 = time.perf_counter()
-    for i in range(len(x)):
-        tv(x[i])
-    per_image = time.perf_counter() - t0
-    with capsys.disabled():
-        print(f"\nrand_augment batch 512x3x32x32 on CPU ({torch.get_num_threads()} threads): "
-              f"{len(x) / batched:,.0f} img/s batched vs {len(x) / per_image:,.0f} img/s v2.RandAugment per image")
 
 
 def test_sync_free_path_equals_the_grouped_path(monkeypatch):

@@ -1,9 +1,13 @@
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
+from fastcifar.cli import main
 from fastcifar.errors import RecipeError
-from fastcifar.recipe import Recipe, apply_overrides, load_recipe, recipe_diff, recipe_from_dict, recipe_to_toml
+from fastcifar.recipe import (LIMITS, Recipe, apply_overrides, load_recipe, recipe_diff, recipe_from_dict,
+                              recipe_to_toml)
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.toml"))
 
@@ -70,15 +74,88 @@ def _err(table) -> str:
     ({"train": {"ema_decay": 1.0}}, "train.ema_decay: must be in [0, 1)"),
     ({"train": {"compile_mode": "fast"}}, "train.compile_mode: must be one of"),
     ({"eval": {"tta": "all"}}, "eval.tta: must be one of 'none', 'flip', 'flip_translate'"),
+    # integers whose size is work or memory: 1e9 RandAugment ops hung preflight, 1e12 bins asked for 4 TB
+    ({"augment": {"randaugment_num_ops": 10**9}}, "augment.randaugment_num_ops: must be in [0, 100], got 1000000000"),
+    ({"augment": {"randaugment_num_bins": 10**12}}, "augment.randaugment_num_bins: must be in [2, 1000]"),
+    ({"data": {"mean": [125.3, 123.0, 113.9]}}, "data.mean[0]: must be in [0, 1], got 125.3"),  # 0-255 units
 ])
 def test_bad_values_name_the_dotted_key(table, starts):
     assert _err(table).startswith(starts)
 
 
+def _number_keys() -> dict[str, tuple]:
+    """Every recipe key that holds numbers, found from the dataclasses (a key added later is covered too):
+    dotted key -> (the number type, the field's length when it is a fixed-length list, else None)."""
+    out = {}
+    for section in dataclasses.fields(Recipe):
+        cls = section.default_factory if section.default_factory is not dataclasses.MISSING else None
+        if cls is None:
+            continue
+        for f, tp in typing.get_type_hints(cls).items():
+            options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, type(int | str)) else (tp,)
+            for option in options:
+                args = typing.get_args(option) if typing.get_origin(option) is tuple else (option,)
+                if args and all(a is float for a in args):
+                    out[f"{section.name}.{f}"] = (float, len(args) if typing.get_origin(option) is tuple else None)
+    return out
+
+
+NUMBER_KEYS = _number_keys()
+
+
+@pytest.mark.parametrize("key", sorted(NUMBER_KEYS))
+@pytest.mark.parametrize("value", [1e40, -1e40, float("inf"), float("nan")])
+def test_every_float_key_refuses_what_cannot_be_represented(key, value):
+    """+-1e40 (beyond float32, which the optimizer and the augmentations compute in), inf and nan: one line
+    naming the key, for every float key of every section; the bound itself is accepted."""
+    section, name = key.split(".")
+    n = NUMBER_KEYS[key][1]
+    table = {section: {name: [value] * n if n else value}}
+    if key == "augment.color_jitter":
+        table = {section: {name: [value, 0.0, 0.0, 0.0]}}  # hue has its own rule; brightness is the test
+    msg = _err(table)
+    assert msg.startswith(key), msg
+    if key in LIMITS:  # the bounds themselves pass (a section's own stricter rule, such as lr > 0, may not)
+        lo, hi = LIMITS[key]
+        for bound in (lo, hi):
+            good = [bound, bound, bound, 0.0] if key == "augment.color_jitter" else [bound] * n if n else bound
+            try:
+                recipe_from_dict({section: {name: good}})
+            except RecipeError as e:
+                assert f"must be in [{lo:g}, {hi:g}]" not in str(e), e
+
+
+def test_lr_1e40_is_refused_before_the_run_folder_exists(tmp_path, capsys):
+    assert main(["train", "quickstart", "--set", "optim.lr=1e40", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == "fastcifar: error: quickstart: optim.lr: must be in [0, 1000], got 1e+40\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_saved_with_a_utf8_bom_is_read(store, tmp_path, capsys):
+    """Windows editors save UTF-8 with a byte-order mark, which tomllib refuses ("Invalid statement (line 1,
+    column 1)"): dropped for a recipe, for the run's saved recipe.toml on --resume, and for the report."""
+    from conftest import tiny_table
+
+    plain = recipe_to_toml(recipe_from_dict(tiny_table(store, train={"epochs": 1})))
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.encode())
+    assert load_recipe(bom) == recipe_from_dict(tiny_table(store, train={"epochs": 1}))
+    run = tmp_path / "run"
+    assert main(["train", str(bom), "--out", str(run)]) == 0
+    saved = run / "recipe.toml"
+    saved.write_bytes(b"\xef\xbb\xbf" + saved.read_bytes())
+    assert main(["train", str(saved), "--out", str(run), "--resume"]) == 0
+    (run / "summary.json").unlink()  # the report then takes the name from recipe.toml's first line
+    assert main(["report", str(run)]) == 0 and (run / "report.md").read_text().startswith("# tiny\n")
+    assert capsys.readouterr().err == ""
+
+
 def test_unknown_key_in_file_names_file_and_key(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text("[train]\nepochz = 3\n")
-    with pytest.raises(RecipeError, match=r"r\.toml: train\.epochz: unknown key \(known keys: "):
+    with pytest.raises(RecipeError,
+                       match=r"r\.toml: train\.epochz: unknown key \(did you mean train\.epochs\? known keys: "):
         load_recipe(p)
 
 

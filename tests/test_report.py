@@ -6,7 +6,10 @@ import statistics
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from fastcifar.cli import main
 from fastcifar.errors import FastCifarError
 from fastcifar.ownership import write_marker
 from fastcifar.report import ReportError, combine_reports, selection_note, write_report
@@ -14,6 +17,7 @@ from fastcifar.report import ReportError, combine_reports, selection_note, write
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 RECIPE = 'name = "{name}"\n\n[model]\nname = "cnn_bn"\nwidth = 32\n'
 PNG = b"\x89PNG\r\n\x1a\n"  # the report only checks that a figure exists, never decodes it
+STORE_HASHES = {f"{split}_{kind}.npy": "ab12" * 16 for split in ("train", "test") for kind in ("images", "labels")}
 
 
 def _metrics(acc: float, split: str = "test") -> dict:
@@ -53,7 +57,8 @@ def _run(d: Path, name: str, results: list[dict], device: str = "cpu", **env) ->
     (d / "env.json").write_text(json.dumps({"python": "3.12.1", "platform": "Linux", "torch": "2.5.0",
                                             "torchvision": "0.20.0", "numpy": "2.1", "cpu_count": 2,
                                             "torch_threads": 2, "device": device, "git_commit": None,
-                                            "store": {"path": "data/cifar10", "sha256": "ab12", "source": "x"},
+                                            "store": {"path": "data/cifar10", "sha256": STORE_HASHES,
+                                                      "source": {"kind": "folder", "path": "x", "sha256": "cd34"}},
                                             **env}))
     accs = [r["val_acc"] for r in results]
     (d / "summary.json").write_text(json.dumps({"folds": results, "recipe": name,
@@ -213,3 +218,87 @@ def test_selection_note_only_when_an_earlier_epoch_was_picked_on_the_reported_se
     assert selection_note([fold(10, False)]) is None  # a held-out test set was reported
     assert selection_note([fold(1, True, best=3, last=3)]) is None  # eval.every = 0: one validation, the last
     assert selection_note([{}, {"selection": "?"}]) is None  # runs from before result.json recorded it
+
+
+JSON_LEAF = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6)
+JSON_VALUE = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+
+
+def _paths(obj, prefix=()):
+    """Every place in a JSON tree: the root, each key of each object, each of the first 4 items of each list."""
+    yield prefix
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj[:4]) if isinstance(obj, list) else ()
+    for k, v in items:
+        yield from _paths(v, (*prefix, k))
+
+
+def _replace(obj, path, value):
+    if not path:
+        return value
+    parent = obj
+    for k in path[:-1]:
+        parent = parent[k]
+    parent[path[-1]] = value
+    return obj
+
+
+def _mutate(data, run: Path) -> None:
+    """One to three damaged files of a run: a JSON value replaced anywhere by any JSON (types, nesting, NaN,
+    huge numbers), a metrics.csv cell by junk, or recipe.toml bytes (a NUL, a BOM, a stray table)."""
+    files = sorted(p for p in run.rglob("*") if p.suffix in (".json", ".csv", ".toml") and p.name != ".fastcifar-run")
+    rnd = data.draw(st.randoms(use_true_random=False))  # uniform picks: sampled_from favours the first, the root
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = rnd.choice(files)
+        if path.suffix == ".json":
+            obj = json.loads(path.read_text())
+            where = rnd.choice(list(_paths(obj)))
+            path.write_text(json.dumps(_replace(obj, where, data.draw(JSON_VALUE))))
+        elif path.suffix == ".csv":
+            lines = [line.split(",") for line in path.read_text().splitlines()]
+            row = data.draw(st.integers(0, len(lines) - 1))
+            lines[row][data.draw(st.integers(0, len(lines[row]) - 1))] = data.draw(
+                st.sampled_from(["", "nan", "-inf", "1e309", "x", '"', "9" * 400, "1e308"]))
+            path.write_text("\n".join(",".join(cells) for cells in lines) + "\n")
+        else:
+            text = path.read_text()
+            at = data.draw(st.integers(0, len(text)))
+            path.write_text(text[:at] + data.draw(st.sampled_from(["\x00", "\ufeff", "[[x", 'name = 5\n'])) + text[at:])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_damaged_run_files_give_one_line_or_a_clean_report(tmp_path_factory, capsys, data):
+    """Every file `report` reads back is untrusted: any value of result.json, summary.json, env.json replaced
+    by any JSON, metrics.csv cells and recipe.toml bytes damaged, for one run and for a comparison of two. The
+    CLI writes a report whose numbers hold no nan / inf (a value it cannot use reads as "–"; the environment and
+    recipe sections copy the files), or prints one line naming a file of the run, exit 2; never a traceback
+    (env.json's hashes as numbers raised TypeError, two folds' 1e308 OverflowError)."""
+    tmp = tmp_path_factory.mktemp("damaged")
+    kfold = data.draw(st.booleans())
+    if kfold:
+        run = _run(tmp / "run", "kf", [_fold(tmp / "run" / f"fold{i}", i, 0.8 + i / 10) for i in range(2)])
+    else:
+        run = _run(tmp / "run", "one", [_fold(tmp / "run", 0, 0.9)])
+    _mutate(data, run)
+    other = _run(tmp / "other", "other", [_fold(tmp / "other", 0, 0.7)])
+    args = ["report", str(run)] + (data.draw(st.sampled_from([[], [str(other), "--out", str(tmp / "cmp.md")]])))
+    capsys.readouterr()
+    code = main(args)
+    err = capsys.readouterr().err
+    if code == 0:
+        text = (run / "report.md" if len(args) == 2 else tmp / "cmp.md").read_text()
+        computed = re.sub(r"<details>.*?</details>", "", text, flags=re.S)  # env.json, recipe.toml: as written
+        if len(args) > 2:
+            computed = computed.split("| device |")[0]  # the comparison's environment rows, as written
+        assert err == "" and not re.search(r"\b(nan|inf)\b", computed, re.I), text
+    else:
+        assert code == 2 and err.count("\n") == 1 and err.startswith(f"fastcifar: error: {run}"), err
+
+
+def test_env_json_with_numbers_for_hashes(single, capsys):
+    env = json.loads((single / "env.json").read_text())
+    env["store"] = {"path": 7, "sha256": {"train_images.npy": 12345}, "source": {"sha256": None}}
+    (single / "env.json").write_text(json.dumps(env))
+    assert main(["report", str(single)]) == 0
+    assert _row((single / "report.md").read_text(), "sha256 train_images.npy")[1] == "`12345…`"

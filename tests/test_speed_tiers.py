@@ -153,7 +153,7 @@ def _speedrun(tiny, **train):
 
 
 def test_the_whitening_bias_is_frozen_after_its_epochs(tiny, tmp_path):
-    from fastcifar.train import Hooks
+    from fastcifar.context import Hooks
 
     biases = []
 

@@ -161,18 +161,22 @@ def test_recipe_trains_one_tiny_epoch(store: Path, tmp_path: Path) -> None:
 
 
 def test_trainer_seam_fits_whitening(store: Path, tiny) -> None:
-    """build_fold runs the registry's data-dependent init (models.DATA_INIT: speedrun_net's whitening fit):
+    """build_fold runs the registry's data-dependent init (ModelEntry.data_init: speedrun_net's whitening fit):
     the whitening filters are the ones fitted to exactly the fold's training images."""
     from rich.console import Console
 
+    from fastcifar.context import Hooks, RunContext, RunPlan
+    from fastcifar.fold_run import build_fold
     from fastcifar.preflight import resolve_stats
     from fastcifar.splits import make_folds
-    from fastcifar.train import build_fold
+    from fastcifar.strategy import Solo
 
     s = open_store(store)
     recipe = resolve_stats(tiny(model={"name": "speedrun_net", "width": 8}, data={"train_subset": 8}), s)
     fold = make_folds(len(s.train_labels), np.concatenate([s.train_labels, s.test_labels]), recipe.split)[0]
-    run = build_fold(recipe, s, fold, Path("unused"), torch.device("cpu"), Console(quiet=True))
+    plan = RunPlan(recipe, s, torch.device("cpu"), Path("unused"), False, (fold,), None)
+    ctx = RunContext(plan, Console(quiet=True), Solo(), Hooks(), None, False)
+    run = build_fold(ctx, fold)
     want = SpeedrunNet(widths=(8, 32, 32))
     want.init_whitening(run.data.train.images, recipe.data.mean, recipe.data.std)
     torch.testing.assert_close(run.model.whiten.weight.contiguous(), want.whiten.weight)
@@ -225,8 +229,8 @@ def test_peer_harness_tiny_on_cpu(store: Path, tmp_path: Path, monkeypatch) -> N
     originals = (torch.cuda.Event, torch.cuda.synchronize, torch.nn.Module.half, torch.nn.Module.cuda)
     harness = _harness()
     seen = []  # the environment (its git commit) is read before the runs, not after hours of them
-    real_compare, real_env = harness.compare, harness.environment
-    monkeypatch.setattr(harness, "environment", lambda device: seen.append("environment") or real_env(device))
+    real_compare, real_env = harness.compare, harness.bench_environment
+    monkeypatch.setattr(harness, "bench_environment", lambda device: seen.append("environment") or real_env(device))
     monkeypatch.setattr(harness, "compare", lambda *a: seen.append("compare") or real_compare(*a))
     out = harness.main(["--tiny", "--device", "cpu", "--store", str(store), "--out-dir", str(tmp_path),
                         "--set", "model.width=8", "--set", "data.train_subset=8"])

@@ -135,7 +135,7 @@ def build_train_transform(cfg: AugmentCfg, mean, std, dtype: torch.dtype = torch
 
 def _normalize_resize(cfg: AugmentCfg, x: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
     """On the CPU resize the uint8 batch, then normalise (torch's vectorised uint8 kernel: 20x the float one at
-    32 -> 224, as the seeds' PIL Resize before ToTensor); elsewhere normalise first and resize in the compute
+    32 -> 224, as the seed projects' PIL Resize before ToTensor); elsewhere normalise first and resize in the compute
     dtype (uint8 interpolation is CPU-only). The two orders differ by the uint8 rounding: < 1/255 per pixel."""
     if cfg.resize and x.device.type == "cpu":
         return B.normalize(B.resize(x, cfg.resize), mean, std, dtype)

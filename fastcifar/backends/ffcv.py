@@ -20,7 +20,7 @@ import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from fastcifar.augment import build_eval_transform, build_train_transform
 from fastcifar.backends.torchvision import EpochState, StateLoader, build_batch_mixer
 from fastcifar.errors import DataError, FastCifarError, RecipeError
 from fastcifar.recipe import AugmentCfg
+
+if TYPE_CHECKING:
+    from fastcifar.data.store import Store
 
 MISSING = ("train.loader: \"ffcv\" needs FFCV, which is not installed: pip install 'fastcifar[ffcv]' (building it "
            "needs apt packages libopencv-dev libturbojpeg0-dev pkg-config)")
@@ -101,7 +104,7 @@ def write_beton(store_dir: str | os.PathLike, out: str | os.PathLike, *, workers
     check_beton_out(out)
     store = open_store(Path(store_dir).expanduser(), verify=True)
     n_train = len(store.train_labels)
-    labels = np.concatenate([store.train_labels, store.test_labels])
+    labels = store.labels
 
     def image(i: int) -> np.ndarray:
         return store.train_images[i] if i < n_train else store.test_images[i - n_train]
@@ -138,7 +141,7 @@ def _sidecar(beton: Path) -> Path:
     return beton.with_name(beton.name + ".json")
 
 
-def check_beton(beton: str | os.PathLike, store) -> Path:
+def check_beton(beton: str | os.PathLike, store: Store) -> Path:
     """DataError unless `beton` exists and was written from this store (same array hashes)."""
     beton = Path(beton)
     fix = f"run `fastcifar prepare --format beton --source {store.path} --out {beton}`"

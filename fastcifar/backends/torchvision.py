@@ -1,4 +1,4 @@
-"""loader = "torchvision": the seeds' input pipeline. A Dataset yields one PIL image at a time, per-image
+"""loader = "torchvision": the seed projects' input pipeline. A Dataset yields one PIL image at a time, per-image
 torchvision.transforms.v2 ops run in DataLoader worker processes, and MixUp / CutMix run on the whole batch.
 
 It is the fallback where the device loader is not wanted and the baseline the bench measures the device loader
@@ -113,7 +113,7 @@ def _erase(cfg: AugmentCfg) -> list:
 
 def build_pil_transform(cfg: AugmentCfg, mean, std, train: bool, image_size: int = 32) -> v2.Compose:
     """The recipe's augment section as per-image v2 ops on a PIL image, in AugmentCfg's order: geometric and
-    colour ops on the uint8 image, resize (uint8, as the device pipeline does on the CPU and the seeds' PIL
+    colour ops on the uint8 image, resize (uint8, as the device pipeline does on the CPU and the seed projects' PIL
     Resize did), normalise, erasing / cutout. MixUp / CutMix need the batch: see build_batch_mixer. Raises
     RecipeError for flip_mode = "alternate" (train only)."""
     ops: list = _geometric(cfg, image_size) + _photometric(cfg) if train else []
@@ -151,7 +151,7 @@ def build_batch_mixer(cfg: AugmentCfg, num_classes: int) -> BatchMixer | None:
 
 
 class PILDataset(Dataset):
-    """Rows of a uint8 (N, H, W, 3) array as PIL images through a per-image transform (the seeds' way)."""
+    """Rows of a uint8 (N, H, W, 3) array as PIL images through a per-image transform (the seed projects' way)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable):
         self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
@@ -224,13 +224,14 @@ class EpochState:
 
 
 class StateLoader:
-    """The device loader's interface (len, num_images, position, epoch, images, state_dict) for loaders whose
+    """fastcifar.loader.TrainLoader (len, num_images, position, images, state_dict, ...) for loaders whose
     position lives in an EpochState; subclasses set _images, labels, state and batch_size, and yield batches."""
 
     kind = "?"
     _images: np.ndarray
     labels: torch.Tensor
     state: EpochState
+    batch_size: int
 
     @property
     def images(self) -> torch.Tensor:
@@ -307,7 +308,7 @@ class TorchvisionLoader(StateLoader):
 def make_torchvision_loader(images_nhwc_uint8: np.ndarray, labels: np.ndarray, batch_size: int, cfg: AugmentCfg,
                             mean, std, *, train: bool, workers: int, seed: int, device: torch.device,
                             num_classes: int = 10) -> TorchvisionLoader:
-    """The seeds' DataLoader pipeline over uint8 NHWC rows: shuffled, augmented and drop_last when `train`,
+    """The seed projects' DataLoader pipeline over uint8 NHWC rows: shuffled, augmented and drop_last when `train`,
     else in order and normalised only. RecipeError for an augment section it cannot express."""
     tf = build_pil_transform(cfg, mean, std, train, image_size=int(images_nhwc_uint8.shape[1]))
     mixer = build_batch_mixer(cfg, num_classes) if train else None

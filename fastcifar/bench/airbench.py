@@ -16,7 +16,7 @@ import contextlib
 import importlib
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -26,11 +26,14 @@ from fastcifar.bench.timing import Clock
 from fastcifar.errors import FastCifarError
 from fastcifar.splits import take_per_class
 
+if TYPE_CHECKING:
+    from fastcifar.data.store import Store
+
 # airbench94's published settings (airbench 0.1.8): 9.9 epochs of batch 1024, flip + 2-px translate, TTA level 2.
 AB_HYP = {"epochs": 9.9, "batch_size": 1024, "aug": {"flip": True, "translate": 2}, "tta_level": 2}
 
 
-def airbench_arrays(store, train_per_class: int = 0) -> dict[str, dict[str, Any]]:
+def airbench_arrays(store: Store, train_per_class: int = 0) -> dict[str, dict[str, Any]]:
     """{'train': ..., 'test': ...}, each {'images': uint8 (N, 32, 32, 3), 'labels': int64 (N,), 'classes':
     [names]}: what airbench's CifarLoader caches from torchvision (dset.data, dset.targets, dset.classes).
     train_per_class > 0 keeps the first n images of each class, the rows our data.train_subset trains on.
@@ -56,7 +59,7 @@ def airbench_arrays(store, train_per_class: int = 0) -> dict[str, dict[str, Any]
     return out
 
 
-def write_airbench_data(store, out_dir: Path, train_per_class: int = 0) -> Path:
+def write_airbench_data(store: Store, out_dir: Path, train_per_class: int = 0) -> Path:
     """Write out_dir/train.pt and test.pt for airbench.CifarLoader(out_dir, ...); returns out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, obj in airbench_arrays(store, train_per_class).items():

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-DEFAULT_STORE = "data/cifar10"
+from fastcifar.recipe import DEFAULT_STORE
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def add_bench_parser(sub) -> None:
@@ -15,7 +18,7 @@ def add_bench_parser(sub) -> None:
 
     b = sub.add_parser(
         "bench", help="throughput, latency, memory, energy and FLOPs of models (or, with `loader`, of the input "
-                      "pipelines), the seeds' way measured beside ours in the same run",
+                      "pipelines), the seed projects' way measured beside ours in the same run",
         description="fastcifar bench [--model ...]: train/infer img/s, latency, memory, energy, FLOPs, MFU per "
                     "model x precision x batch x compile x channels-last. fastcifar bench loader: img/s of each "
                     "input pipeline x augmentation preset.")
@@ -38,8 +41,8 @@ def add_bench_parser(sub) -> None:
                                                  "(default 2 on CPU/MPS, 3 on CUDA)")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats per phase (default 3)")
     b.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per phase (default 3)")
-    b.add_argument("--workers", type=int, default=4, help="the seeds' and torchvision's DataLoader workers, DALI's and "
-                                                          "FFCV's threads (fitted to the cores; default 4)")
+    b.add_argument("--workers", type=int, default=4, help="the seed projects' and torchvision's DataLoader workers, "
+                                                          "DALI's and FFCV's threads (fitted to the cores; default 4)")
     b.add_argument("--serve-batch", type=int, help="serving batch for latency (default 32 on CPU/MPS, 256 on CUDA)")
     b.add_argument("--budget", type=float, metavar="S", help="global wall-clock budget; cells that would not fit "
                                                              "are skipped with a note")
@@ -47,6 +50,11 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--md", metavar="OUT", help="write the tables as Markdown")
     b.add_argument("--compare", nargs="+", metavar="JSON", help="OTHER.json: this run beside it, with ratios; "
                                                                  "THIS.json OTHER.json: two saved results, no run")
+    b.add_argument("--find-batch", action="store_true",
+                   help="find the training batch size with the best img/s that fits with --margin to spare (--batch: "
+                        "the candidates, default powers of two from 32); prints --set train.batch_size=N")
+    b.add_argument("--margin", type=float, default=0.1, help="--find-batch: fraction of the memory left free "
+                                                             "(default 0.1)")
 
 
 def _check(args) -> dict[str, Any]:
@@ -70,7 +78,25 @@ def _check(args) -> dict[str, Any]:
         raise RecipeError(f"--batch: bench loader takes one batch size, got {len(args.batch)}")
     if args.compare and len(args.compare) > 2:
         raise RecipeError("--compare: give OTHER.json (compare this run with it) or THIS.json OTHER.json")
+    if args.find_batch:
+        _check_find_batch(args)
     return check_outputs(args)
+
+
+def _check_find_batch(args) -> None:
+    from fastcifar.errors import RecipeError
+
+    if args.what != "model":
+        raise RecipeError("--find-batch: finds a training batch size; not with `bench loader`")
+    if not 0 <= args.margin < 1:
+        raise RecipeError(f"--margin: must be in [0, 1), got {args.margin}")
+    for flag, values in (("--model", args.model), ("--precision", args.precision), ("--compile", args.compile),
+                         ("--channels-last", args.channels_last)):
+        if values and len(values) > 1:
+            raise RecipeError(f"{flag}: --find-batch searches one setting, got {len(values)}")
+    for flag in ("md", "compare"):
+        if getattr(args, flag):
+            raise RecipeError(f"--{flag}: not with --find-batch (its result is printed; --json saves it)")
 
 
 def _bench_md(path: Path) -> bool:
@@ -130,7 +156,7 @@ def _plan(args, device):
         budget_s=args.budget)
 
 
-def run_bench(args: argparse.Namespace, console) -> dict[str, Any] | None:
+def run_bench(args: argparse.Namespace, console: Console) -> dict[str, Any] | None:
     """Run the bench the arguments ask for, print its tables, write --json / --md, print --compare."""
     from fastcifar.atomic import write_json, write_text
     from fastcifar.bench.compare import load_result, print_comparison
@@ -145,7 +171,7 @@ def run_bench(args: argparse.Namespace, console) -> dict[str, Any] | None:
     from fastcifar.data import open_store
     from fastcifar.device import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, key="--device")
     from rich.markup import escape
 
     log = lambda msg: console.print(f"[dim]{escape(msg)}[/dim]", highlight=False)  # noqa: E731
@@ -157,6 +183,8 @@ def run_bench(args: argparse.Namespace, console) -> dict[str, Any] | None:
                                   seconds=args.seconds or (3.0 if device.type == "cuda" else 2.0),
                                   repeats=args.repeats, warmup=args.warmup, workers=args.workers,
                                   presets=args.preset, log=log)
+    elif args.find_batch:
+        return _find_batch(args, device, console, log)
     else:
         from fastcifar.bench.model_bench import run_model_bench
 
@@ -172,4 +200,20 @@ def run_bench(args: argparse.Namespace, console) -> dict[str, Any] | None:
         console.print(f"wrote {args.md}")
     if others:
         print_comparison(result, others[0], console, "this run", args.compare[0])
+    return result
+
+
+def _find_batch(args, device, console, log) -> dict[str, Any]:
+    from fastcifar.atomic import write_json
+    from fastcifar.bench.batch_finder import default_candidates, find_batch, print_batch_result
+    from fastcifar.data import open_store
+
+    plan = _plan(args, device)
+    store = open_store(Path(args.data or (plan.recipe.data.store if args.recipe else DEFAULT_STORE)))
+    candidates = args.batch or default_candidates(device, len(store.train_labels))
+    result = find_batch(store, device, plan, candidates, args.margin, log=log, budget_s=args.budget)
+    print_batch_result(result, console)
+    if args.json:
+        write_json(args.json, result)
+        console.print(f"wrote {args.json}")
     return result

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastcifar.errors import DataError
+from fastcifar.textfiles import RUN_FILE_BYTES, read_text
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 KEYS = {
     "model": ("model", "image_size", "augment", "precision", "batch", "compile", "channels_last"),
@@ -26,10 +30,10 @@ def load_result(path: str | Path, what: str = "model") -> dict[str, Any]:
     A device-suite file holds both benches; `what` picks the part ("model" or "loader")."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "bench result", RUN_FILE_BYTES, DataError))  # no FIFO, no /dev/zero
     except FileNotFoundError:
         raise DataError(f"{path}: bench result file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
         raise DataError(f"{path}: not a bench result (not readable JSON: {e})") from None
     if isinstance(data, dict) and data.get("kind") == "fastcifar-bench-suite":
         data = data.get(what)
@@ -65,6 +69,23 @@ def compare(this: dict[str, Any], other: dict[str, Any]) -> list[dict[str, Any]]
     return out
 
 
+def differing_settings(this: dict[str, Any], other: dict[str, Any]) -> str:
+    """Which configuration keys keep two results' rows apart, e.g. "batch 64 vs 256; augment crop+flip vs
+    recipe:quickstart" (values of each side, as in their rows)."""
+    what = this["what"]
+
+    def values(result: dict[str, Any], key: str) -> list[str]:
+        return sorted({_text(r.get(key)) for r in result["rows"]})
+
+    parts = [f"{k} {', '.join(values(this, k))} vs {', '.join(values(other, k))}" for k in KEYS[what]
+             if values(this, k) != values(other, k)]
+    return "; ".join(parts) or "no single setting (the combinations differ)"
+
+
+def _text(v: Any) -> str:
+    return ("on" if v else "off") if isinstance(v, bool) else str(v)
+
+
 def _label(key: dict[str, Any]) -> str:
     parts = []
     for k, v in key.items():
@@ -77,7 +98,7 @@ def _label(key: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def print_comparison(this: dict[str, Any], other: dict[str, Any], console, this_name: str = "this",
+def print_comparison(this: dict[str, Any], other: dict[str, Any], console: Console, this_name: str = "this",
                      other_name: str = "other") -> list[dict[str, Any]]:
     from rich.table import Table
 
@@ -96,8 +117,9 @@ def print_comparison(this: dict[str, Any], other: dict[str, Any], console, this_
     for p in pairs:
         table.add_row(escape(_label(p["key"])), p["metric"], f"{p['this']:,.4g}", f"{p['other']:,.4g}",
                       "–" if p["ratio"] is None else f"{p['ratio']:.2f}x")
-    if not pairs:
-        console.print("no matching rows (compare results of the same cells: model, precision, batch, ...)")
+    if not pairs:  # say which settings differ, so the fix (e.g. --recipe, --batch) is one look away
+        console.print(escape(f"no matching rows: {this_name} and {other_name} were measured with other settings: "
+                             f"{differing_settings(this, other)}; rerun with the other file's settings"))
     else:
         console.print(table)
     return pairs

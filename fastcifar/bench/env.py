@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fastcifar.device import cpu_model
+from fastcifar.provenance import git_commit
 
 # (dense bf16 tensor-core TFLOP/s, fp32 non-tensor-core TFLOP/s). H200 has the H100 SXM's compute.
 DENSE_TFLOPS: dict[str, tuple[float, float]] = {
@@ -71,14 +72,10 @@ def peak_hbm_gbs(device_name: str) -> float | None:
     return HBM_PEAK_GBS.get(fam) if fam else None
 
 
-
-
-def git_commit(where: Path | None = None) -> tuple[str, bool | None]:
+def git_state(where: Path | None = None) -> tuple[str, bool | None]:
     """(commit of the checkout holding this package, whether it has uncommitted changes); 'unknown' off git."""
-    from fastcifar.run import git_commit as head_commit  # the commit env.json records, read the same way
-
     where = where or Path(__file__).resolve().parent
-    head = head_commit(where)
+    head = git_commit(where)  # the commit env.json records, read the same way
     if head is None:
         return "unknown", None
     try:
@@ -123,10 +120,11 @@ def _driver_version() -> str | None:
         return None
 
 
-def environment(device: torch.device) -> dict[str, Any]:
+def bench_environment(device: torch.device) -> dict[str, Any]:
+    """Where a benchmark figure was measured: device, driver, versions, CPU, load, commit, date, command."""
     import torchvision
 
-    commit, dirty = git_commit()
+    commit, dirty = git_state()
     cuda = device.type == "cuda"
     try:
         load = [round(v, 2) for v in os.getloadavg()]  # other jobs on a shared box show up here

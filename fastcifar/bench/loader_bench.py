@@ -1,36 +1,36 @@
 """`fastcifar bench loader`: images/s of every input pipeline x augmentation preset on one device, in one run.
 
 Rows: "fastcifar" (the device loader: resident uint8 store, batched augmentation, bf16 output on CUDA), "seeds"
-(PIL + per-image v2 transforms in a DataLoader with workers, batches copied to the device), and "dali" / "ffcv"
-when their backends and libraries are installed (otherwise the row says why). A batch counts as delivered when
-it is on the device, ready for the model.
+(the seed projects' way: PIL + per-image v2 transforms in a DataLoader with workers, batches copied to the
+device), and "dali" / "ffcv" when their backends and libraries are installed (otherwise the row says why). A batch
+counts as delivered when it is on the device, ready for the model.
 """
 
 from __future__ import annotations
 
 import gc
-import importlib
 import importlib.util
-import inspect
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
-from fastcifar.backends import fitted_workers
-from fastcifar.bench.env import environment, peak_hbm_gbs
+from fastcifar.backends import BACKENDS, fitted_workers
+from fastcifar.bench.env import bench_environment, peak_hbm_gbs
 from fastcifar.bench.presets import PRESETS, missing_ops
-from fastcifar.bench.seeds import seed_loader
+from fastcifar.bench.seed_projects import seed_project_loader
 from fastcifar.bench.timing import cycle, measure_rate, quiet_workers
 from fastcifar.data import store_stats
 from fastcifar.errors import first_line
 from fastcifar.recipe import AugmentCfg
 
+if TYPE_CHECKING:
+    from fastcifar.data.store import Store
+
 LOADERS = ("fastcifar", "seeds", "dali", "ffcv")
-_LIBS = {"dali": "nvidia.dali", "ffcv": "ffcv"}
 
 
 def _out_dtype(device: torch.device) -> torch.dtype:
@@ -75,23 +75,17 @@ def _backend_maker(kind: str, images, labels, batch: int, cfg: AugmentCfg, mean,
                    shared: dict):
     """(maker, None) for an installed DALI / FFCV backend, else (None, the one-line reason). `shared` keeps what
     every preset reuses: FFCV's .beton of the rows, written once per bench run."""
-    module = f"fastcifar.backends.{kind}"
+    backend = BACKENDS[kind]
     try:
-        if importlib.util.find_spec(module) is None:
-            return None, f"n/a ({module} not present)"
-        if importlib.util.find_spec(_LIBS[kind]) is None:
-            return None, f"n/a ({_LIBS[kind]} not installed: pip install 'fastcifar[{kind}]')"
+        if importlib.util.find_spec(backend.library) is None:
+            return None, f"n/a ({backend.library} not installed: pip install 'fastcifar[{kind}]')"
     except (ImportError, ValueError) as e:
         return None, f"n/a ({first_line(e)})"
-    fn = getattr(importlib.import_module(module), f"make_{kind}_loader", None)
-    if fn is None:
-        return None, f"n/a ({module} has no make_{kind}_loader)"
-    params = inspect.signature(fn).parameters
     workers = fitted_workers(workers, kind, log=lambda _: None)  # the settings record what was asked
-    extra = {k: v for k, v in dict(train=True, workers=workers, seed=0, device=device).items() if k in params}
+    extra: dict[str, Any] = dict(train=True, workers=workers, seed=0, device=device)
     if kind == "ffcv":
         extra.update(beton=_shared_beton(shared, images, labels, workers), indices=np.arange(len(labels)))
-    return (lambda: fn(images, labels, batch, cfg, mean, std, **extra)), None
+    return (lambda: backend.make(images, labels, batch, cfg, mean, std, **extra)), None
 
 
 def _shared_beton(shared: dict, images, labels, workers: int) -> Path:
@@ -118,7 +112,7 @@ def _row(loader: str, preset: str, batch: int, make, reason: str | None, device,
     return row
 
 
-def run_loader_bench(store, device: torch.device, *, batch: int = 512, seconds: float = 3.0, repeats: int = 3,
+def run_loader_bench(store: Store, device: torch.device, *, batch: int = 512, seconds: float = 3.0, repeats: int = 3,
                      warmup: int = 3, workers: int = 4, presets: list[str] | None = None,
                      loaders: tuple[str, ...] = LOADERS, log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Every loader x preset; returns the JSON-ready result (environment, settings, rows)."""
@@ -139,7 +133,7 @@ def run_loader_bench(store, device: torch.device, *, batch: int = 512, seconds: 
     seeds_impl = shared.get("seeds_impl")
     _ratios(rows)
     settings["seeds_impl"] = seeds_impl
-    return {"kind": "fastcifar-bench", "what": "loader", "version": 1, "environment": environment(device),
+    return {"kind": "fastcifar-bench", "what": "loader", "version": 1, "environment": bench_environment(device),
             "settings": settings, "rows": rows}
 
 
@@ -154,14 +148,14 @@ def _all_rows(rows, shared, presets, loaders, images, labels, batch, mean, std, 
                 make, reason = _fastcifar_maker(images, labels, batch, cfg, mean, std, device)
             elif loader == "seeds":
                 def make(cfg=cfg):
-                    built, shared["seeds_impl"] = seed_loader(images, labels, batch, cfg, mean, std, workers=workers,
-                                                              seed=0, device=device)
+                    built, shared["seeds_impl"] = seed_project_loader(images, labels, batch, cfg, mean, std,
+                                                                      workers=workers, seed=0, device=device)
                     return built
                 reason = None
             else:
                 make, reason = _backend_maker(loader, images, labels, batch, cfg, mean, std, device, workers, shared)
-            # The seeds' warm-up starts the workers and drains their first prefetch (2 batches per worker queued
-            # ahead), so the timed repeats see the steady state; capped at `seconds` of wall time.
+            # The seed projects' warm-up starts the workers and drains their first prefetch (2 batches per worker
+            # queued ahead), so the timed repeats see the steady state; capped at `seconds` of wall time.
             s = dict(settings, warmup=max(warmup, 2 * workers + 1) if loader == "seeds" else warmup)
             with quiet_workers():
                 row = _row(loader, name, batch, make, reason, device, s, in_bytes)
@@ -182,8 +176,8 @@ def _fastcifar_maker(images, labels, batch, cfg: AugmentCfg, mean, std, device):
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
-    """ratio = this loader's img/s / the seeds' img/s for the same preset (None where either is missing)."""
-    seeds = {r["preset"]: r["img_s"] for r in rows if r["loader"] == "seeds"}
+    """ratio = this loader's img/s / the seed projects' img/s for the same preset (None where either is missing)."""
+    theirs = {r["preset"]: r["img_s"] for r in rows if r["loader"] == "seeds"}
     for r in rows:
-        base = seeds.get(r["preset"])
+        base = theirs.get(r["preset"])
         r["ratio_vs_seeds"] = r["img_s"] / base if r["img_s"] and base else None

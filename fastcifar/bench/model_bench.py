@@ -1,5 +1,5 @@
 """`fastcifar bench`: training and inference throughput, latency, memory, energy and FLOPs per model x precision x
-batch x compile x channels-last, with the seeds' way (fp32, eager, NCHW, DataLoader workers) timed beside it.
+batch x compile x channels-last, with the seed projects' way (fp32, eager, NCHW, DataLoader workers) timed beside it.
 
 A cell trains through the same pieces `fastcifar train` uses (DeviceLoader + build_train_transform, the engine's
 compile / CUDA graphs / EMA, StepRunner, the recipe's optimizer), so its img/s is what a run would see; only the
@@ -12,25 +12,28 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from fastcifar.artifacts import peak_memory_mb
 from fastcifar.augment import build_mixer, build_train_transform
-from fastcifar.bench.env import environment, peak_tflops
+from fastcifar.bench.env import bench_environment, peak_tflops
 from fastcifar.bench.flops import flops_per_image, param_count
 from fastcifar.bench.nvml import NvmlProbe, empty
-from fastcifar.bench.seeds import seed_loader
+from fastcifar.bench.seed_projects import seed_project_loader
 from fastcifar.bench.timing import cycle, measure_latency, measure_rate, quiet_workers
 from fastcifar.device import autocast
 from fastcifar.engine import build_engine
 from fastcifar.errors import first_line
 from fastcifar.loader import DeviceLoader
-from fastcifar.models import SPEEDRUN_OPTIONS, create_model
+from fastcifar.models import create_model, model_options
 from fastcifar.preflight import resolve_stats
 from fastcifar.recipe import Recipe, ScheduleCfg
 from fastcifar.step import EpochTotals, NonFiniteStep, build_step, make_scaler
+
+if TYPE_CHECKING:
+    from fastcifar.data.store import Store
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,7 +62,7 @@ class Plan:
     repeats: int = 3
     warmup: int = 3
     serve_batch: int = 32
-    workers: int = 4  # the seeds' DataLoader workers
+    workers: int = 4  # the seed projects' DataLoader workers
     budget_s: float | None = None  # global wall budget: cells that would not fit are skipped with a note
 
     def cells(self) -> list[Cell]:
@@ -74,7 +77,8 @@ class _Ctx:
     plan: Plan
     log: Callable[[str], Any]
     num_classes: int = 0
-    seeds: dict = field(default_factory=dict)  # (model, batch, augment, px) -> the seeds' fields, measured once
+    # (model, batch, augment, px) -> the seed projects' fields, measured once
+    seed_projects: dict = field(default_factory=dict)
 
     @property
     def image_size(self) -> int:
@@ -91,7 +95,7 @@ def _model(ctx: _Ctx, name: str, channels_last: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     m = ctx.plan.recipe.model
     same = name == m.name  # the recipe's width / dropout belong to its own model, not to others benched beside it
-    options = {k: getattr(m, k) for k in SPEEDRUN_OPTIONS if same and getattr(m, k) != SPEEDRUN_OPTIONS[k]}
+    options = model_options(m) if same else {}
     model = create_model(name, num_classes=ctx.num_classes, image_size=ctx.image_size,
                          width=m.width if same else 0, dropout=m.dropout if same else 0.0, **options)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -110,10 +114,11 @@ def _cell_recipe(recipe: Recipe, cell: Cell) -> Recipe:
                                          compile=cell.compile, channels_last=cell.channels_last))
 
 
-def _train(ctx: _Ctx, cell: Cell, eager: torch.nn.Module, dtype) -> tuple[dict[str, Any], torch.Tensor, Any]:
-    """End to end (loader + step) and model-only (a resident batch) training img/s, through the engine training
-    uses (compile, CUDA graphs and weight EMA as the recipe asks). Returns the row fields, a sample batch and
-    the engine (its eval_net is what inference is timed on)."""
+def _train(ctx: _Ctx, cell: Cell, eager: torch.nn.Module, dtype,
+           model_only: bool = True) -> tuple[dict[str, Any], torch.Tensor, Any]:
+    """End to end (loader + step) and model-only (a resident batch; skipped when not `model_only`) training img/s,
+    through the engine training uses (compile, CUDA graphs and weight EMA as the recipe asks). Returns the row
+    fields, a sample batch and the engine (its eval_net is what inference is timed on)."""
     plan, dev = ctx.plan, ctx.device
     recipe = _cell_recipe(plan.recipe, cell)
     engine = build_engine(eager, recipe, dev, dtype, lambda text: ctx.log(f"warning: {text}"))
@@ -144,14 +149,14 @@ def _train(ctx: _Ctx, cell: Cell, eager: torch.nn.Module, dtype) -> tuple[dict[s
     x0, y0 = next(batches)
     batches.close()
     x0, y0 = fmt(x0).clone(), y0.clone()
-    only = measure_rate(lambda: step(x0, y0), dev, **kw)
+    only = measure_rate(lambda: step(x0, y0), dev, **kw) if model_only else None
     try:
         runner.check_pending()
     except NonFiniteStep as e:
         diverged.append(e.step)
     notes = list(engine.plan.notes) + ([f"loss went non-finite at step {diverged[0]} (timing kept)"] if diverged
                                        else [])
-    out = {**e2e.fields("train_img_s"), **only.fields("model_only_img_s"),
+    out = {**e2e.fields("train_img_s"), **(only.fields("model_only_img_s") if only else {}),
            **(e2e.probe or empty("NVML not sampled")), "engine": engine.summary(runner.optimizer),
            "_compile_s": e2e.warmup_s if cell.compile else 0.0, "_note": "; ".join(notes)}
     return out, x0, engine
@@ -198,16 +203,16 @@ def _cost(ctx: _Ctx, cell: Cell, sample: torch.Tensor, row: dict[str, Any]) -> d
             "peak_mem_mb": mem, "peak_mem_source": source}
 
 
-def _seeds_rate(ctx: _Ctx, cell: Cell):
-    """The seeds' way for this model and batch: fp32, eager, NCHW weights, fed by the per-image DataLoader."""
+def _seed_projects_rate(ctx: _Ctx, cell: Cell):
+    """The seed projects' way for this model and batch: fp32, eager, NCHW weights, fed by the per-image DataLoader."""
     r, s, dev = ctx.plan.recipe, ctx.store, ctx.device
     model = _model(ctx, cell.model, channels_last=False)
-    seeds = replace(r.train, batch_size=cell.batch, amp=False, compile=False, channels_last=False, cuda_graphs=False,
-                    ema_decay=0.0)
-    runner = build_step(model, model, replace(r, train=seeds, schedule=ScheduleCfg(name="constant")), dev, None,
+    theirs = replace(r.train, batch_size=cell.batch, amp=False, compile=False, channels_last=False, cuda_graphs=False,
+                     ema_decay=0.0)
+    runner = build_step(model, model, replace(r, train=theirs, schedule=ScheduleCfg(name="constant")), dev, None,
                         steps_per_epoch=1, log=ctx.log)
-    loader, impl = seed_loader(s.train_images, s.train_labels, cell.batch, r.augment, r.data.mean, r.data.std,
-                               workers=ctx.plan.workers, seed=0, device=dev)
+    loader, impl = seed_project_loader(s.train_images, s.train_labels, cell.batch, r.augment, r.data.mean,
+                                       r.data.std, workers=ctx.plan.workers, seed=0, device=dev)
     batches, totals, n = cycle(loader), _totals(dev, runner), [0]
 
     def step() -> int:
@@ -226,20 +231,20 @@ def _seeds_rate(ctx: _Ctx, cell: Cell):
     return rate, impl
 
 
-def _seeds(ctx: _Ctx, cell: Cell) -> dict[str, Any]:
-    """The seeds' figures for this cell's (model, batch, augment, size), measured once and cached."""
+def _seed_projects(ctx: _Ctx, cell: Cell) -> dict[str, Any]:
+    """The seed projects' figures for this cell's (model, batch, augment, size), measured once and cached."""
     key = (cell.model, cell.batch, ctx.plan.augment_name, ctx.image_size)
-    if key in ctx.seeds:
-        return ctx.seeds[key]
+    if key in ctx.seed_projects:
+        return ctx.seed_projects[key]
     out: dict[str, Any] = {"seeds_train_img_s": None, "seeds_train_img_s_spread": None, "seeds_impl": None}
     try:
         with quiet_workers():
-            rate, out["seeds_impl"] = _seeds_rate(ctx, cell)
+            rate, out["seeds_impl"] = _seed_projects_rate(ctx, cell)
         out.update(seeds_train_img_s=rate.mean, seeds_train_img_s_spread=rate.spread)
     except Exception as e:  # the baseline failing must not hide our own figures
         out["seeds_note"] = f"error: {first_line(e)}"
     _free(ctx.device)
-    ctx.seeds[key] = out
+    ctx.seed_projects[key] = out
     return out
 
 
@@ -260,7 +265,7 @@ def measure_cell(ctx: _Ctx, cell: Cell) -> dict[str, Any]:
     dev, dtype = ctx.device, PRECISIONS.get(cell.precision)
     row: dict[str, Any] = {**_key(ctx, cell), "note": ""}
     t0 = time.perf_counter()
-    seeds = _seeds(ctx, cell)
+    theirs = _seed_projects(ctx, cell)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     if cell.compile:
@@ -276,22 +281,33 @@ def measure_cell(ctx: _Ctx, cell: Cell) -> dict[str, Any]:
     row.update(infer)
     row["compile_s"] = compile_s if cell.compile else None
     row.update(_cost(ctx, cell, sample, row))
-    row.update(seeds)
-    base = seeds["seeds_train_img_s"]
+    row.update(theirs)
+    base = theirs["seeds_train_img_s"]
     row["ratio_vs_seeds"] = row["train_img_s"] / base if base else None
     row["cell_s"] = time.perf_counter() - t0
     return row
 
 
-def run_model_bench(store, device: torch.device, plan: Plan, log: Callable[[str], Any] = print,
-                    seeds_cache: dict | None = None,
+def training_rate(store: Store, device: torch.device, plan: Plan, cell: Cell,
+                  log: Callable[[str], Any] = print) -> dict:
+    """One cell's end-to-end training img/s alone (no model-only, inference, cost or seeds' columns): the batch
+    finder's probe, through the same engine, loader and step as a bench row."""
+    plan = replace(plan, recipe=resolve_stats(plan.recipe, store))
+    ctx = _Ctx(store, device, plan, log, num_classes=len(store.classes))
+    out, _, _ = _train(ctx, cell, _model(ctx, cell.model, cell.channels_last), PRECISIONS[cell.precision],
+                       model_only=False)
+    return out
+
+
+def run_model_bench(store: Store, device: torch.device, plan: Plan, log: Callable[[str], Any] = print,
+                    seed_projects_cache: dict | None = None,
                     on_row: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
-    """Every cell of the plan (skipping, with a note, those that would overrun plan.budget_s). `seeds_cache`
-    shares the seeds' measurements between calls (the device suite runs several plans); `on_row` sees each row
+    """Every cell of the plan (skipping, with a note, those that would overrun plan.budget_s). `seed_projects_cache`
+    shares the seed projects' measurements between calls (the device suite runs several plans); `on_row` sees each row
     as it is finished (the suite saves after every cell, so a run cut short keeps what it measured)."""
     plan = replace(plan, recipe=resolve_stats(plan.recipe, store))  # data.mean / std = "auto": the store's
     ctx = _Ctx(store, device, plan, log, num_classes=len(store.classes),
-               seeds=seeds_cache if seeds_cache is not None else {})
+               seed_projects=seed_projects_cache if seed_projects_cache is not None else {})
     deadline = time.perf_counter() + plan.budget_s if plan.budget_s else None
     # First guesses of a cell's wall time, replaced by measured ones. A compiled cell compiles four graphs
     # (train, eval, batch 1, serving batch): about a minute each for a ResNet on an H100 is not unusual.
@@ -299,8 +315,8 @@ def run_model_bench(store, device: torch.device, plan: Plan, log: Callable[[str]
     rows = []
     for cell in plan.cells():
         t0 = time.perf_counter()
-        seeds_done = (cell.model, cell.batch, plan.augment_name, ctx.image_size) in ctx.seeds
-        need = last[cell.compile] + (0 if seeds_done else 2 * plan.seconds + 5)
+        theirs_done = (cell.model, cell.batch, plan.augment_name, ctx.image_size) in ctx.seed_projects
+        need = last[cell.compile] + (0 if theirs_done else 2 * plan.seconds + 5)
         if deadline is not None and deadline - t0 < need:
             rows.append({**_key(ctx, cell), "note": f"skipped: global time budget ({max(deadline - t0, 0):.0f} s "
                                                     f"left, a cell takes ~{need:.0f} s)"})
@@ -319,11 +335,11 @@ def run_model_bench(store, device: torch.device, plan: Plan, log: Callable[[str]
             on_row(row)
         shown = f"{row['train_img_s']:,.0f} train img/s" if row.get("train_img_s") else row["note"]
         log(f"bench {_label(cell)}: {shown} ({last[cell.compile]:.1f} s)")
-    return {"kind": "fastcifar-bench", "what": "model", "version": 1, "environment": environment(device),
+    return {"kind": "fastcifar-bench", "what": "model", "version": 1, "environment": bench_environment(device),
             "settings": plan_settings(plan, store), "rows": rows}
 
 
-def plan_settings(plan: Plan, store) -> dict[str, Any]:
+def plan_settings(plan: Plan, store: Store) -> dict[str, Any]:
     settings = {k: getattr(plan, k) for k in ("seconds", "repeats", "warmup", "serve_batch", "workers", "budget_s",
                                               "augment_name")}
     settings.update(store=str(store.path), images=int(len(store.train_labels)), recipe=plan.recipe.name)

@@ -7,48 +7,57 @@ import dataclasses
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from fastcifar.bench.timing import Clock
 from fastcifar.recipe import Recipe
 
+if TYPE_CHECKING:
+    from rich.console import Console
 
-def run_ours(recipe: Recipe, store, device: torch.device, console) -> dict[str, float]:
+    from fastcifar.data.store import Store
+
+
+def run_ours(recipe: Recipe, store: Store, device: torch.device, console: Console) -> dict[str, float]:
     """One timed run of `recipe` through the trainer's own fold (official split) and a final test evaluation.
 
     train_s: the training steps of fastcifar.train.fit (per-epoch validation, without TTA, and checkpoint writes
     are excluded and reported as fit_overhead_s); eval_s: the final model's test evaluation with eval.tta."""
+    from fastcifar.context import Hooks, RunContext, RunPlan
     from fastcifar.evaluate import evaluate
+    from fastcifar.fold_run import build_fold, first_stage
     from fastcifar.progress import RunProgress
     from fastcifar.splits import make_folds
     from fastcifar.state import TrainState
-    from fastcifar.train import Hooks, build_fold, first_stage, fit
+    from fastcifar.strategy import Solo
+    from fastcifar.train import fit
 
-    labels = np.concatenate([store.train_labels, store.test_labels])
-    fold = make_folds(len(store.train_labels), labels, recipe.split)[0]
+    fold = make_folds(len(store.train_labels), store.labels, recipe.split)[0]
     clock = Clock(device)
     # The per-epoch validation only picks best.pt, which this harness never reads: it runs without TTA (on 2
     # CPU cores 6-view TTA costs ~70 s per epoch, 1 view ~12 s). It is outside train_s either way, and eval
     # touches no random generator, so the training run is the same.
     validating = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, tta="none", tta_fraction=1.0))
+    marks: list[tuple[str, Any]] = []
+    per_epoch = total = 0
+
+    def on_step(epoch: int, step: int) -> None:  # an epoch's last step (train.steps: the run's last one)
+        if step == per_epoch - 1 or epoch * per_epoch + step + 1 == total:
+            marks.append(("steps_done", clock.mark()))
+
+    hooks = Hooks(on_step=on_step, on_epoch_end=lambda e: marks.append(("epoch_end", clock.mark())))
     with tempfile.TemporaryDirectory(prefix="peer-ours-") as tmp:
-        run = build_fold(validating, store, fold, Path(tmp), device, console)  # data prep: not timed
+        plan = RunPlan(validating, store, device, Path(tmp), resume=False, folds=(fold,), beton=None)
+        ctx = RunContext(plan, console, Solo(), hooks, stop=None, resuming=False)
+        run = build_fold(ctx, fold)  # data prep: not timed
         state = TrainState(stage=first_stage(recipe))
         per_epoch = len(run.data.train)
         total = recipe.train.steps or recipe.train.epochs * per_epoch
-        marks: list[tuple[str, Any]] = []
-
-        def on_step(epoch: int, step: int) -> None:  # an epoch's last step (train.steps: the run's last one)
-            if step == per_epoch - 1 or epoch * per_epoch + step + 1 == total:
-                marks.append(("steps_done", clock.mark()))
-
-        hooks = Hooks(on_step=on_step, on_epoch_end=lambda e: marks.append(("epoch_end", clock.mark())))
         marks.append(("start", clock.mark()))
         with RunProgress(console, 1) as progress:
-            fit(run, state, hooks, progress)
+            fit(run, state, progress)
         t_eval = clock.mark()
         # The final model (not the best-on-test checkpoint), as the peers report, evaluated the way the trainer
         # validates: its eval net (the EMA copy when train.ema_decay is on) with eval.tta.

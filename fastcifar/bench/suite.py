@@ -70,13 +70,14 @@ def _plan(group: dict[str, Any], seconds: float, workers: int, budget_s: float, 
 
 
 def seed_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best training img/s of the seed workload, ours and the seeds' way, and the full run projected in hours."""
+    """Best training img/s of the seed workload, ours and the seed projects' way, and the full run projected in
+    hours."""
     from fastcifar.bench.model_bench import seed_projection
 
     ours = [r for r in rows if r.get("train_img_s")]
     best = max(ours, key=lambda r: r["train_img_s"], default=None)
-    seeds = [r for r in rows if r.get("seeds_train_img_s")]
-    base = min(seeds, key=lambda r: r["batch"], default=None)  # the seed trained at batch 64: the smallest here
+    theirs = [r for r in rows if r.get("seeds_train_img_s")]
+    base = min(theirs, key=lambda r: r["batch"], default=None)  # the seed trained at batch 64: the smallest here
     out = {"images": SEED_IMAGES, "seed_reported_hours": SEED_HOURS,
            "ours_img_s": best["train_img_s"] if best else None,
            "ours_config": {k: best[k] for k in ("model", "precision", "batch", "compile", "channels_last")}
@@ -131,7 +132,7 @@ def to_markdown(suite: dict[str, Any]) -> str:
 def run_suite(store_dir: Path, out_dir: Path, budget_s: float, *, quick: bool = False, device: str = "auto",
               log: Callable[[str], Any] = print) -> tuple[Path, Path, dict[str, Any]]:
     from fastcifar.atomic import write_json, write_text
-    from fastcifar.bench.env import environment
+    from fastcifar.bench.env import bench_environment
     from fastcifar.bench.loader_bench import run_loader_bench
     from fastcifar.bench.model_bench import plan_settings, run_model_bench
     from fastcifar.data import open_store
@@ -140,7 +141,7 @@ def run_suite(store_dir: Path, out_dir: Path, budget_s: float, *, quick: bool = 
     t0 = time.perf_counter()
     dev = resolve_device(device)
     store = open_store(store_dir)
-    env = environment(dev)
+    env = bench_environment(dev)
     json_path, md_path = result_paths(out_dir, env["device_name"])
     suite: dict[str, Any] = {"kind": "fastcifar-bench-suite", "version": 1, "environment": env, "budget_s": budget_s,
                              "quick": quick, "notes": []}
@@ -152,7 +153,7 @@ def run_suite(store_dir: Path, out_dir: Path, budget_s: float, *, quick: bool = 
         write_text(md_path, to_markdown(suite))
 
     seconds, workers = (0.1, 1) if quick else (1.5, 4)
-    seeds_cache: dict = {}
+    seed_projects_cache: dict = {}
     for i, group in enumerate(_groups(quick, dev.type == "cuda")):
         if i == 1:  # the loader table right after the seed workload: the two headline figures come first
             suite["loader"] = run_loader_bench(store, dev, batch=32 if quick else 512, seconds=seconds, repeats=3,
@@ -179,7 +180,7 @@ def run_suite(store_dir: Path, out_dir: Path, budget_s: float, *, quick: bool = 
                 suite["seed_workload"] = seed_summary(suite["model"]["rows"][done:])
             save()
 
-        run_model_bench(store, dev, plan, log=log, seeds_cache=seeds_cache, on_row=on_row)
+        run_model_bench(store, dev, plan, log=log, seed_projects_cache=seed_projects_cache, on_row=on_row)
     save()
     return json_path, md_path, suite
 
@@ -192,12 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--quick", action="store_true", help="a tiny dry run (CPU tests)")
     args = p.parse_args(argv)
-    from rich.console import Console
     from rich.markup import escape
 
+    from fastcifar.console import make_console
     from fastcifar.errors import FastCifarError
 
-    console = Console()
+    console = make_console()
     log = lambda m: console.print(escape(m), highlight=False)  # noqa: E731
     try:
         json_path, md_path, suite = run_suite(Path(args.data), Path(args.out), args.budget, quick=args.quick,

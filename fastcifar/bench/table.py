@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 Row = dict[str, Any]
 Column = tuple[str, Callable[[Row], str]]
@@ -87,12 +90,20 @@ LOADER: list[Column] = [
 
 def env_line(env: dict[str, Any]) -> str:
     bits = [env.get("device_name"), f"driver {env['driver']}" if env.get("driver") else None,
-            f"CUDA {env['cuda']}" if env.get("cuda") else None, f"torch {env.get('torch')}",
+            _cuda(env), f"torch {env.get('torch')}",
             f"torchvision {env.get('torchvision')}", f"CPU {env.get('cpu')} x{env.get('cpu_cores')}",
             f"load {env['load_avg']}" if env.get("load_avg") else None,
             f"commit {str(env.get('git_commit'))[:10]}{'+dirty' if env.get('git_dirty') else ''}",
             env.get("date")]
     return ", ".join(b for b in bits if b)
+
+
+def _cuda(env: dict[str, Any]) -> str | None:
+    """torch.version.cuda is the CUDA torch was built for, present on a machine without a GPU too: named as the
+    runtime only when the bench ran on CUDA."""
+    if not env.get("cuda"):
+        return None
+    return f"CUDA {env['cuda']}" if env.get("device") == "cuda" else f"torch built for CUDA {env['cuda']}; no GPU used"
 
 
 def rich_table(title: str, columns: list[Column], rows: list[Row]):
@@ -120,14 +131,14 @@ def tables_for(result: dict[str, Any]) -> list[tuple[str, list[Column]]]:
     return [("training and inference throughput", MODEL_THROUGHPUT), ("latency, memory, energy, FLOPs", MODEL_COST)]
 
 
-def widen(console, width: int = 220) -> None:
+def widen(console: Console, width: int = 220) -> None:
     """A log file does not wrap: print the wide tables whole there instead of folding every cell (a terminal
     keeps its own width)."""
     if not console.is_terminal and console.width < width:
         console.width = width
 
 
-def print_result(result: dict[str, Any], console) -> None:
+def print_result(result: dict[str, Any], console: Console) -> None:
     from rich.markup import escape
 
     widen(console)

@@ -172,8 +172,8 @@ def measure_latency(call: Callable[[], Any], device: torch.device, *, seconds: f
 
 @contextlib.contextmanager
 def quiet_workers() -> Iterator[None]:
-    """Silence torch's "DataLoader will create N worker processes ... suggested max" warning: the seeds' 4 workers
-    are the setting being measured, and the tables note when they exceed the usable cores."""
+    """Silence torch's "DataLoader will create N worker processes ... suggested max" warning: the seed projects' 4
+    workers are the setting being measured, and the tables note when they exceed the usable cores."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"This DataLoader will create")
         yield

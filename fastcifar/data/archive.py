@@ -61,12 +61,17 @@ class Tree:
             return str(self.origin)
         return str(self.origin / rel) if self.is_dir else f"{self.origin}:{rel}"
 
-    def read(self, rel: str) -> bytes | memoryview:
+    def read(self, rel: str, limit: int | None = None) -> bytes | memoryview:
+        """The file's bytes; `limit`: refuse a folder's file larger than that before reading it (archive
+        members are bounded by MEMBER_CAP when they are read)."""
         value = self.files[rel]
         if value is None:  # a reader asked for a member its `wanted` rule skipped: a programming error
             raise DataError(f"{self.where(rel)}: member was not read (not a data file)")
         if isinstance(value, Path):
             try:
+                if limit is not None and value.stat().st_size > limit:
+                    raise DataError(f"{value}: is {value.stat().st_size / 2**20:,.0f} MiB, over the "
+                                    f"{limit // 2**20} MiB such a file may have")
                 return value.read_bytes()
             except OSError as e:
                 raise DataError(f"{value}: cannot read ({one_line(e)})") from None

@@ -1,20 +1,30 @@
-"""Image folders (train/<class>/*.png|jpg and test/<class>/*.png|jpg, at the top or under one folder): decoded
-with PIL's PNG and JPEG parsers only, converted faithfully to 8-bit RGB (to_rgb), and either of one common size or,
-with `size`, resized to size x size (shorter side to size, centre crop, antialiased bicubic).
+"""Image folders (train/<class>/*.png|jpg and test/<class>/*.png|jpg, at the top or under one folder), and the one
+way fastcifar turns an image file into pixels: decode_image (PIL's PNG and JPEG parsers only, size-checked before
+decoding, converted faithfully to 8-bit RGB by to_rgb) and fit_image (shorter side to S, centre crop, antialiased
+bicubic). prepare --size, predict and the export's documented input all use these two, so a model sees a file the
+way its store saw its images (PREPROCESS names them in the store's meta, the checkpoint and the export).
 """
 
 from __future__ import annotations
 
 import io
+import math
+import warnings
 
 import numpy as np
 
-from fastcifar.data.archive import Tree, one_line
+from fastcifar.data.archive import MEMBER_CAP, Tree, one_line
+from fastcifar.data.checks import MAX_SIDE, MIN_SIDE, check_class_names
 from fastcifar.errors import DataError
 
 SPLITS = ("train", "test")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-MIN_SIDE = 8  # the smallest image a model here takes (a 32 px CNN pools 32 -> 4); below it nothing is learnt
+# Pixels an image file may declare: checked before decoding, so a 1.5 KB PNG claiming 60000 x 60000 is refused
+# instead of decoded (8192 x 8192 = 64 Mpx, 192 MiB as RGB; a 48 Mpx phone photo passes).
+MAX_PIXELS = 8192 * 8192
+# What an image from disk goes through to become S x S (fit_image). Recorded in the store's meta.json, the
+# checkpoints and exports, so predict applies what prepare applied; a file naming anything else is refused.
+PREPROCESS = "shorter-side-centre-crop-bicubic"
 
 
 def image_root(tree: Tree) -> str | None:
@@ -60,6 +70,8 @@ def read_image_folder(tree: Tree, root: str, size: int = 0):
                 "(expected train/<class>/*.png|jpg and test/<class>/*.png|jpg)"
             )
     classes = sorted(groups["train"])
+    # first: a name in train/ and its NFD twin in test/ would otherwise be reported as two different classes
+    check_class_names(sorted(set(classes) | set(groups["test"])), tree.where(root.rstrip("/")))
     if set(groups["test"]) != set(classes):
         only_train = sorted(set(classes) - set(groups["test"]))
         only_test = sorted(set(groups["test"]) - set(classes))
@@ -110,30 +122,22 @@ class _Decoder:
         return out
 
     def decode(self, rel: str) -> np.ndarray:
-        from PIL import Image  # deferred: importing PIL is not free and only image folders need it
-
-        try:
-            # formats=...: only let PIL's PNG/JPEG parsers see untrusted bytes, not every plugin it ships.
-            with Image.open(io.BytesIO(self.tree.read(rel)), formats=["PNG", "JPEG"]) as im:
-                arr, alpha = to_rgb(im)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise DataError(f"{self.tree.where(rel)}: truncated or corrupt image ({one_line(e)})") from None
-        except UnsupportedImage as e:
-            raise DataError(f"{self.tree.where(rel)}: {e}") from None
+        arr, alpha = decode_image(self.tree.read(rel, MEMBER_CAP), self.tree.where(rel))
         if alpha:
             self.composited.append(self.tree.where(rel))
         h, w = arr.shape[:2]
-        if min(h, w) < MIN_SIDE:
-            raise DataError(f"{self.tree.where(rel)}: image is {w}x{h}, smaller than {MIN_SIDE}x{MIN_SIDE}")
         if self.size:
             if (h, w) != (self.size, self.size):
-                arr = square_resize(arr, self.size)
+                arr = fit_image(arr, self.size)
                 self.resized += 1
             return arr
         if self.shape is None:
             if h != w:
                 raise DataError(f"{self.tree.where(rel)}: image is {w}x{h}, not square; pass --size N to resize "
                                 "every image to N x N")
+            if h > MAX_SIDE:
+                raise DataError(f"{self.tree.where(rel)}: image is {w}x{h}, larger than {MAX_SIDE}x{MAX_SIDE}; "
+                                "pass --size N to resize every image to N x N")
             self.first, self.shape = rel, arr.shape
         elif arr.shape != self.shape:
             raise DataError(
@@ -144,17 +148,57 @@ class _Decoder:
         return arr
 
 
-def square_resize(arr: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> (size, size, 3): shorter side to `size`, centre crop; PIL's bicubic filter widens
-    with the shrink factor, so downscaling is antialiased."""
+def decode_image(data: bytes | memoryview, where: str) -> tuple[np.ndarray, bool]:
+    """uint8 (H, W, 3) RGB of a PNG or JPEG file's bytes, and whether transparency was composited (to_rgb).
+
+    Only PIL's PNG and JPEG parsers see the bytes; the declared size is checked before any pixel is decoded
+    (MAX_PIXELS), and images smaller than MIN_SIDE are refused. Every failure is one DataError naming `where`."""
+    from PIL import Image  # deferred: importing PIL is not free and only image files need it
+
+    try:
+        # formats=...: only let PIL's PNG/JPEG parsers see untrusted bytes, not every plugin it ships. PIL's own
+        # bomb warning (above 89 Mpx) is silenced: MAX_PIXELS below refuses those sizes in one line.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
+        with im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise UnsupportedImage(f"image is {w}x{h} ({w * h / 1e6:,.0f} Mpx), over the "
+                                       f"{MAX_PIXELS / 1e6:.0f} Mpx fastcifar decodes; shrink it first")
+            arr, alpha = to_rgb(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: truncated or corrupt image, or not a PNG or JPEG ({one_line(e)})") from None
+    except UnsupportedImage as e:
+        raise DataError(f"{where}: {e}") from None
+    h, w = arr.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise DataError(f"{where}: image is {w}x{h}, smaller than {MIN_SIDE}x{MIN_SIDE}")
+    return arr, alpha
+
+
+def fit_image(arr: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> (size, size, 3), the PREPROCESS: the centred square of side min(H, W) resampled to
+    size x size with PIL's bicubic filter, which widens with the shrink factor (antialiased) - shorter side to
+    size, centre crop.
+
+    Only that square, plus the filter's reach around it, is handed to PIL, so the work is bounded by the decoded
+    image whatever its aspect ratio: resizing a whole 8 x 60000 PNG to a shorter side of 1024 before cropping
+    built a 1024 x 7,680,000 intermediate (24 GB)."""
     from PIL import Image
 
     h, w = arr.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    im = Image.fromarray(arr).resize((nw, nh), getattr(Image, "Resampling", Image).BICUBIC)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return np.asarray(im)[top:top + size, left:left + size].copy()
+    if (h, w) == (size, size):
+        return arr
+    side = min(h, w)
+    x0, y0 = (w - side) / 2, (h - side) / 2
+    # bicubic reaches 2 output pixels each way, i.e. 2 * side / size source pixels when shrinking (+1 for rounding)
+    reach = math.ceil(2 * max(side / size, 1)) + 1
+    left, top = max(0, math.floor(x0) - reach), max(0, math.floor(y0) - reach)
+    right, bottom = min(w, math.ceil(x0 + side) + reach), min(h, math.ceil(y0 + side) + reach)
+    region = Image.fromarray(np.ascontiguousarray(arr[top:bottom, left:right]))
+    box = (x0 - left, y0 - top, x0 - left + side, y0 - top + side)
+    return np.asarray(region.resize((size, size), getattr(Image, "Resampling", Image).BICUBIC, box=box))
 
 
 class UnsupportedImage(Exception):

@@ -8,6 +8,7 @@ inflated with a cap, so a small file cannot expand without bound.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 
@@ -23,6 +24,7 @@ DTYPES = {MI_INT8: "i1", MI_UINT8: "u1", MI_INT16: "i2", MI_UINT16: "u2", MI_INT
 NUMERIC_CLASSES = set(range(6, 16))  # mxDOUBLE_CLASS .. mxUINT64_CLASS; cells (1), structs (2), objects (3) are not
 INFLATE_CAP = 4 * 2**30  # SVHN's extra_32x32.mat, the largest official file, holds 1.6 GB of pixels
 SVHN_FILES = ("train_32x32.mat", "test_32x32.mat", "extra_32x32.mat")
+MAX_DIMS = 32  # numpy holds at most 64; SVHN's arrays have 2 (y) and 4 (X)
 
 
 class _Reader:
@@ -38,6 +40,8 @@ class _Reader:
             raise self.bad(f"element header cut short at byte {pos}")
         first, second = struct.unpack_from(self.e + "II", self.data, pos)
         if first >> 16:  # small data element: size and type packed in 4 bytes, data in the next 4
+            if first >> 16 > 4:
+                raise self.bad(f"small element at byte {pos} claims {first >> 16} bytes (it holds at most 4)")
             return first & 0xFFFF, first >> 16, pos + 4, pos + 8
         end = pos + 8 + second
         if end > len(self.data):
@@ -106,11 +110,18 @@ def _matrix(r: _Reader, start: int, size: int) -> tuple[str, np.ndarray]:
         raise r.bad("only numeric arrays are read (cells, structs and objects are refused)")
     if int(flags[0]) & 0x0800:
         raise r.bad("complex arrays are not supported")
-    dims = [int(v) for v in r.numbers(dk, da, dn)]
-    name = bytes(r.data[na:na + nn]).decode("ascii", "replace")
+    name = bytes(r.data[na:na + nn]).decode("ascii", "replace")[:64]
+    if DTYPES.get(dk, "f")[0] not in "iu":  # MATLAB writes int32; a float could be NaN or 1e300
+        raise r.bad(f"array {name!r}: its dimensions are not integers (data type {dk})")
+    raw = r.numbers(dk, da, dn)
+    if not 2 <= len(raw) <= MAX_DIMS:
+        raise r.bad(f"array {name!r}: {len(raw)} dimensions (MATLAB writes 2 or more; at most {MAX_DIMS} are read)")
+    dims = [int(v) for v in raw]
     values = r.numbers(rk, ra, rn)
-    if any(d < 0 for d in dims) or int(np.prod(dims, dtype=np.int64)) != len(values):
-        raise r.bad(f"array {name!r}: dimensions {dims} do not match its {len(values)} values")
+    # the product in Python ints: numpy's int64 product wraps around (2**32 x 2**32 'is' 0)
+    if any(d < 0 for d in dims) or math.prod(dims) != len(values):
+        raise r.bad(f"array {name!r}: dimensions {dims[:8]}{' ...' if len(dims) > 8 else ''} do not match its "
+                    f"{len(values)} values")
     return name, values.reshape(dims, order="F")
 
 
@@ -126,6 +137,12 @@ def read_svhn(files: dict[str, bytes | memoryview], where: dict[str, str], extra
             raise DataError(f"{where[name]}: expected variables X and y (SVHN's layout), found {sorted(arrays)}")
         if x.ndim != 4 or x.shape[2] != 3 or x.dtype != np.uint8:
             raise DataError(f"{where[name]}: X is {x.dtype} {list(x.shape)}, expected uint8 (H, W, 3, N)")
+        train = splits.get("train_32x32.mat")
+        if name == "extra_32x32.mat" and train is not None and x.shape[:2] != train[0].shape[1:3]:
+            # checked here, before concatenating; train vs test is every source's check (data.checks)
+            raise DataError(f"{where[name]}: X holds {x.shape[1]}x{x.shape[0]} images but "
+                            f"{where['train_32x32.mat']} holds {train[0].shape[2]}x{train[0].shape[1]}; the training "
+                            "files must have one image size")
         labels = np.asarray(y).reshape(-1)
         if len(labels) != x.shape[3] or not np.isin(labels, np.arange(1, 11)).all():
             raise DataError(f"{where[name]}: y must hold {x.shape[3]} labels in 1..10 (10 = digit 0)")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fastcifar.data.archive import Tree
+from fastcifar.data.checks import check_dataset
 from fastcifar.data.images import IMAGE_EXTS, image_root, read_image_folder
 from fastcifar.data.matfile import SVHN_FILES, read_svhn
 from fastcifar.data.safe_pickle import safe_loads
@@ -46,6 +47,7 @@ class Dataset:
     test_images: np.ndarray
     test_labels: np.ndarray
     notes: list[str] = field(default_factory=list)  # one line each for the log (e.g. images composited)
+    where: dict[str, str] = field(default_factory=dict)  # "classes", "train", "test": where each came from
 
 
 def wanted(rel: str) -> bool:
@@ -77,7 +79,14 @@ def detect(tree: Tree) -> str:
 
 
 def read_dataset(tree: Tree, options: ReadOptions = ReadOptions()) -> Dataset:
-    """Read the source as options.dataset (decided by content when "auto")."""
+    """Read the source as options.dataset (decided by content when "auto"), held to what every kind of source
+    must satisfy (data.checks: class names, image shapes, no class without images)."""
+    data = _read(tree, options)
+    check_dataset(data, {k: data.where.get(k, str(tree.origin)) for k in ("classes", "train", "test")})
+    return data
+
+
+def _read(tree: Tree, options: ReadOptions) -> Dataset:
     dataset = detect(tree) if options.dataset == "auto" else options.dataset
     if dataset == "cifar10":
         paths = _find(tree, "data_batch_1")
@@ -92,7 +101,9 @@ def read_dataset(tree: Tree, options: ReadOptions = ReadOptions()) -> Dataset:
     if root is None:
         raise DataError(f"{tree.origin}: --dataset folder needs train/<class>/ and test/<class>/ image folders")
     classes, train_x, train_y, test_x, test_y, notes = read_image_folder(tree, root, options.size)
-    return Dataset("image-folder", classes, train_x, train_y, test_x, test_y, notes=notes)
+    return Dataset("image-folder", classes, train_x, train_y, test_x, test_y, notes=notes,
+                   where={"classes": tree.where(root + "train"), "train": tree.where(root + "train"),
+                          "test": tree.where(root + "test")})
 
 
 # --- official python batches -------------------------------------------------------------------------------------
@@ -120,6 +131,8 @@ def read_cifar_python(tree: Tree, prefix: str) -> Dataset:
         train_labels=np.concatenate([y for _, y in train]),
         test_images=test[0],
         test_labels=test[1],
+        where={"classes": tree.where(prefix + "batches.meta"), "train": tree.where(prefix + "data_batch_1") + " to 5",
+               "test": tree.where(prefix + "test_batch")},
     )
 
 
@@ -139,27 +152,41 @@ def _read_batch(tree: Tree, rel: str, num_classes: int, key: str = "labels") -> 
     """One batch -> (NHWC uint8 images, int64 labels); `key`: the labels' name (CIFAR-100: fine_labels, ...)."""
     where = tree.where(rel)
     batch = safe_loads(tree.read(rel), where)
+    expected = f"a dict with 'data' (uint8 rows of 3072 pixels) and '{key}' (one int per row)"
     if not isinstance(batch, dict):
-        raise DataError(f"{where}: wrong structure (expected a dict with 'data' and '{key}', got "
-                        f"{type(batch).__name__})")
+        raise DataError(f"{where}: wrong structure (expected {expected}, got {type(batch).__name__})")
+    missing = [k for k in ("data", key) if k.encode() not in batch and k not in batch]
+    if missing:
+        found = sorted(k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k) for k in batch)[:8]
+        raise DataError(f"{where}: no '{missing[0]}' key (expected {expected}; found {found})")
     data, labels = _get(batch, "data"), _get(batch, key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise DataError(f"{where}: wrong shapes (expected 'data' uint8 (N, 3072), got {got})")
+        raise DataError(f"{where}: wrong shapes: 'data' must be uint8 (N, 3072), got {_described(data)}")
+    if not len(data):
+        raise DataError(f"{where}: holds no images ('data' is (0, 3072)); remove the file or fill it")
     # Only a flat sequence of ints becomes an array: np.asarray of a pickled list that references one big list
     # many times would build a huge nested array before any shape check could refuse it.
     flat = isinstance(labels, np.ndarray) or (isinstance(labels, (list, tuple))
-                                              and all(isinstance(v, int) for v in labels))
-    y = np.asarray(labels) if flat else np.asarray([])
-    if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(data):
-        raise DataError(
-            f"{where}: wrong shapes (expected '{key}' as {len(data)} ints, got {y.dtype} of shape {y.shape})"
-        )
-    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+                                              and all(isinstance(v, int) and not isinstance(v, bool) for v in labels))
+    y = np.asarray(labels) if flat else None
+    if y is None or y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(data):
+        raise DataError(f"{where}: wrong shapes: '{key}' must be a list of {len(data)} ints (one per row of 'data'), "
+                        f"got {_described(labels)}")
+    if y.min() < 0 or y.max() >= num_classes:
         raise DataError(f"{where}: label out of range [0, {num_classes}) (min {y.min()}, max {y.max()})")
     # Rows are channel-planar (1024 R, 1024 G, 1024 B, each 32x32 row-major) -> NHWC.
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     return images, y.astype(np.int64)
+
+
+def _described(v: object) -> str:
+    """A value read from a pickle, in a few words for an error line."""
+    if isinstance(v, np.ndarray):
+        return f"a {v.dtype} array of shape {v.shape}"
+    if isinstance(v, (list, tuple)):
+        odd = next((type(x).__name__ for x in v if not isinstance(x, int) or isinstance(x, bool)), None)
+        return f"a {type(v).__name__} of {len(v)} items" + (f" (one a {odd})" if odd else "")
+    return f"a {type(v).__name__}"
 
 
 # --- CIFAR-100 -----------------------------------------------------------------------------------------------------
@@ -179,7 +206,9 @@ def read_cifar100(tree: Tree, labels: str = "fine") -> Dataset:
     key = f"{labels}_labels"
     train = _read_batch(tree, found["train"][0], len(classes), key)
     test = _read_batch(tree, found["test"][0], len(classes), key)
-    return Dataset("cifar100-python", classes, *train, *test)
+    return Dataset("cifar100-python", classes, *train, *test,
+                   where={"classes": tree.where(found["meta"][0]), "train": tree.where(found["train"][0]),
+                          "test": tree.where(found["test"][0])})
 
 
 def _read_svhn(tree: Tree, extra: bool) -> Dataset:
@@ -189,6 +218,8 @@ def _read_svhn(tree: Tree, extra: bool) -> Dataset:
     if missing:
         raise DataError(f"{tree.origin}: SVHN needs {', '.join(need)} (missing {', '.join(missing)})")
     files = {n: tree.read(p[0]) for n, p in paths.items()}
-    train_x, train_y, test_x, test_y, classes = read_svhn(files, {n: tree.where(p[0]) for n, p in paths.items()},
-                                                         extra)
-    return Dataset("svhn-mat", classes, train_x, train_y, test_x, test_y)
+    where = {n: tree.where(p[0]) for n, p in paths.items()}
+    train_x, train_y, test_x, test_y, classes = read_svhn(files, where, extra)
+    train_where = where["train_32x32.mat"] + (" + extra_32x32.mat" if extra else "")
+    return Dataset("svhn-mat", classes, train_x, train_y, test_x, test_y,
+                   where={"classes": train_where, "train": train_where, "test": where["test_32x32.mat"]})

@@ -1,4 +1,4 @@
-"""A restricted unpickler for the official CIFAR-10 python batches.
+"""A restricted unpickler for the official CIFAR-10 / CIFAR-100 python batches and re-pickled copies of them.
 
 pickle.load on a downloaded file runs whatever callables the file names, so a tampered batch could execute code.
 The official batches only need numpy's array-reconstruction helpers; every other global is refused *before* it is
@@ -27,6 +27,27 @@ _ALLOWED: frozenset[tuple[str, str]] = frozenset(
 )
 
 
+# Python 3 pickles bytes under protocols 0-2 as _codecs.encode(text, "latin1") (b"" as bytes()): every numpy
+# array pickled so holds its raw data that way. Admitted only in that form, so they cannot encode (or allocate)
+# anything else: a str argument, latin-1, nothing more; bytes() with no argument at all.
+_BYTES: frozenset[tuple[str, str]] = frozenset({("_codecs", "encode"), ("__builtin__", "bytes"), ("builtins", "bytes")})
+_LATIN1 = ("latin1", "latin-1", "iso-8859-1", "iso8859-1")
+
+
+class _TextToBytes:
+    def __init__(self, where: str, name: str) -> None:
+        self.where, self.name = where, name
+
+    def __call__(self, *args: Any) -> bytes:
+        if self.name == "encode" and len(args) == 2 and type(args[0]) is str and args[1] in _LATIN1:
+            return args[0].encode("latin-1")
+        if self.name == "bytes" and not args:
+            return b""
+        shown = ", ".join(type(a).__name__ for a in args) or "no arguments"
+        raise DataError(f"{self.where}: refusing pickle call {self.name}({shown}) (protocol 0-2 pickles only encode "
+                        "text as latin-1 bytes this way)")
+
+
 def _resolve(name: str) -> Callable[..., Any] | type:
     """Look the allowed name up in whichever numpy is installed (avoids numpy 2's numpy.core deprecation shim)."""
     import numpy as np
@@ -53,6 +74,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return _resolve(name)
+        if (module, name) in _BYTES:
+            return _TextToBytes(self._where, name)
         raise DataError(
             f"{self._where}: refusing pickle global '{module}.{name}' "
             "(only numpy arrays and builtin containers are allowed)"

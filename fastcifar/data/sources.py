@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from fastcifar.atomic import fsync_dir
 from fastcifar.data.archive import one_line
-from fastcifar.errors import DataError
+from fastcifar.errors import DataError, DiskFullError
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -71,11 +72,23 @@ def _existing(path: Path, what: str) -> Path:
 
 
 def _download(url: str, dest: Path, md5: str) -> None:
-    """Fetch `url` to a temp file beside `dest`, check md5, then rename; nothing is left behind on failure."""
+    """Fetch `url` to a temp file beside `dest`, check md5, then rename; nothing is left behind on failure, not
+    even the cache folders this call created (only while empty: another download may have landed there)."""
+    created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # deepest first
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{dest.parent}: cannot create the download cache ({one_line(e)})") from None
+    try:
+        _fetch(url, dest, md5)
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):  # not empty, or gone: not ours to remove any more
+                folder.rmdir()
+        raise
+
+
+def _fetch(url: str, dest: Path, md5: str) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     try:
@@ -88,6 +101,9 @@ def _download(url: str, dest: Path, md5: str) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         except (OSError, ValueError) as e:  # URLError/HTTPError/timeouts are OSErrors; bad URLs are ValueErrors
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # the write, not the network
+                raise DiskFullError(f"{dest}: disk full while downloading {url} ({e.strerror}); the partial file is "
+                                    "removed, free some space and run prepare again") from None
             raise DataError(
                 f"no data source: downloading {url} failed ({one_line(e)}); pass --source PATH, "
                 "or set FASTCIFAR_SOURCE=PATH, or allow the download (network access to the URL, or FASTCIFAR_URL)"
@@ -127,7 +143,7 @@ def source_sha256(path: Path) -> str:
             return file_digest(path)
         h = hashlib.sha256()
         for p in _regular_files(path):
-            rel = p.relative_to(path).as_posix().encode()
+            rel = os.fsencode(p.relative_to(path).as_posix())  # the name's bytes, UTF-8 or not
             h.update(len(rel).to_bytes(8, "little") + rel + p.stat().st_size.to_bytes(8, "little"))
             with open(p, "rb") as f:
                 while chunk := f.read(_CHUNK):

@@ -14,16 +14,18 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from fastcifar.atomic import current_umask, fsync_dir, write_json, write_with
 from fastcifar.data.archive import check_regular, one_line, read_tree
+from fastcifar.data.images import PREPROCESS
 from fastcifar.data.readers import Dataset, ReadOptions, read_dataset, wanted
 from fastcifar.data.sources import file_digest, source_sha256
-from fastcifar.errors import DataError
+from fastcifar.errors import DataError, DiskFullError
 from fastcifar.lifecycle import signals_deferred, writer_lock
 from fastcifar.ownership import (MARKERS, NotOurs, clean_stale_temp_dirs, has_marker, is_empty_dir, marker, shown,
                                  write_marker)
@@ -42,6 +44,11 @@ class Store:
     test_images: np.ndarray
     test_labels: np.ndarray
     meta: dict
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """Every row's label, train then test: the global index order of fastcifar.splits and the .beton."""
+        return np.concatenate([self.train_labels, self.test_labels])
 
 
 STORE_FILES = frozenset({*(f"{n}.npy" for n in ARRAYS), META, MARKERS["store"]})
@@ -83,10 +90,7 @@ def _prepare_locked(source: Path, real_out: Path, out: Path, force: bool, log: C
         log(f"{out}: up to date (prepared from {source})")
         return existing
     log(f"reading {source}")
-    data = read_dataset(read_tree(source, wanted), options)
-    if len(data.classes) < 2:
-        raise DataError(f"{source}: holds {len(data.classes)} class ({', '.join(data.classes)}); a classifier "
-                        "needs at least 2")
+    data = read_dataset(read_tree(source, wanted), options)  # refuses one class, empty classes (data.checks)
     for note in data.notes:
         log(note)
     tmp = Path(tempfile.mkdtemp(prefix=f".{real_out.name}.tmp-{os.getpid()}-", dir=real_out.parent))
@@ -164,7 +168,8 @@ def _write_store(tmp: Path, data: Dataset, source_meta: dict) -> dict:
     sha = {}
     for name, arr in arrays.items():
         path = tmp / f"{name}.npy"
-        write_with(path, lambda f, a=arr: np.save(f, a, allow_pickle=False))
+        with _disk_full_names(path):
+            write_with(path, lambda f, a=arr: np.save(_WriteOnly(f), a, allow_pickle=False))
         sha[path.name] = file_digest(path)
     k = len(data.classes)
     meta = {
@@ -176,15 +181,36 @@ def _write_store(tmp: Path, data: Dataset, source_meta: dict) -> dict:
             "test": np.bincount(data.test_labels, minlength=k).tolist(),
         },
         "shapes": {n: list(a.shape) for n, a in arrays.items()},
+        "preprocess": PREPROCESS,  # how an image file becomes one of these (predict applies the same)
         "stats": channel_stats(data.train_images),
         "dtypes": {n: a.dtype.str for n, a in arrays.items()},
         "sha256": sha,
         "source": source_meta,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json(tmp / META, meta)
+    with _disk_full_names(tmp / META):
+        write_json(tmp / META, meta)
     _apply_umask(tmp)
     return meta
+
+
+class _WriteOnly:
+    """A file seen through write() alone: np.save then writes in chunks with write(), whose OSError keeps its
+    errno (ENOSPC), instead of ndarray.tofile, whose '614400 requested and 237440 written' has none."""
+
+    def __init__(self, f) -> None:
+        self.write = f.write
+
+
+@contextlib.contextmanager
+def _disk_full_names(path: Path) -> Iterator[None]:
+    """A full disk while writing the new store: one line naming the file and what is left (prepare_store removes
+    the temp folder on the way out; a store already at --out was never touched)."""
+    try:
+        yield
+    except DiskFullError:
+        raise DiskFullError(f"{path}: disk full while writing the new store; its temp folder is removed and any "
+                            "store already at --out is unchanged; free some space and run prepare again") from None
 
 
 def _apply_umask(tmp: Path) -> None:
@@ -269,11 +295,13 @@ def _remove_old_store(old: Path, log: Callable[[str], Any]) -> None:
         log(f"left {old}: the store it replaced held files fastcifar did not write ({shown(old)})")
 
 
-def channel_stats(images: np.ndarray, chunk: int = 4096) -> dict[str, list[float]]:
+def channel_stats(images: np.ndarray, chunk_values: int = 2**22) -> dict[str, list[float]]:
     """Per-channel mean and std of uint8 (N, H, W, C) images in [0, 1] units (what data.mean / data.std take),
-    accumulated in float64 chunk by chunk (a 50k store never becomes one float array)."""
+    accumulated in float64 chunk by chunk of at most `chunk_values` pixel values (32 MiB as float64): a chunk
+    counted in images made 80 images at --size 1024 a 1.5 GiB float array, twice."""
     total = np.zeros(images.shape[-1]) if images.ndim == 4 else np.zeros(3)
     squares, count = total.copy(), 0
+    chunk = max(1, chunk_values // max(1, int(np.prod(images.shape[1:]))))
     for start in range(0, len(images), chunk):
         x = np.asarray(images[start:start + chunk], dtype=np.float64).reshape(-1, images.shape[-1]) / 255.0
         total += x.sum(0)
@@ -316,11 +344,16 @@ def _load_meta(store_dir: Path) -> dict:
             and all(isinstance(c, str) for c in meta["classes"])
             and all(isinstance(meta["sha256"][f"{n}.npy"], str) for n in ARRAYS)
             and all(isinstance(meta["shapes"][n], list) and isinstance(meta["dtypes"][n], str) for n in ARRAYS)
+            # what `prepare` prints: _open_arrays holds the shapes to the arrays, the counts are held to the shapes
+            and all(type(meta["counts"][s]) is int and meta["counts"][s] == meta["shapes"][f"{s}_labels"][0]
+                    for s in ("train", "test"))
+            and meta.get("preprocess", PREPROCESS) == PREPROCESS  # stores from before record none: the same rule
         )
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, IndexError):
         ok = False
     if not ok:
-        raise DataError(f"{meta_path}: bad store metadata (missing or malformed classes/shapes/dtypes/sha256)")
+        raise DataError(f"{meta_path}: bad store metadata (missing or malformed classes/counts/shapes/dtypes/sha256, "
+                        f"or a preprocess other than {PREPROCESS!r})")
     return meta
 
 

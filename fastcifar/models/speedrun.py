@@ -7,8 +7,8 @@ the group convs, BatchNorm with a fixed scale and a learnable shift, a global ma
 logits are scaled by 1/9. ~1.97 M trainable parameters at the default width.
 
 The whitening filters come from data: call `model.init_whitening(train_images, mean, std)` once before
-training (the trainer does it for any model that has the method). Until then the frozen filters are a plain
-random conv, so the model still builds, trains and loads checkpoints without the seam.
+training (the trainer does it through the model's registry entry, ModelEntry.data_init). Until then the frozen
+filters are a plain random conv, so the model still builds, trains and loads checkpoints without the seam.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The device call's first seconds: what the box is, and whether the rest can run on it.
+"""The device call's first seconds (bench/device_suite.sh's "preflight" stage): what the box is, and whether the
+rest can run on it. Not fastcifar.preflight, which checks a training run before it starts.
 
-    python -m fastcifar.bench.preflight --out OUT/preflight.json [--quick]
+    python -m fastcifar.bench.device_check --out OUT/preflight.json [--quick]
 
 Records the GPU, driver, versions, C compiler, Python headers and free disk, and fails in one line (exit 2)
 when something the later stages need is missing: a CUDA device (not in --quick, the CPU rehearsal), a C
@@ -72,7 +73,7 @@ def problems(f: dict[str, Any], quick: bool) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastcifar.bench.preflight", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fastcifar.bench.device_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file to write the facts to")
     p.add_argument("--quick", action="store_true", help="the CPU rehearsal: a missing GPU is not a problem")
     args = p.parse_args(argv)

@@ -1,9 +1,9 @@
-"""The seeds' input pipeline, as the baseline the device loader is measured against: a Dataset that hands out
+"""The seed projects' input pipeline, as the baseline the device loader is measured against: a Dataset that hands out
 one PIL image at a time, per-image torchvision.transforms.v2, a torch DataLoader with worker processes, and a
 copy of each collated batch to the training device.
 
 fastcifar.backends.torchvision (the `loader = "torchvision"` fallback) implements the same thing for training;
-when it is installed the bench uses it, so both measure one implementation. `seed_loader` is the one switch.
+when it is installed the bench uses it, so both measure one implementation. `seed_project_loader` is the one switch.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from fastcifar.recipe import AugmentCfg
 BACKEND = "fastcifar.backends.torchvision"
 
 
-def seed_transform(cfg: AugmentCfg, mean, std, image_size: int):
-    """The recipe's augment section as the seeds wrote it: per-image v2 ops on a PIL image."""
+def seed_project_transform(cfg: AugmentCfg, mean, std, image_size: int):
+    """The recipe's augment section as the seed projects wrote it: per-image v2 ops on a PIL image."""
     from torchvision.transforms import v2
 
     ops: list = []
@@ -70,24 +70,24 @@ class OnDevice:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
-def make_seed_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, cfg: AugmentCfg, mean, std, *,
-                     train: bool = True, workers: int = 4, seed: int = 0,
-                     device: torch.device | None = None) -> OnDevice:
+def make_seed_project_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, cfg: AugmentCfg, mean, std,
+                             *, train: bool = True, workers: int = 4, seed: int = 0,
+                             device: torch.device | None = None) -> OnDevice:
     device = device or torch.device("cpu")
     gen = torch.Generator()
     gen.manual_seed(seed)
-    ds = PilImages(images, np.asarray(labels, dtype=np.int64), seed_transform(cfg, mean, std, images.shape[1]))
+    ds = PilImages(images, np.asarray(labels, dtype=np.int64), seed_project_transform(cfg, mean, std, images.shape[1]))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0, generator=gen)
     return OnDevice(loader, device)
 
 
-def seed_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, cfg: AugmentCfg, mean, std, *,
-                workers: int, seed: int, device: torch.device) -> tuple[object, str]:
+def seed_project_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, cfg: AugmentCfg, mean, std, *,
+                        workers: int, seed: int, device: torch.device) -> tuple[object, str]:
     """(an iterable of (x, y) on `device`, the implementation's name): the training backend when present."""
     if importlib.util.find_spec(BACKEND) is None:
-        return make_seed_loader(images, labels, batch_size, cfg, mean, std, train=True, workers=workers,
-                                seed=seed, device=device), __name__
+        return make_seed_project_loader(images, labels, batch_size, cfg, mean, std, train=True, workers=workers,
+                                        seed=seed, device=device), __name__
     from fastcifar.backends.torchvision import make_torchvision_loader
 
     kwargs = dict(train=True, workers=workers, seed=seed)

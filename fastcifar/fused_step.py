@@ -18,6 +18,8 @@ rest), no gradient clipping, no GradScaler (fp16), on_nonfinite = "stop" (the lo
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 
@@ -49,7 +51,12 @@ class FusedStep:
         self.lr = [torch.zeros((), device=device) for _ in self.groups]
         self.momentum = [torch.zeros((), device=device) for _ in self.groups]
         kwargs = {"mode": mode} if backend == "inductor" and mode else {}
-        self.fn = torch.compile(self._step, backend=backend, fullgraph=True, **kwargs)
+        # dynamo keeps its compiled graphs on the function's code object and stops compiling it after
+        # recompile_limit (8) entries, falling back to eager with a warning. Every FusedStep's guards differ (its
+        # own parameters and buffers), so on one shared code object a run's later folds (a compile each, one more
+        # when the whitening bias freezes, one on resume) ran eagerly. Each step compiles its own copy of the code.
+        own = types.FunctionType(FusedStep._step.__code__.replace(), FusedStep._step.__globals__, "_step")
+        self.fn = torch.compile(types.MethodType(own, self), backend=backend, fullgraph=True, **kwargs)
 
     def _bind(self) -> None:
         """Take the optimizer's current param groups and momentum buffers (load_state_dict, on resume, replaces

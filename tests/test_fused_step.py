@@ -92,3 +92,20 @@ def test_a_compiled_step_run_resumes_mid_epoch_bit_identical(tiny, tmp_path, mon
                          "lr": 0.05}, schedule={"name": "linear"}, train={"epochs": 3, "compile_step": True})
     full, _, _ = full_and_resumed(recipe, tmp_path, epoch=1, step=3)
     assert json.loads((full / "result.json").read_text())["engine"]["compile_step"] is True
+
+
+
+def test_every_compiled_step_compiles_however_many_came_before():
+    """dynamo stops compiling a code object after recompile_limit (8) cache entries that match the objects of the
+    call, and runs it eagerly from then on; a freed step's entries can match a new step's objects (CPython reuses
+    their addresses). Ten compiled steps one after another (a k-fold run's folds, a stopped and a resumed run) all
+    compile: on one shared code object a resumed compile_step run stepped eagerly (not bit-identical)."""
+    assert torch._dynamo.config.recompile_limit < 10
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for seed in range(10):
+            torch.manual_seed(seed)
+            model = create_model("speedrun_net", width=4)
+            _, fused = _fused(model, backend="eager")
+            loss, _ = fused(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+            assert torch.isfinite(loss)
+            del model, fused

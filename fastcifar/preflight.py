@@ -168,7 +168,15 @@ def check_pack(recipe: Recipe, store: Store, device: torch.device, folds: bool =
                                               '"reduce-overhead" records the compiler\'s CUDA graphs of the pack'),
         "train.amp": (make_scaler(recipe_amp_dtype(tr, device), device) is not None,
                       "fp16 loss scaling (this GPU has no bf16) is not supported with packing; set train.amp = false"),
+        # the packed step is one forward and backward for every fold, then each fold's own eager update
+        "train.compile_step": (tr.compile_step, "not with packing (the compiled step is one fold's forward, backward "
+                                                "and update); set train.compile_step = false or train.pack = 1"),
+        "train.steps": (tr.steps != 0, "not with packing yet (a fold's last epoch would end mid-epoch, inside the "
+                                       "pack); set train.steps = 0 or train.pack = 1"),
     }
+    if tr.amp == "auto" and device.type == "cpu":  # the probe times one fold's model, not the pack
+        raise RecipeError('train.amp: "auto" on the CPU measures each fold\'s model alone, not the pack; set '
+                          "train.amp = true or false with packing")
     for key, (refused, why) in refusals.items():
         if refused:
             raise RecipeError(f"{key}: {why}")

@@ -12,7 +12,9 @@
 #                 line when something the GPU stages need is missing
 #   3 prepare     the real store from the carried archive (in the tree: nothing needed from it comes back)
 #   4 cuda tests  the CUDA-only tests at full size (pytest -m cuda) -> cuda-tests.xml
-#   5 peer        speedrun94 against airbench94, alternating, same process, same data -> *-speedrun.json
+#   5 records     the current records (airbench94_muon.py, Hiverge's cifar10_speedrun.py, carried unchanged in
+#                 carry/peers) and ours at their exact steps, alternating, their own timing -> *-records.json
+#   5b peer       speedrun94 against airbench94, alternating, same process, same data -> *-speedrun.json
 #   6 suite       seed workload (img/s, projected hours), loader table (HBM share), packed k-fold (k = 1, 5 for
 #                 speedrun_net and seed000_fast's model), CIFAR-stem ResNets, compile cells -> <date>-<gpu>.json
 #                 / .md (the stages in order: python -m fastcifar.bench.suite --list --device cuda)
@@ -120,10 +122,16 @@ mapfile -t CUDA_TESTS < <(grep -l "pytest.mark.cuda" tests/test_*.py)  # files w
 stage "cuda tests" 90 "$PYTHON" -m pytest -q -rs -m cuda -p no:cacheprovider --junitxml="$OUT/cuda-tests.xml" \
   "${CUDA_TESTS[@]}"
 if [[ -n "$QUICK" ]]; then
+  # one record on the CPU rehearses the mechanism (carried files, their main() under the shim, results in $OUT);
+  # tests/test_peer_records.py runs both
+  stage records 150 "$PYTHON" bench/peer_records.py --tiny --device cpu --peer hiverge --store "$STORE" \
+    --out-dir "$OUT" --set model.width=8
   stage peer 60 "$PYTHON" bench/peer_airbench.py --tiny --device cpu --store "$STORE" --out-dir "$OUT" \
     --set model.width=8 --set data.train_subset=8
 else
-  stage peer 170 "$PYTHON" bench/peer_airbench.py --n 5 --budget 160 --store "$STORE" --out-dir "$OUT"
+  # warm-ups (their max-autotune compile, ours) are outside the timed rounds; --budget stops starting rounds
+  stage records 230 "$PYTHON" bench/peer_records.py --n 5 --budget 215 --store "$STORE" --out-dir "$OUT"
+  stage peer 120 "$PYTHON" bench/peer_airbench.py --n 3 --budget 110 --store "$STORE" --out-dir "$OUT"
 fi
 SUITE=$(( $(left) - (QUICK ? 10 : 60) ))  # the fold stage gets the last minute, if any
 stage suite $(( SUITE + 15 )) "$PYTHON" -m fastcifar.bench.suite --data "$STORE" --out "$OUT" --budget "$SUITE" \

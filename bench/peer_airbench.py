@@ -29,7 +29,6 @@ import dataclasses
 import datetime as dt
 import importlib
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ except ImportError:  # a checkout without `pip install -e .`: use the repository
 from fastcifar.atomic import write_json  # noqa: E402
 from fastcifar.bench.airbench import AB_HYP, run_airbench, write_airbench_data  # noqa: E402
 from fastcifar.bench.env import bench_environment, free_stem, slug  # noqa: E402
-from fastcifar.bench.timing import Clock  # noqa: E402
+from fastcifar.bench.ours import run_ours, stats  # noqa: E402  (our side, shared with peer_records.py)
 from fastcifar.errors import FastCifarError  # noqa: E402
 from fastcifar.recipe import Recipe, load_recipe  # noqa: E402
 from fastcifar.splits import take_per_class  # noqa: E402
@@ -82,73 +81,11 @@ def import_airbench(wheels: Path = ROOT / "bench" / "wheels"):
     return None
 
 
-# ---------------------------------------------------------------------------------------------- our side
-
-
 def _with_epochs(recipe: Recipe, epochs: int) -> Recipe:
     return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, epochs=epochs))
 
 
-def run_ours(recipe: Recipe, store: Store, device: torch.device, console: Console) -> dict[str, float]:
-    """One timed run of `recipe` through the trainer's own fold (official split) and a final test evaluation."""
-    from fastcifar.context import Hooks, RunContext, RunPlan
-    from fastcifar.evaluate import evaluate
-    from fastcifar.fold_run import build_fold, first_stage
-    from fastcifar.progress import RunProgress
-    from fastcifar.splits import make_folds
-    from fastcifar.state import TrainState
-    from fastcifar.strategy import Solo
-    from fastcifar.train import fit
-
-    fold = make_folds(len(store.train_labels), store.labels, recipe.split)[0]
-    clock = Clock(device)
-    # The per-epoch validation only picks best.pt, which this harness never reads: it runs without TTA (on 2
-    # CPU cores 6-view TTA costs ~70 s per epoch, 1 view ~12 s). It is outside train_s either way, and eval
-    # touches no random generator, so the training run is the same.
-    validating = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, tta="none"))
-    marks: list[tuple[str, Any]] = []
-    hooks = Hooks(on_step=lambda e, s: marks.append(("steps_done", clock.mark())) if s == last else None,
-                  on_epoch_end=lambda e: marks.append(("epoch_end", clock.mark())))
-    with tempfile.TemporaryDirectory(prefix="peer-ours-") as tmp:
-        plan = RunPlan(validating, store, device, Path(tmp), resume=False, folds=(fold,), beton=None)
-        ctx = RunContext(plan, console, Solo(), hooks, stop=None, resuming=False)
-        run = build_fold(ctx, fold)  # data prep: not timed
-        state = TrainState(stage=first_stage(recipe))
-        last = len(run.data.train) - 1
-        marks.append(("start", clock.mark()))
-        with RunProgress(console, 1) as progress:
-            fit(run, state, progress)
-        t_eval = clock.mark()
-        # The final model (not the best-on-test checkpoint), as airbench reports, evaluated the way the trainer
-        # validates: its eval net (the EMA copy when train.ema_decay is on) with eval.tta.
-        test = evaluate(run.engine.eval_net, run.data.test, device, run.dtype, len(store.classes),
-                        **{**run.eval_kwargs, "tta": recipe.eval.tta})
-        t_done = clock.mark()
-        plain = evaluate(run.engine.eval_net, run.data.test, device, run.dtype, len(store.classes),
-                         **{**run.eval_kwargs, "tta": "none"})  # untimed: the accuracy without TTA
-    train_s = overhead_s = 0.0
-    for (_, a), (kind, b) in zip(marks, marks[1:]):  # start, (steps_done, epoch_end) per epoch
-        if kind == "steps_done":
-            train_s += clock.seconds(a, b)
-        else:
-            overhead_s += clock.seconds(a, b)
-    return {"acc": float(test["acc"]), "acc_no_tta": float(plain["acc"]), "train_s": train_s,
-            "fit_overhead_s": overhead_s,
-            "eval_s": clock.seconds(t_eval, t_done), "params": sum(p.numel() for p in run.model.parameters()),
-            # the trainer's own warm-up clock: ~one step's time when the warm-up run left nothing to compile
-            "compile_time_s": float(state.compile_time_s)}
-
-
 # ---------------------------------------------------------------------------------------------- the report
-
-
-def stats(runs: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k in keys:
-        vals = [r[k] for r in runs]
-        out[f"{k}_mean"] = statistics.fmean(vals)
-        out[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return out
 
 
 def device_slug(device: torch.device) -> str:
@@ -178,7 +115,8 @@ def _airbench_runner(args, store: Store, device: torch.device, per_class: int,
 
 
 def _log(console: Console, label: str, i: int, n: int, run: dict[str, float]) -> None:
-    console.print(f"{label} run {i + 1}/{n}: " + ", ".join(f"{k} {v:.4g}" for k, v in run.items()))
+    console.print(f"{label} run {i + 1}/{n}: " + ", ".join(f"{k} {v:.4g}" for k, v in run.items()
+                                                          if isinstance(v, (int, float))))
 
 
 def compare(args, recipe: Recipe, store: Store, device: torch.device, console: Console) -> tuple[dict, dict]:

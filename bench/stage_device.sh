@@ -3,8 +3,11 @@
 # exact `carry` list and command:
 #
 #   bash bench/stage_device.sh [ARCHIVE]      ARCHIVE default: ../shared/data/cifar10-jpeg.tar.gz
+#   PEERS=DIR bash bench/stage_device.sh      the record scripts' folder (default ../shared/peers)
 #
 #   carry/data/cifar10-jpeg.tar.gz   the real data, checked against the .sha256 beside it
+#   carry/peers/{airbench94_muon,hiverge_speedrun}/   the current records' scripts with their licences, copied
+#                                    unchanged (bench/peer_records.py runs them from there on the box)
 #   bench/wheels/airbench-0.1.8-py3-none-any.whl   the peer, built here from its sdist (pure Python)
 #   bench/wheels/{pytest,pluggy,iniconfig}-*.whl   for the CUDA-test stage, in case the box has no pytest
 # Both folders are git-ignored. Re-running is cheap: what is already staged and checked is kept.
@@ -26,6 +29,17 @@ if [[ -f "$SRC.sha256" ]]; then
   [[ "$got" == "$want" ]] || { echo "stage_device: error: $SRC: sha256 $got, expected $want" >&2; exit 2; }
 fi
 cmp -s "$SRC" "$DEST" 2>/dev/null || cp "$SRC" "$DEST"
+
+PEERS="${PEERS:-../shared/peers}"
+for f in airbench94_muon/airbench94_muon.py airbench94_muon/LICENSE hiverge_speedrun/cifar10_speedrun.py \
+         hiverge_speedrun/LICENSE; do
+  if [[ -f "$PEERS/$f" ]]; then
+    mkdir -p "carry/peers/$(dirname "$f")"
+    cmp -s "$PEERS/$f" "carry/peers/$f" 2>/dev/null || cp "$PEERS/$f" "carry/peers/$f"
+  else
+    echo "stage_device: warning: $PEERS/$f missing: the records stage will say that peer did not run" >&2
+  fi
+done
 
 if ! ls bench/wheels/airbench-$AIRBENCH-*.whl >/dev/null 2>&1; then
   tmp=$(mktemp -d)

@@ -27,6 +27,7 @@ from fastcifar.fold_data import eval_counts
 from fastcifar.fold_run import FoldRun
 from fastcifar.gradcam import get_layer, grad_cam
 from fastcifar.metrics import compute_metrics
+from fastcifar.precision import precision_name
 from fastcifar.runfiles import FIGURE_FILES, FIGURES_DIR
 from fastcifar.state import TrainState
 
@@ -63,8 +64,12 @@ def finish_fold(run: FoldRun, state: TrainState) -> dict[str, Any]:
     result["inference_ms_per_image"] = ms
     result["peak_memory_mb"], result["peak_memory_kind"] = peak_memory_mb(run.device)
     result["compile_time_s"] = state.compile_time_s  # warm-up steps, kept out of img_per_s
+    if "tta_selection" in final:  # selective TTA: how many of the reported set got the views, at what threshold
+        result["tta_selection"] = final["tta_selection"]
     result["engine"] = {**run.engine.summary(run.step.optimizer), "tta": run.recipe.eval.tta,
-                        "channels_last": run.recipe.train.channels_last}
+                        "tta_fraction": run.recipe.eval.tta_fraction,
+                        "channels_last": run.recipe.train.channels_last,
+                        "precision": run.precision or {"precision": precision_name(run.dtype), "chosen_by": "recipe"}}
     write_json(run.dir / "result.json", result)  # before the figures: a figure can never cost the result
     if run.recipe.eval.figures:
         _figures(run, state, result, final, final_loader, plain)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import platform
+from pathlib import Path
 
 import torch
 
@@ -40,8 +42,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def recipe_amp_dtype(train_cfg, device: torch.device) -> torch.dtype | None:
-    """The recipe's autocast dtype on `device`: train.amp applies on accelerators; the CPU needs train.amp_cpu
-    too, so one recipe is fast on a GPU and still fp32 (the fast path there) on a laptop."""
+    """The recipe's autocast dtype on `device`: train.amp (true or "auto") applies on accelerators; the CPU needs
+    train.amp_cpu too, so one recipe is fast on a GPU and still fp32 on a laptop. Training with train.amp = "auto"
+    on the CPU measures instead (fastcifar.precision.choose_cpu_precision); evaluation commands take this."""
     if device.type == "cpu":
-        return amp_dtype(device, train_cfg.amp and train_cfg.amp_cpu)
-    return amp_dtype(device, train_cfg.amp)
+        return amp_dtype(device, bool(train_cfg.amp) and train_cfg.amp_cpu)
+    return amp_dtype(device, bool(train_cfg.amp))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for result files and the CPU precision cache's key."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

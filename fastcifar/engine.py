@@ -78,6 +78,7 @@ class EnginePlan:
     graphs: Literal["off", "module", "compiler"]  # module: make_graphed_callables; compiler: inductor's
     warmup_steps: int  # first steps timed as warm-up (compile / capture), kept out of img/s
     notes: tuple[str, ...] = ()  # one-line warnings for the user (a requested feature that is off)
+    compile_step: bool = False  # train.compile_step: the whole step is one compiled graph (fastcifar.fused_step)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -119,8 +120,8 @@ def plan_engine(recipe: Recipe, device: torch.device, distributed: bool | None =
         graphs = "compiler"
     # Warm-up: compile happens in step 1 (forward and backward); the compiler's CUDA graphs run step 1 eagerly,
     # record in step 2 and replay from step 3; make_graphed_callables captures inside step 1.
-    warmup = 3 if graphs == "compiler" else 1 if (tr.compile or graphs == "module") else 0
-    return EnginePlan(tr.compile, mode, graphs, warmup, tuple(notes))
+    warmup = 3 if graphs == "compiler" else 1 if (tr.compile or tr.compile_step or graphs == "module") else 0
+    return EnginePlan(tr.compile, mode, graphs, warmup, tuple(notes), tr.compile_step)
 
 
 def compile_model(model: torch.nn.Module, mode: str, backend: str | None = None) -> torch.nn.Module:
@@ -233,6 +234,9 @@ TTA_VIEWS: dict[str, tuple[tuple[int, int, bool, float], ...]] = {
     "flip_translate": ((0, 0, False, 0.25), (0, 0, True, 0.25),
                        (1, 1, False, 0.125), (1, 1, True, 0.125),
                        (-1, -1, False, 0.125), (-1, -1, True, 0.125)),
+    # Hiverge's TTA (cifar10-speedrun @ 5cd49b1): the same six views, each weighted 1/6.
+    "flip_translate_mean": tuple((dy, dx, flip, 1 / 6) for dy, dx in ((0, 0), (1, 1), (-1, -1))
+                                 for flip in (False, True)),
 }
 
 
@@ -246,6 +250,14 @@ def tta_view(x: torch.Tensor, dy: int, dx: int, flip: bool) -> torch.Tensor:
     if flip:
         x = x.flip(-1)
     return x.contiguous(memory_format=fmt)
+
+
+def select_least_confident(logits: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Indices of the int(N * fraction) rows whose softmax maximum is lowest (Hiverge's selective TTA picks the
+    25 % least confident test images this way), in no particular order."""
+    k = int(len(logits) * fraction)
+    confidence = logits.float().softmax(1).amax(1)
+    return torch.topk(confidence, k, largest=False, sorted=False).indices
 
 
 def tta_logits(model: torch.nn.Module, x: torch.Tensor, mode: str = "none") -> torch.Tensor:

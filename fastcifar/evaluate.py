@@ -13,7 +13,7 @@ from fastcifar.augment import build_eval_transform
 from fastcifar.checkpoint import load_checkpoint
 from fastcifar.data import open_store
 from fastcifar.device import autocast, recipe_amp_dtype, resolve_device
-from fastcifar.engine import input_layout, strip_compile_prefix, tta_logits
+from fastcifar.engine import input_layout, select_least_confident, strip_compile_prefix, tta_logits
 from fastcifar.errors import CheckpointError, FastCifarError, first_line
 from fastcifar.loader import DeviceLoader
 from fastcifar.models import build_model, create_model
@@ -27,11 +27,13 @@ if TYPE_CHECKING:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
              num_classes: int, keep_logits: bool = False, tta: str = "none",
-             channels_last: bool = True) -> dict[str, Any]:
+             channels_last: bool = True, tta_fraction: float = 1.0) -> dict[str, Any]:
     """Metrics accumulate on the device; the host reads them once at the end (no per-batch sync).
 
-    tta: "none", "flip" or "flip_translate" (fastcifar.engine.TTA_VIEWS: the weighted mean of the logits of
-    mirrored / shifted copies). channels_last=False feeds the model NCHW-contiguous batches (train.channels_last).
+    tta: "none", "flip", "flip_translate" or "flip_translate_mean" (fastcifar.engine.TTA_VIEWS: the weighted mean
+    of the logits of mirrored / shifted copies). tta_fraction < 1: selective TTA (selective_tta_logits), and the
+    result says how many images got the views ("tta_selection"). channels_last=False feeds the model
+    NCHW-contiguous batches (train.channels_last).
 
     keep_logits=True also returns the (N, C) float32 logits and targets on the CPU, in loader order, for the
     full metric set (fastcifar.metrics) and the figures.
@@ -41,9 +43,13 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
     kept: list[torch.Tensor] = []
-    for x, y in loader:
-        with autocast(device, dtype):
-            logits = tta_logits(model, input_layout(x, channels_last), tta)
+    selection = None
+    if tta != "none" and tta_fraction < 1.0:
+        logits, selection = selective_tta_logits(model, loader, device, dtype, tta, tta_fraction, channels_last)
+        batches = iter([(logits, loader.labels)])
+    else:
+        batches = ((_logits(model, x, device, dtype, tta, channels_last), y) for x, y in loader)
+    for logits, y in batches:
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
         if keep_logits:
@@ -54,10 +60,49 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.
     per_class = (cm.diag().double() / cm.sum(1).clamp(min=1).double()).tolist()
     out = {"loss": float(loss_sum) / max(n, 1), "acc": float(cm.diag().sum()) / max(n, 1), "n": n,
            "per_class_acc": per_class, "confusion": cm.tolist()}
+    if selection is not None:
+        out["tta_selection"] = selection
     if keep_logits:
         out["logits"] = torch.cat(kept).cpu()
         out["targets"] = loader.labels.cpu()
     return out
+
+
+def _logits(model, x: torch.Tensor, device: torch.device, dtype, tta: str, channels_last: bool) -> torch.Tensor:
+    with autocast(device, dtype):
+        return tta_logits(model, input_layout(x, channels_last), tta)
+
+
+@torch.no_grad()
+def selective_tta_logits(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
+                         tta: str, fraction: float, channels_last: bool = True) -> tuple[torch.Tensor, dict]:
+    """Hiverge's selective TTA over a whole evaluation set: plain logits for every image, then the `tta` views
+    for the int(N * fraction) least confident ones (one softmax-maximum ranking over the whole set, not per
+    batch), whose logits they replace. Two passes over the loader; the chosen images go through the TTA views in
+    chunks of the loader's batch size (the last one ragged), like Hiverge's, so the shapes a compiled model sees
+    do not depend on which images were chosen. Returns (float32 logits (N, C) in loader order, {"tta_fraction",
+    "tta_images", "tta_confidence_max"}: the highest plain confidence among the chosen images, the threshold the
+    fraction amounts to)."""
+    logits = torch.cat([_logits(model, x, device, dtype, "none", channels_last).float() for x, _ in loader])
+    chosen = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+    picked = select_least_confident(logits, fraction)
+    chosen[picked] = True
+    confidence = logits.softmax(1).amax(1)
+    size, start = loader.batch_size, 0
+    waiting_x, waiting_i = [], []  # chosen images not yet through the views, and their rows
+    for x, _ in loader:
+        rows = chosen[start:start + len(x)].nonzero().squeeze(1)  # one host read a batch: evaluation only
+        waiting_x.append(x[rows])
+        waiting_i.append(start + rows)
+        start += len(x)
+        if sum(len(i) for i in waiting_i) >= size or start == len(logits):
+            xs, idx = torch.cat(waiting_x), torch.cat(waiting_i)
+            full = len(idx) if start == len(logits) else len(idx) - len(idx) % size
+            for a in range(0, full, size):
+                logits[idx[a:a + size]] = _logits(model, xs[a:a + size], device, dtype, tta, channels_last).float()
+            waiting_x, waiting_i = [xs[full:]], [idx[full:]]
+    top = float(confidence[picked].max()) if len(picked) else None
+    return logits, {"tta_fraction": fraction, "tta_images": len(picked), "tta_confidence_max": top}
 
 
 DEFAULT_IMAGE_SIZE = 32  # checkpoints written before "image_size" was stored all came from 32 px stores
@@ -129,7 +174,8 @@ def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str,
     loader = DeviceLoader(store.test_images, store.test_labels, recipe.eval.batch_size, transform, device,
                           shuffle=False)
     metrics = evaluate(model, loader, device, recipe_amp_dtype(recipe.train, device), len(classes),
-                       tta=recipe.eval.tta, channels_last=recipe.train.channels_last)
+                       tta=recipe.eval.tta, channels_last=recipe.train.channels_last,
+                       tta_fraction=recipe.eval.tta_fraction)
     note = ("this model's folds were drawn from train+test, so the test set overlaps its training data"
             if recipe.split.pool == "train+test" else None)
     result = {"checkpoint": str(path), "store": str(store.path), "images": metrics["n"], "accuracy": metrics["acc"],
@@ -137,6 +183,8 @@ def eval_checkpoint(path: str | Path, data_dir: str | None, device_name: str,
               "per_class": [{"class": name, "accuracy": acc, "images": sum(row)} for name, acc, row in
                             zip(classes, metrics["per_class_acc"], metrics["confusion"])],
               "confusion": metrics["confusion"], "note": note}
+    if "tta_selection" in metrics:  # selective TTA: how many test images got the views, at what threshold
+        result["tta_selection"] = metrics["tta_selection"]
     if console is not None:
         print_eval(result, console)
     return result

@@ -19,6 +19,7 @@ from fastcifar.device import recipe_amp_dtype
 from fastcifar.engine import Engine, build_engine
 from fastcifar.fold_data import FoldData, make_loaders
 from fastcifar.models import build_model, init_from_data
+from fastcifar.precision import choose_cpu_precision, model_desc
 from fastcifar.recipe import Recipe
 from fastcifar.splits import Fold
 from fastcifar.state import TrainState
@@ -44,6 +45,7 @@ class FoldRun:
     tb: FoldLog  # TensorBoard (every call a no-op when off)
     partial: EpochTotals | None = None  # the epoch in progress's totals, as a mid-epoch checkpoint holds them
     warmup_left: int = 0  # steps still timed as warm-up (engine.StepClock)
+    precision: dict[str, Any] | None = None  # train.amp = "auto" on the CPU: what was chosen and how
 
     @property
     def recipe(self) -> Recipe:
@@ -77,15 +79,17 @@ class FoldRun:
 
     @property
     def eval_kwargs(self) -> dict[str, Any]:
-        return {"tta": self.recipe.eval.tta, "channels_last": self.recipe.train.channels_last}
+        return {"tta": self.recipe.eval.tta, "channels_last": self.recipe.train.channels_last,
+                "tta_fraction": self.recipe.eval.tta_fraction}
 
     def say(self, text: str) -> None:
         self.ctx.say(text)
 
     def enter_stage(self, stage: int) -> None:
         """The fine-tuning stage's own step (optimizer and schedule), keeping the accumulation and skip counts."""
-        self.step = make_step(self.ctx, self.model, self.engine, self.scaler, steps_per_epoch=len(self.data.train),
-                              stage=stage, accum=self.step.accum, skipped_total=self.step.skipped_total)
+        self.step = make_step(self.ctx, self.model, self.engine, self.dtype, self.scaler,
+                              steps_per_epoch=len(self.data.train), stage=stage, accum=self.step.accum,
+                              skipped_total=self.step.skipped_total)
 
 
 def first_stage(recipe: Recipe) -> int:
@@ -101,29 +105,37 @@ def build_fold(ctx: RunContext, fold: Fold, saved: TrainState | None = None) -> 
     strategy.adopt_loader(data.train)
     model = build_model(recipe, len(store.classes), int(store.train_images.shape[1]), device)
     init_from_data(recipe.model.name, model, data.train.images, recipe.data.mean, recipe.data.std)
+    dtype, precision = recipe_amp_dtype(recipe.train, device), None
+    if recipe.train.amp == "auto" and device.type == "cpu":  # the faster of fp32 / bf16 here, measured
+        image_size = recipe.augment.resize or int(store.train_images.shape[1])
+        precision = choose_cpu_precision(model, model_desc(recipe.model), recipe.train.batch_size, image_size,
+                                         len(store.classes), recipe.train.channels_last, recipe.train.amp_cpu,
+                                         ctx.say)
+        dtype = precision.dtype
     model = strategy.adopt_model(model)
-    dtype = recipe_amp_dtype(recipe.train, device)
     # The engine wraps the model for the step (compile / CUDA graphs) and validation (EMA); run.model stays
     # the plain module, so checkpoints never carry torch.compile's "_orig_mod." prefix.
     engine = build_engine(model, recipe, device, dtype, ctx.warn)
     scaler = make_scaler(dtype, device)
     stage, accum, skipped = (saved.stage, saved.accum_steps, saved.skipped_total) if saved is not None else \
         (first_stage(recipe), 1, 0)
-    step = make_step(ctx, model, engine, scaler, steps_per_epoch=len(data.train), stage=stage, accum=accum,
+    step = make_step(ctx, model, engine, dtype, scaler, steps_per_epoch=len(data.train), stage=stage, accum=accum,
                      skipped_total=skipped)
     strategy.seeded()
     # A resumed fold's TensorBoard log drops what the interrupted process logged after the checkpoint.
     done = saved.steps_done(len(data.train)) if saved is not None else 0
     tb = FoldLog(fold_dir, recipe, strategy.writes_fold, purge_step=FoldLog.purge_after(done))
     return FoldRun(ctx, fold, fold_dir, data, model, engine, dtype, scaler, step, tb,
-                   warmup_left=engine.plan.warmup_steps)
+                   warmup_left=engine.plan.warmup_steps,
+                   precision=precision.as_dict() if precision is not None else None)
 
 
-def make_step(ctx: RunContext, model: torch.nn.Module, engine: Engine, scaler: torch.amp.GradScaler | None, *,
-              steps_per_epoch: int, stage: int, accum: int = 1, skipped_total: int = 0) -> StepRunner:
+def make_step(ctx: RunContext, model: torch.nn.Module, engine: Engine, dtype: torch.dtype | None,
+              scaler: torch.amp.GradScaler | None, *, steps_per_epoch: int, stage: int, accum: int = 1,
+              skipped_total: int = 0) -> StepRunner:
     """The step of `stage`: its own optimizer over what trains in it, the net the strategy makes of the engine's."""
     set_trainable(model, stage)  # before the strategy wraps the model: DDP hooks what requires grad
     net = ctx.strategy.train_net(model, engine)
-    return build_step(net, model, ctx.recipe, ctx.device, recipe_amp_dtype(ctx.recipe.train, ctx.device),
-                      steps_per_epoch=steps_per_epoch, stage=stage, scaler=scaler, ema=engine.ema,
-                      prepare=engine.prepare, log=ctx.say, accum=accum, skipped_total=skipped_total)
+    return build_step(net, model, ctx.recipe, ctx.device, dtype, steps_per_epoch=steps_per_epoch, stage=stage,
+                      scaler=scaler, ema=engine.ema, prepare=engine.prepare, log=ctx.say, accum=accum,
+                      skipped_total=skipped_total)

@@ -8,6 +8,7 @@ import math
 import torch
 
 from fastcifar.errors import RecipeError
+from fastcifar.muon import BatchedMuon
 from fastcifar.recipe import OptimCfg, ScheduleCfg
 
 
@@ -22,9 +23,10 @@ def update_kernel(cls: type[torch.optim.Optimizer], device: torch.device) -> dic
     return {}
 
 
-def build_optimizer(cfg: OptimCfg, params, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimCfg, params, device: torch.device, total_steps: int = 0) -> torch.optim.Optimizer:
+    """total_steps: the run's optimizer steps (the batched Muon's adaptive renormalisation follows progress)."""
     if cfg.name == "muon":
-        return MuonFilters(*conv_filters(list(params)), cfg, device)
+        return MuonFilters(*conv_filters(list(params)), cfg, device, total_steps)
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name]
     kernel = update_kernel(cls, device)
     if cfg.name == "sgd":
@@ -34,7 +36,8 @@ def build_optimizer(cfg: OptimCfg, params, device: torch.device) -> torch.optim.
 
 
 def lr_factor(cfg: ScheduleCfg, step: int, steps_per_epoch: int, total_steps: int, base_lr: float) -> float:
-    """Multiplier of the base lr at `step` for the constant / cosine / step schedules (with linear warm-up)."""
+    """Multiplier of the base lr at `step` for the constant / cosine / step / linear schedules (with linear
+    warm-up)."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup:
         return (step + 1) / warmup
@@ -44,6 +47,8 @@ def lr_factor(cfg: ScheduleCfg, step: int, steps_per_epoch: int, total_steps: in
         return triangle_factor(cfg, step, total_steps, base_lr)
     if cfg.name == "step":
         return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_epochs)
+    if cfg.name == "linear":  # the records' (airbench94_muon, Hiverge): 1 - step / T, reaching 0 at step T
+        return 1.0 - (step - warmup) / max(1, total_steps - warmup)
     floor = cfg.min_lr / base_lr
     t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
@@ -75,9 +80,11 @@ def onecycle_pct(pct_start: float, total_steps: int) -> float:
 
 
 def build_scheduler(cfg: ScheduleCfg, optim_cfg: OptimCfg, optimizer: torch.optim.Optimizer,
-                    steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """A scheduler stepped once per optimizer step (not per epoch), so short runs still anneal smoothly."""
-    total = steps_per_epoch * epochs
+                    steps_per_epoch: int, epochs: int,
+                    total_steps: int | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+    """A scheduler stepped once per optimizer step (not per epoch), so short runs still anneal smoothly; it spans
+    total_steps (train.steps) when given, else epochs whole epochs."""
+    total = total_steps or steps_per_epoch * epochs
     if cfg.name == "onecycle":
         # Cycling momentum needs a momentum to cycle: plain SGD without momentum keeps it at 0.
         cycle = cfg.cycle_momentum and (optim_cfg.name not in ("sgd", "muon") or optim_cfg.momentum > 0)
@@ -96,7 +103,8 @@ def build_scheduler(cfg: ScheduleCfg, optim_cfg: OptimCfg, optimizer: torch.opti
 
 
 class MuonFilters(torch.optim.Optimizer):
-    """optim.name = "muon": torch.optim.Muon on the conv filters, SGD on every other parameter, as one optimizer
+    """optim.name = "muon": torch.optim.Muon on the conv filters (optim.muon_impl = "batched": fastcifar.muon's
+    BatchedMuon, one Newton-Schulz call over all of them), SGD on every other parameter, as one optimizer
     (one state dict, one set of param groups for the lr schedule: Muon's group first, then SGD's).
 
     Muon takes 2-D parameters only; a conv filter (out, in, k, k) is handed to it as a 2-D view (out, in*k*k) of
@@ -105,22 +113,31 @@ class MuonFilters(torch.optim.Optimizer):
     """
 
     def __init__(self, filters: list[torch.nn.Parameter], rest: list[torch.nn.Parameter], cfg: OptimCfg,
-                 device: torch.device):
-        if not hasattr(torch.optim, "Muon"):
-            raise RecipeError(f'optim.name: "muon" needs torch.optim.Muon (torch 2.9 or newer), this is '
-                              f"torch {torch.__version__}")
-        self.filters = filters
-        self.nhwc = [not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last) for p in filters]
-        self.views = [torch.nn.Parameter(_matrix(p.detach(), nhwc)) for p, nhwc in zip(filters, self.nhwc)]
+                 device: torch.device, total_steps: int = 0):
         if not filters:
             raise RecipeError('optim.name: "muon" found no conv filters in the model; use "sgd"')
-        self.muon = torch.optim.Muon(self.views, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
-                                     weight_decay=cfg.muon_weight_decay)
+        self.filters = filters
+        self.batched = cfg.muon_impl == "batched"
+        if self.batched:  # the filters themselves, any layout: one Newton-Schulz call per step for all of them
+            self.nhwc, self.views = [], []
+            self.muon = BatchedMuon(filters, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
+                                    weight_decay=cfg.muon_weight_decay, coefficients=cfg.muon_ns_coefficients,
+                                    ns_steps=cfg.muon_ns_steps, renorm=cfg.muon_renorm,
+                                    ns_dtype=getattr(torch, cfg.muon_ns_dtype), total_steps=total_steps)
+        else:
+            if not hasattr(torch.optim, "Muon"):
+                raise RecipeError(f'optim.name: "muon" needs torch.optim.Muon (torch 2.9 or newer), this is '
+                                  f"torch {torch.__version__}")
+            self.nhwc = [not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+                         for p in filters]
+            self.views = [torch.nn.Parameter(_matrix(p.detach(), nhwc)) for p, nhwc in zip(filters, self.nhwc)]
+            self.muon = torch.optim.Muon(self.views, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
+                                         weight_decay=cfg.muon_weight_decay)
         # torch.optim refuses an empty parameter list: a model of conv filters only gets a placeholder group
         self.sgd = torch.optim.SGD(rest or [torch.nn.Parameter(torch.zeros(0))], lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
                                    **update_kernel(torch.optim.SGD, device))
-        super().__init__([{"params": self.views}], {"lr": cfg.lr, "momentum": cfg.momentum})
+        super().__init__([{"params": self.views or filters}], {"lr": cfg.lr, "momentum": cfg.momentum})
         # The schedulers scale every group's lr and momentum: Muon's and SGD's groups are the ones stepped.
         self.param_groups = self.muon.param_groups + self.sgd.param_groups
 

@@ -35,8 +35,8 @@ from fastcifar.models.resnet import Residual, Scale
 from fastcifar.models.speedrun import PatchWhitening, ResidualConvGroup, ShiftBatchNorm
 
 # Parameter-free layers that act per channel (or per feature): the members' instance serves the pack as it is.
-STATELESS = (nn.ReLU, nn.GELU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity,
-             nn.Dropout, Scale)
+STATELESS = (nn.ReLU, nn.GELU, nn.SiLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
+             nn.Identity, nn.Dropout, Scale)
 # Containers whose own forward only composes their children with per-channel operations (x + f(x), flatten):
 # a copy of one with packed children computes the pack. nn.Sequential subclasses that keep its forward count too.
 CONTAINERS = (Residual, ResidualConvGroup, tvr.BasicBlock, tvr.ResNet)

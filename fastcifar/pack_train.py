@@ -44,9 +44,11 @@ from fastcifar.train import book_time, close_epoch, non_finite_error, open_epoch
 # What the members of one pack must share: one architecture, one batch and image shape, one device, precision and
 # layout, one compiled graph. Everything else (optimizer and its values, schedule, augmentation, label smoothing,
 # seed, split, epochs, early stopping, evaluation) is each member's own.
-SHARED = ("data.store", "model.name", "model.width", "augment.resize", "train.batch_size", "train.device",
-          "train.amp", "train.amp_cpu", "train.channels_last", "train.compile", "train.compile_mode",
-          "train.threads", "train.deterministic")
+# (model.activation, bn_momentum, bias_lr_scale: the packed layers take them from the first member; each member
+# fits its own whitening filters, so model.whiten_init may differ.)
+SHARED = ("data.store", "model.name", "model.width", "model.activation", "model.bn_momentum", "model.bias_lr_scale",
+          "augment.resize", "train.batch_size", "train.device", "train.amp", "train.amp_cpu", "train.channels_last",
+          "train.compile", "train.compile_mode", "train.threads", "train.deterministic")
 
 
 def pack_key(recipe: Recipe) -> tuple:

@@ -85,6 +85,9 @@ def check_distributed(recipe: Recipe, world: int, device: torch.device, folds_pa
                               f'"kfold" and split.fold = -1, got kind = "{recipe.split.kind}", fold = '
                               f"{recipe.split.fold}")
         return
+    if tr.compile_step:
+        raise RecipeError("train.compile_step: not under DDP (its gradient all-reduce runs in .backward() hooks; "
+                          "the compiled step takes torch.autograd.grad); set train.compile_step = false")
     if tr.pack != 1:
         raise RecipeError("train.pack: DDP trains one model on every rank; packing composes with --folds-parallel "
                           "(each rank packs its own folds), or set train.pack = 1")
@@ -127,7 +130,17 @@ def check_folds(recipe: Recipe, store: Store) -> list[Fold]:
         if len(train) < recipe.train.batch_size:
             raise RecipeError(f"train.batch_size: {recipe.train.batch_size} is more than fold {fold.index}'s "
                               f"{len(train)} training images (no full batch to train on); lower it")
+        check_steps(recipe, len(train) // recipe.train.batch_size, fold.index)
     return folds
+
+
+def check_steps(recipe: Recipe, steps_per_epoch: int, fold: int = 0) -> None:
+    """train.steps ends inside the last of train.epochs: after more than epochs - 1 whole epochs, at most all."""
+    tr = recipe.train
+    if tr.steps and not (tr.epochs - 1) * steps_per_epoch < tr.steps <= tr.epochs * steps_per_epoch:
+        need = -(-tr.steps // steps_per_epoch)
+        raise RecipeError(f"train.steps: {tr.steps} steps at fold {fold}'s {steps_per_epoch} steps an epoch end in "
+                          f"epoch {need}; set train.epochs = {need}, got {tr.epochs}")
 
 
 def check_pack(recipe: Recipe, store: Store, device: torch.device, folds: bool = True) -> None:
@@ -155,7 +168,15 @@ def check_pack(recipe: Recipe, store: Store, device: torch.device, folds: bool =
                                               '"reduce-overhead" records the compiler\'s CUDA graphs of the pack'),
         "train.amp": (make_scaler(recipe_amp_dtype(tr, device), device) is not None,
                       "fp16 loss scaling (this GPU has no bf16) is not supported with packing; set train.amp = false"),
+        # the packed step is one forward and backward for every fold, then each fold's own eager update
+        "train.compile_step": (tr.compile_step, "not with packing (the compiled step is one fold's forward, backward "
+                                                "and update); set train.compile_step = false or train.pack = 1"),
+        "train.steps": (tr.steps != 0, "not with packing yet (a fold's last epoch would end mid-epoch, inside the "
+                                       "pack); set train.steps = 0 or train.pack = 1"),
     }
+    if tr.amp == "auto" and device.type == "cpu":  # the probe times one fold's model, not the pack
+        raise RecipeError('train.amp: "auto" on the CPU measures each fold\'s model alone, not the pack; set '
+                          "train.amp = true or false with packing")
     for key, (refused, why) in refusals.items():
         if refused:
             raise RecipeError(f"{key}: {why}")

@@ -45,6 +45,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "optim.weight_decay": (0.0, 100.0), "optim.muon_weight_decay": (0.0, 100.0),
     "optim.lookahead_power": (0.0, 100.0), "schedule.warmup_epochs": (0.0, 1e6),
     "schedule.div_factor": (1e-3, 1e9), "schedule.final_div_factor": (1e-3, 1e9), "train.grad_clip": (0.0, 1e6),
+    "model.bias_lr_scale": (0.0, 1e6), "augment.shift_jitter": (0.0, 10.0),  # normalised units: pixels span about +-3
+    "optim.muon_ns_coefficients": (-1e3, 1e3),  # the records' quintic: 3.4445, -4.775, 2.0315
 }
 
 
@@ -113,9 +115,21 @@ class ModelCfg:
     # airbench trains it for 3
     whiten_bias_epochs: int = setting(0, "speedrun nets: train the whitening layer's bias for the first n epochs "
                                          "only, then freeze it; 0 = trained throughout")
+    # The speedrun nets' own options (models.SPEEDRUN_OPTIONS: each default there is the default here)
+    activation: Literal["gelu", "silu"] = setting("gelu", "speedrun nets: the conv groups' activation (Hiverge's "
+                                                          "record: silu)")
+    # svd: the same filters up to sign, so the same whitened channels in another order
+    whiten_init: Literal["eigh", "svd"] = setting(
+        "eigh", "speedrun nets: the whitening filters from the eigendecomposition of the patch covariance (eigh) or "
+                "its SVD (svd, Hiverge's init)")
+    # airbench's 0.6 is 0.4 here; Hiverge's 0.5566 is 0.4434
+    bn_momentum: float = setting(0.4, "speedrun nets: BatchNorm running-statistics momentum in torch's convention, "
+                                      "in (0, 1]")
+    bias_lr_scale: float = setting(64.0, "speedrun nets: the BatchNorm shifts' learning-rate multiplier over the "
+                                         "base lr (airbench: 64)")
 
     def validate(self) -> None:
-        from fastcifar.models import known_model, model_entry, model_names  # late: keeps recipe loading light
+        from fastcifar.models import known_model, model_entry, model_names, models_taking, option_defaults  # late
 
         check(known_model(self.name), "model.name",
               f"unknown model '{self.name}' (choose from {', '.join(model_names())}, or timm:<name>)")
@@ -124,13 +138,19 @@ class ModelCfg:
         check(self.whiten_bias_epochs >= 0, "model.whiten_bias_epochs", f"must be >= 0, got {self.whiten_bias_epochs}")
         check(not self.whiten_bias_epochs or model_entry(self.name).whiten_bias, "model.whiten_bias_epochs",
               f"applies to the speedrun nets (their whitening layer), not {self.name}")
+        check(0.0 < self.bn_momentum <= 1.0, "model.bn_momentum", f"must be in (0, 1], got {self.bn_momentum}")
+        check(self.bias_lr_scale > 0, "model.bias_lr_scale", f"must be > 0, got {self.bias_lr_scale}")
+        options = model_entry(self.name).options
+        for key, default in option_defaults().items():  # a model's own options: other models leave the default
+            check(getattr(self, key) == default or key in options, f"model.{key}",
+                  f"applies to {', '.join(models_taking(key))}, not {self.name}")
 
 
 @dataclass(frozen=True)
 class AugmentCfg:
     """Train-time augmentation, applied in this order: crop / translate / flip / rotation (uint8) ->
-    ColorJitter -> RandAugment or TrivialAugmentWide (uint8) -> normalise + cast -> resize -> erasing / cutout
-    -> MixUp / CutMix (needs labels; turns targets into class probabilities)."""
+    ColorJitter -> RandAugment or TrivialAugmentWide (uint8) -> normalise + cast -> resize -> shift_jitter ->
+    erasing / cutout -> MixUp / CutMix (needs labels; turns targets into class probabilities)."""
 
     flip: bool = setting(True, "random horizontal flips")
     flip_mode: Literal["random", "alternate"] = setting(
@@ -141,6 +161,10 @@ class AugmentCfg:
     rotation: float = setting(0.0, "random rotation in [-deg, deg], nearest, zero fill; 0 = off")
     color_jitter: tuple[float, float, float, float] = setting(
         (0.0, 0.0, 0.0, 0.0), "ColorJitter strengths: brightness, contrast, saturation, hue; zeros = off")
+    # Hiverge's (fastcifar.augment.basic.shift_jitter)
+    shift_jitter: tuple[float, float] = setting(
+        (0.0, 0.0), "(brightness, contrast) jitter on the normalised batch: x + U(-b, b), then x * U(1 - c, 1 + c) "
+                    "per image, before erasing / cutout; zeros = off")
     resize: int = setting(0, "bilinear resize to this many pixels after cropping (224 for ImageNet-stem models), "
                              "in training and evaluation; 0 = off")
     randaugment: bool = setting(False, "RandAugment (exclusive with augment.trivialaugment)")
@@ -172,6 +196,8 @@ class AugmentCfg:
         b, c, s, h = self.color_jitter
         check(min(b, c, s) >= 0 and 0.0 <= h <= 0.5, "augment.color_jitter",
               f"brightness, contrast, saturation must be >= 0 and hue in [0, 0.5], got {[b, c, s, h]}")
+        check(min(self.shift_jitter) >= 0 and self.shift_jitter[1] < 1, "augment.shift_jitter",
+              f"brightness must be >= 0 and contrast in [0, 1), got {list(self.shift_jitter)}")
         check(self.resize == 0 or 8 <= self.resize <= 512, "augment.resize",
               f"must be 0 (off) or in [8, 512], got {self.resize}")
         check(self.randaugment_num_ops >= 0, "augment.randaugment_num_ops", "must be >= 0")
@@ -207,6 +233,19 @@ class OptimCfg:
     muon_lr: float = setting(0.02, "muon: the conv filters' own learning rate (scaled by the schedule like lr)")
     muon_momentum: float = setting(0.95, "muon: the conv filters' momentum")
     muon_weight_decay: float = setting(0.0, "muon: the conv filters' weight decay")
+    # batched: Hiverge's; one Newton-Schulz call per step over every filter, zero-padded into one 3-D tensor
+    muon_impl: Literal["torch", "batched"] = setting(
+        "torch", "muon: torch.optim.Muon (one Newton-Schulz per filter), or batched: fastcifar.muon.BatchedMuon, "
+                 "the records' (options muon_ns_*, muon_renorm)")
+    muon_ns_steps: int = setting(5, "muon_impl = \"batched\": Newton-Schulz iterations (the records: 3)")
+    muon_ns_coefficients: tuple[float, float, float] = setting(
+        (3.4445, -4.775, 2.0315), "muon_impl = \"batched\": the Newton-Schulz polynomial's (a, b, c)")
+    muon_ns_dtype: Literal["float32", "bfloat16"] = setting(
+        "float32", "muon_impl = \"batched\": the Newton-Schulz iteration's dtype (airbench94_muon: bfloat16)")
+    # adaptive: when step - last >= 2 + floor(15 * step / total steps)
+    muon_renorm: Literal["none", "every", "adaptive"] = setting(
+        "none", "muon_impl = \"batched\": renormalise the filters to norm sqrt(out channels) before the update: "
+                "every step (airbench94_muon), adaptive (Hiverge's), or none")
     # Lookahead (airbench's): every lookahead_every steps the weights and float buffers are pulled to a slow
     # copy that follows them, slow += (1 - d) (w - slow), w = slow, with d = lookahead_decay * (t / T) ^
     # lookahead_power rising over the run (t steps done of T); after the last step (its pull first, if it is
@@ -225,6 +264,11 @@ class OptimCfg:
         check(self.muon_lr > 0, "optim.muon_lr", f"must be > 0, got {self.muon_lr}")
         check(0.0 <= self.muon_momentum < 1.0, "optim.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         check(self.muon_weight_decay >= 0, "optim.muon_weight_decay", f"must be >= 0, got {self.muon_weight_decay}")
+        check(self.muon_ns_steps >= 1, "optim.muon_ns_steps", f"must be >= 1, got {self.muon_ns_steps}")
+        batched = ("muon_ns_steps", "muon_ns_coefficients", "muon_ns_dtype", "muon_renorm")
+        changed = [k for k in batched if getattr(self, k) != getattr(OptimCfg, k)]
+        check(self.muon_impl == "batched" or not changed, f"optim.{changed[0] if changed else ''}",
+              'applies to optim.muon_impl = "batched" only')
         check(self.lookahead_every >= 0, "optim.lookahead_every", f"must be >= 0, got {self.lookahead_every}")
         check(0.0 <= self.lookahead_decay <= 1.0, "optim.lookahead_decay",
               f"must be in [0, 1], got {self.lookahead_decay}")
@@ -236,11 +280,12 @@ class ScheduleCfg:
     """The learning-rate schedule, stepped every optimizer step (not every epoch)."""
 
     # triangle: airbench's piecewise-linear schedule (fastcifar.optim.triangle_factor); momentum stays
-    # optim.momentum. OneCycle's linear anneal differs from it by a step at each end.
-    name: Literal["constant", "onecycle", "triangle", "cosine", "step"] = setting(
+    # optim.momentum. OneCycle's linear anneal differs from it by a step at each end. linear: the records' decay.
+    name: Literal["constant", "onecycle", "triangle", "cosine", "step", "linear"] = setting(
         "onecycle", "onecycle: torch's OneCycleLR; triangle: airbench's, up from peak / div_factor to the peak at "
-                    "pct_start of the steps, straight down to peak / (div_factor * final_div_factor); cosine, step, "
-                    "constant: with optional linear warm-up")
+                    "pct_start of the steps, straight down to peak / (div_factor * final_div_factor); linear: 1 - t / "
+                    "T from the first step (after any warm-up) to 0 at the end; cosine, step, constant: with "
+                    "optional linear warm-up")
     warmup_epochs: float = setting(0.0, "linear warm-up before constant / cosine / step, in epochs (fractions "
                                         "allowed); onecycle and triangle have their own (pct_start)")
     max_lr: float = setting(0.0, "onecycle / triangle peak; 0 = optim.lr")
@@ -284,11 +329,17 @@ class TrainCfg:
     """The training loop, its precision, input pipeline and engine."""
 
     epochs: int = setting(10, "epochs to train (both stages together with finetune)")
+    # Hiverge's 7.59 epochs of 32 steps = 243 steps: epochs = 8, steps = 243
+    steps: int = setting(0, "total optimizer steps, ending inside the last of train.epochs (a fractional last "
+                            "epoch, as the speed records train; the schedule spans them); 0 = whole epochs")
     batch_size: int = setting(256, "images per optimizer step (the global batch under torchrun)")
     seed: int = setting(0, "the seed of initialisation, shuffling and augmentation (fold f uses seed * 1000 + f)")
     device: Literal["auto", "cpu", "cuda", "mps"] = setting("auto", "where to train; auto: cuda, else mps, else cpu")
-    amp: bool = setting(False, "bf16 autocast on CUDA (fp16 + GradScaler without bf16) and fp16 on MPS; the CPU "
-                               "stays fp32 unless train.amp_cpu")
+    # "auto" on the CPU: fastcifar.precision; result.json engine.precision says which and why
+    amp: bool | Literal["auto"] = setting(
+        False, "bf16 autocast on CUDA (fp16 + GradScaler without bf16) and fp16 on MPS; the CPU stays fp32 unless "
+               "train.amp_cpu; \"auto\": the same on accelerators, and on the CPU the faster of fp32 and bf16 for "
+               "this model on this machine, measured once and cached")
     # cnn_bn trained at 41 vs 521 img/s fp32 on a 2-core EPYC
     amp_cpu: bool = setting(False, "with train.amp: bf16 autocast on the CPU too (usually slower there)")
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy, in [0, 1)")
@@ -319,6 +370,10 @@ class TrainCfg:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = setting(
         "default", "torch.compile's mode")
     cuda_graphs: bool = setting(False, "capture forward + backward as CUDA graphs (the optimizer step stays eager)")
+    # fastcifar.fused_step; train.compile still decides the evaluation model's compile
+    compile_step: bool = setting(False, "compile the whole step (forward, loss, gradients, optimizer update) as one "
+                                        "graph, train.compile_mode applying; needs optim.name sgd, or muon with "
+                                        "muon_impl = \"batched\", no grad_clip, on_nonfinite = \"stop\"")
     ema_decay: float = setting(0.0, "weight EMA decay per step (e.g. 0.999); the EMA weights are validated and "
                                     "saved in best.pt; 0 = off")
     sync_bn: bool = setting(False, "SyncBatchNorm across ranks under torchrun (CUDA)")
@@ -328,6 +383,7 @@ class TrainCfg:
 
     def validate(self) -> None:
         check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        check(self.steps >= 0, "train.steps", f"must be >= 0 (0 = train.epochs whole epochs), got {self.steps}")
         check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing",
               f"must be in [0, 1), got {self.label_smoothing}")
@@ -354,9 +410,14 @@ class EvalCfg:
                                   "Grad-CAM) for every fold")
     gradcam_layer: str = setting("", "Grad-CAM's layer, a dotted module name (e.g. \"layer4.1.conv2\"); \"\" = "
                                      "the last conv layer")
-    tta: Literal["none", "flip", "flip_translate"] = setting(
+    tta: Literal["none", "flip", "flip_translate", "flip_translate_mean"] = setting(
         "none", "test-time augmentation: average the logits of the image and its mirror (flip), plus 1-pixel "
-                "shifts of both (flip_translate, the speedruns' TTA)")
+                "shifts of both (flip_translate, airbench's weights 1/4, 1/4, 1/8 x 4; flip_translate_mean: the "
+                "same six views at 1/6 each, Hiverge's)")
+    # Hiverge: 0.25
+    tta_fraction: float = setting(1.0, "only this fraction of the evaluated images, the least confident by the plain "
+                                       "view's softmax maximum, gets the TTA views; 1 = all (evaluation only: "
+                                       "predict and export apply every view)")
     # With 6-view TTA a speed run's validation costs ~40 % of a training epoch's FLOPs: a run of seconds needs
     # it once.
     every: int = setting(1, "validate after every n-th epoch and always after the last (0: the last only); "
@@ -365,6 +426,7 @@ class EvalCfg:
     def validate(self) -> None:
         check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.every >= 0, "eval.every", f"must be >= 0 (0 = after the last epoch only), got {self.every}")
+        check(0.0 < self.tta_fraction <= 1.0, "eval.tta_fraction", f"must be in (0, 1], got {self.tta_fraction}")
 
 
 @dataclass(frozen=True)
@@ -391,6 +453,10 @@ class Recipe:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()
+        if self.train.compile_step:
+            from fastcifar.fused_step import check_recipe  # late, as ModelCfg's models import
+
+            check_recipe(self)
         check(self.finetune.head_epochs < self.train.epochs, "finetune.head_epochs",
               f"must be < train.epochs ({self.train.epochs}) so stage 2 has epochs, got {self.finetune.head_epochs}")
         for key, (lo, hi) in LIMITS.items():
@@ -469,4 +535,3 @@ def recipe_diff(a: Recipe, b: Recipe) -> list[str]:
         elif da[k] != db[k]:
             out.append(k)
     return out
-

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from fastcifar import engine
 from fastcifar.device import autocast
 from fastcifar.errors import FastCifarError
+from fastcifar.fused_step import FusedStep
 from fastcifar.models import head_parameters
 from fastcifar.optim import Lookahead, build_optimizer, build_scheduler
 from fastcifar.recipe import Recipe, ScheduleCfg
@@ -104,7 +105,8 @@ class StepRunner:
     def __init__(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
                  recipe: Recipe, device: torch.device, dtype: torch.dtype | None, log: Callable[[str], Any], *,
                  ema: engine.WeightEMA | None = None, prepare: Callable[[torch.Tensor], None] | None = None,
-                 lookahead: Lookahead | None = None, accum: int = 1, skipped_total: int = 0):
+                 lookahead: Lookahead | None = None, accum: int = 1, skipped_total: int = 0,
+                 fused: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None):
         # net: the model as the step calls it (compiled, graphed or DDP-wrapped); its parameters are the plain
         # model's, which the optimizer holds
         self.net, self.optimizer, self.scheduler, self.scaler = net, optimizer, scheduler, scaler
@@ -116,6 +118,7 @@ class StepRunner:
         self.ema = ema  # updated after every optimizer step
         self.lookahead = lookahead  # pulls the weights to its slow copy every optim.lookahead_every steps
         self.prepare = prepare  # called with each batch before its forward (CUDA-graph capture / step marker)
+        self.fused = fused  # train.compile_step: forward, backward and update in one compiled call
 
     def step(self, x: torch.Tensor, y: torch.Tensor, totals: EpochTotals, step: int) -> None:
         while True:
@@ -143,18 +146,23 @@ class StepRunner:
         x = engine.input_layout(x, self.cfg.channels_last)
         if self.prepare is not None:
             self.prepare(x)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, correct = self._forward_backward(x, y)
+        if self.fused is not None:  # the update is part of the compiled step (recipe: no clip, no skip mode)
+            loss, correct = self.fused(x, y)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, correct = self._forward_backward(x, y)
         self.after_backward(loss, correct, len(y), totals, step)
 
     def after_backward(self, loss: torch.Tensor, correct: torch.Tensor, images: int, totals: EpochTotals,
                        step: int) -> None:
         """The step once the gradients are in (the batch's mean loss and hit count, on the device): clipping, the
         non-finite check, the optimizer, Lookahead, EMA, the totals and the schedule. A packed step
-        (fastcifar.pack_train) runs one backward for several folds, then this for each fold's own runner."""
+        (fastcifar.pack_train) runs one backward for several folds, then this for each fold's own runner. With
+        train.compile_step the compiled call has already updated the weights: no clipping or optimizer step here
+        (the schedule has not moved: param_groups' lr is still the lr this step trained at)."""
         totals.lr = self.optimizer.param_groups[0]["lr"]
         totals.lr_trace.append((step, totals.lr))
-        grad_norm = self._unscale_and_clip()
+        grad_norm = self._unscale_and_clip() if self.fused is None else None
         if self.cfg.on_nonfinite == "skip" and engine.read_scalar(self._nonfinite(loss, grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             totals.skipped += 1
@@ -163,7 +171,8 @@ class StepRunner:
                 raise NonFiniteStep(step, f"loss or gradient ({self.skipped_total} steps skipped, more than "
                                           f"train.max_skipped_steps = {self.cfg.max_skipped_steps})")
         else:
-            self._optimizer_step()
+            if self.fused is None:
+                self._optimizer_step()
             if self.lookahead is not None:
                 self.lookahead.after_step()
             if self.ema is not None:
@@ -247,6 +256,14 @@ def set_trainable(model: torch.nn.Module, stage: int) -> list[torch.nn.Parameter
     return head
 
 
+def stage_steps(recipe: Recipe, steps_per_epoch: int) -> int:
+    """Optimizer steps of the full-training stage: train.steps (less the head stage's), else whole epochs."""
+    head = recipe.finetune.head_epochs * steps_per_epoch
+    if recipe.train.steps:
+        return recipe.train.steps - head
+    return recipe.train.epochs * steps_per_epoch - head
+
+
 def build_step(net: torch.nn.Module, model: torch.nn.Module, recipe: Recipe, device: torch.device,
                dtype: torch.dtype | None, *, steps_per_epoch: int, stage: int = 2, scaler=None,
                ema: engine.WeightEMA | None = None, prepare: Callable[[torch.Tensor], None] | None = None,
@@ -265,11 +282,18 @@ def build_step(net: torch.nn.Module, model: torch.nn.Module, recipe: Recipe, dev
                                     r.finetune.head_epochs)
     else:
         epochs = r.train.epochs - r.finetune.head_epochs
-        optimizer = build_optimizer(r.optim, model.parameters(), device)
-        scheduler = build_scheduler(r.schedule, r.optim, optimizer, steps_per_epoch, epochs)
+        total = stage_steps(r, steps_per_epoch)
+        optimizer = build_optimizer(r.optim, model.parameters(), device, total)
+        scheduler = build_scheduler(r.schedule, r.optim, optimizer, steps_per_epoch, epochs, total)
         if r.optim.lookahead_every:
             o = r.optim
-            lookahead = Lookahead(model, o.lookahead_every, o.lookahead_decay, o.lookahead_power,
-                                  steps_per_epoch * epochs)
+            lookahead = Lookahead(model, o.lookahead_every, o.lookahead_decay, o.lookahead_power, total)
+    fused = None
+    if r.train.compile_step and stage == 2:
+        if scaler is not None:  # fp16 on a GPU without bf16: GradScaler's unscale / skip are host-side logic
+            log("warning: train.compile_step ignored: fp16 with GradScaler (this GPU has no bf16); stepping eagerly")
+        else:
+            fused = FusedStep(model, optimizer, device, dtype, r.train.label_smoothing, engine.COMPILE_BACKEND,
+                              r.train.compile_mode)
     return StepRunner(net, optimizer, scheduler, scaler, recipe, device, dtype, log, ema=ema, prepare=prepare,
-                      lookahead=lookahead, accum=accum, skipped_total=skipped_total)
+                      lookahead=lookahead, accum=accum, skipped_total=skipped_total, fused=fused)

@@ -120,6 +120,8 @@ def train_epoch(run: FoldRun, state: TrainState, epoch: int, progress: RunProgre
             run.tb.step(epoch * len(loader) + step, totals, run.step.optimizer.param_groups[0]["lr"])
             if hooks.on_step:
                 hooks.on_step(epoch, step)
+            if run.recipe.train.steps and epoch * len(loader) + loader.position >= run.recipe.train.steps:
+                break  # train.steps: a fractional last epoch (preflight.check_steps put it in this one)
             if stop is not None and stop.requested:
                 run.step.check_pending()  # never checkpoint a step that went non-finite
                 book_time(run, state, totals, clock)

@@ -57,6 +57,8 @@ def check(ok: bool, key: str, msg: str) -> None:
 
 
 def _describe(tp: Any) -> str:
+    if tp is bool:
+        return "true or false"
     if typing.get_origin(tp) is Literal:
         return " or ".join(map(repr, typing.get_args(tp)))
     if typing.get_origin(tp) is tuple:

@@ -8,6 +8,20 @@ from fastcifar.recipe import Recipe, recipe_from_dict
 from synth import make_store
 
 
+@pytest.fixture(scope="session", autouse=True)
+def precision_cache(tmp_path_factory):
+    """train.amp = "auto" caches its CPU measurements in $FASTCIFAR_CACHE: a session folder, not the user's home."""
+    import os
+
+    saved = os.environ.get("FASTCIFAR_CACHE")
+    os.environ["FASTCIFAR_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if saved is None:
+        os.environ.pop("FASTCIFAR_CACHE", None)
+    else:
+        os.environ["FASTCIFAR_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def store(tmp_path_factory) -> Path:
     return make_store(tmp_path_factory.mktemp("data") / "store", 24, 8)
@@ -34,3 +48,31 @@ def tiny(store):
         return recipe_from_dict(tiny_table(store, **sections))
 
     return build
+
+
+@pytest.fixture(scope="session")
+def peers_dir() -> Path:
+    """The folder of the unchanged peer scripts (../shared/peers beside the checkout, carry/peers, or
+    $FASTCIFAR_PEERS); their tests skip, saying so, where they are not."""
+    from fastcifar.bench.peers import find_peers
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = find_peers(None, [repo / "carry" / "peers", repo.parent / "shared" / "peers"])
+    if folder is None:
+        pytest.skip("the peer scripts are not here (../shared/peers, carry/peers or $FASTCIFAR_PEERS)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def peer(peers_dir):
+    """peer(name) -> the peer script loaded on the CPU (fp32 for its fp16, torch.compile off), once a session."""
+    from fastcifar.bench.peers import PEERS, load_peer
+
+    loaded = {}
+
+    def get(name: str):
+        if name not in loaded:
+            loaded[name] = load_peer(peers_dir / PEERS[name].path, cpu=True)
+        return loaded[name]
+
+    return get

@@ -5,10 +5,11 @@ environment block, and that nothing the call needed was written anywhere else.""
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
-from boxes import box_python, tree_copy
+from boxes import REPO, box_python, tree_copy
 from fastcifar.bench.suite import listing
 from synth import make_archive, make_image_folder
 
@@ -16,6 +17,20 @@ from synth import make_archive, make_image_folder
 BYPRODUCTS = ("data/cifar10-suite/", "fastcifar.egg-info/", "build/", ".pytest_cache/")
 # ... and, from the second call, seed000_fast's run folder, kept in the tree so a later call resumes it.
 RUN_FOLDER = "runs/seed000_fast/"
+
+
+def _stage_peers(tree: Path) -> bool:
+    """The record scripts where bench/stage_device.sh stages them (carry/peers), when this machine has them."""
+    from fastcifar.bench.peers import PEERS, find_peers
+
+    folder = find_peers(None, [REPO.parent / "shared" / "peers"])
+    if folder is None:
+        return False
+    for spec in PEERS.values():
+        dest = tree / "carry" / "peers" / spec.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(folder / spec.path, dest)
+    return True
 
 
 def _files(root: Path) -> set[str]:
@@ -29,20 +44,27 @@ def test_device_call_rehearsal_brings_every_result_back_in_out(tmp_path):
     make_image_folder(src, 12, 4, "png")  # 10 classes of 32 px, as airbench and speedrun94 need
     (tree / "carry" / "data").mkdir(parents=True)
     make_archive(src, tree / "carry" / "data" / "cifar10-jpeg.tar.gz")
+    peers = _stage_peers(tree)
     out.mkdir()
     before = _files(tree)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON", "VIRTUAL_ENV"))}
-    # BENCH_TOTAL_S: the quick call takes ~45 s on 2 idle cores, but ~150 s (its default budget) when they are busy
+    # BENCH_TOTAL_S: the quick call took ~45 s on 2 idle cores before the records stage (Hiverge's full-width net,
+    # 8 steps, beside ours) was added, and several times that when they are busy
     env.update(OUT=str(out), BENCH_QUICK="1", PIP_NO_INDEX="1", PYTHON=str(box_python(tmp_path / "box")),
-               OMP_NUM_THREADS="1", BENCH_TOTAL_S="360")
-    log, stages = _call(tree, out, env, timeout=420)
-    assert stages == {"install": "0", "preflight": "0", "prepare": "0", "cuda tests": "0", "peer": "0",
-                      "suite": "0"}, stages
+               OMP_NUM_THREADS="1", BENCH_TOTAL_S="480")
+    log, stages = _call(tree, out, env, timeout=560)
+    assert stages == {"install": "0", "preflight": "0", "prepare": "0", "cuda tests": "0", "records": "0",
+                      "peer": "0", "suite": "0"}, stages
     assert "pip install failed" not in log  # the offline install itself works
     names = sorted(p.name for p in out.iterdir())
     preflight = json.loads((out / "preflight.json").read_text())
     assert preflight["kind"] == "fastcifar-device-preflight" and preflight["facts"]["python"]
     (peer,) = out.glob("*-cpu-speedrun-tiny.json")
+    (records,) = out.glob("*-cpu-records-tiny.json")
+    sides = json.loads(records.read_text())["sides"]
+    assert sides["ours@hiverge"]["runs"] and (sides["hiverge"]["status"] == "ok") == peers
+    if peers:  # Hiverge's own main() ran from the carried file, at the steps ours took
+        assert sides["hiverge"]["runs"][0]["steps"] == sides["ours@hiverge"]["runs"][0]["steps"]
     (suite_json,) = [p for p in out.glob("*.json") if json.loads(p.read_text()).get("kind") == "fastcifar-bench-suite"]
     suite = json.loads(suite_json.read_text())
     assert suite["environment"]["device_name"] and suite_json.name[len("YYYY-MM-DD-"):].startswith("cpu")

@@ -30,8 +30,8 @@ def test_model_names_lists_all() -> None:
 # What torch.func can stack as it is: convolutions, BatchNorm, linear, pooling and pointwise layers (plus the
 # speedrun net's whitening conv, shift-only BatchNorm and logit scale, which are the same ops).
 STACKABLE_LAYERS = ("Conv2d", "BatchNorm2d", "ShiftBatchNorm", "PatchWhitening", "Linear", "MaxPool2d",
-                    "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "ReLU", "GELU", "Flatten", "Identity", "Dropout",
-                    "Scale")
+                    "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "ReLU", "GELU", "SiLU", "Flatten", "Identity",
+                    "Dropout", "Scale")
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -45,6 +45,32 @@ def test_registry_entry_says_what_the_model_is(name: str) -> None:
     assert entry.sync_bn == norms.issubset({nn.BatchNorm1d, nn.BatchNorm2d})  # what SyncBatchNorm rebuilds alike
     assert entry.whiten_bias == hasattr(model, "whiten")
     assert (entry.data_init is not None) == hasattr(model, "init_whitening")
+
+
+def test_a_model_s_own_options_reach_its_layers_and_other_models_refuse_them() -> None:
+    """ModelEntry.options: a recipe's non-default speedrun options reach the net's layers (build_model through
+    models.model_options), the model stays what its entry claims (stackable); a model whose entry lacks a key
+    refuses a non-default value of it, in the recipe and in create_model, naming the key."""
+    from fastcifar.models import build_model, model_options
+    from fastcifar.recipe import recipe_from_dict
+
+    options = {"activation": "silu", "whiten_init": "svd", "bn_momentum": 0.5, "bias_lr_scale": 16.0}
+    recipe = recipe_from_dict({"model": {"name": "speedrun_net", "width": 4, **options}})
+    assert model_options(recipe.model) == options and set(options) == set(model_entry("speedrun_net").options)
+    model = build_model(recipe, 10, 32, torch.device("cpu"))
+    leaves = {type(m).__name__ for m in model.modules() if not list(m.children())}
+    assert leaves.issubset(STACKABLE_LAYERS)
+    acts = [type(m).__name__ for n, m in model.named_modules() if n.startswith("group") and ".act" in n]
+    assert acts and set(acts) == {"SiLU"}  # the conv groups' (the whitening's stays GELU, as Hiverge's)
+    assert model.whiten.method == "svd"
+    norms = [m for m in model.modules() if type(m).__name__ == "ShiftBatchNorm"]
+    assert norms and all(m.momentum == 0.5 and m.bias_gain == 4.0 for m in norms)
+    assert model_options(recipe_from_dict({"model": {"name": "speedrun_net"}}).model) == {}
+    with pytest.raises(RecipeError, match=r"^model\.activation: applies to speedrun_net, speedrun_net95, "
+                                          r"speedrun_net96, not cnn_bn$"):
+        recipe_from_dict({"model": {"name": "cnn_bn", "activation": "silu"}})
+    with pytest.raises(RecipeError, match=r"^model\.whiten_init: cnn_bn has no such option$"):
+        create_model("cnn_bn", whiten_init="svd")
 
 
 @pytest.mark.parametrize(("name", "size"), CASES, ids=[f"{n}-{s}" for n, s in CASES])

@@ -17,13 +17,17 @@ STACKABLE = [n for n in model_names() if model_entry(n).stackable]
 WIDTHS = {"softmax": 0, "mlp": 16, "cnn": 8, "cnn_bn": 8, "resnet9": 8, "speedrun_net": 8, "speedrun_net95": 8,
           "speedrun_net96": 8}
 SIZE = 16
+# The speedrun nets' own options at the records' values (Hiverge's SiLU, SVD whitening, BN momentum; another
+# bias_lr_scale): the same layer types, so the same packed layers
+RECORD_OPTIONS = {"activation": "silu", "whiten_init": "svd", "bn_momentum": 0.4434, "bias_lr_scale": 32.0}
 
 
-def _members(name: str, k: int, dropout: float = 0.0) -> list[torch.nn.Module]:
+def _members(name: str, k: int, dropout: float = 0.0, **options) -> list[torch.nn.Module]:
     out = []
     for j in range(k):
         torch.manual_seed(j)
-        m = create_model(name, num_classes=10, image_size=SIZE, width=WIDTHS.get(name, 0), dropout=dropout)
+        m = create_model(name, num_classes=10, image_size=SIZE, width=WIDTHS.get(name, 0), dropout=dropout,
+                         **options)
         m = m.to(memory_format=torch.channels_last)
         if hasattr(m, "init_whitening"):  # each member fits its own whitening to its own images
             images = torch.randint(0, 256, (40, SIZE, SIZE, 3), dtype=torch.uint8,
@@ -33,14 +37,15 @@ def _members(name: str, k: int, dropout: float = 0.0) -> list[torch.nn.Module]:
     return out
 
 
-@pytest.mark.parametrize("name", STACKABLE)
-def test_packed_forward_backward_and_bn_statistics_match_each_member_alone(name):
+@pytest.mark.parametrize("name, options", [(n, {}) for n in STACKABLE] + [("speedrun_net", RECORD_OPTIONS)],
+                         ids=[*STACKABLE, "speedrun_net-record-options"])
+def test_packed_forward_backward_and_bn_statistics_match_each_member_alone(name, options):
     """Two training steps of 3 members packed, each on its own batch, against each member's own forward and
     backward: logits within 1e-5 relative (measured: bitwise equal for the small nets), gradients within 1e-4 of
     their largest (the grouped convolution's weight gradient sums in another order: measured up to 2e-5 relative
     for speedrun_net), BatchNorm running statistics and batch counts within 1e-6 (measured: equal)."""
     k = 3
-    members = _members(name, k)
+    members = _members(name, k, **options)
     solo = [copy.deepcopy(m) for m in members]
     net = PackedNet(members)
     net.bind()
@@ -171,6 +176,13 @@ CONFIGS = {
                            optim={"name": "adamw", "lr": 0.002, "nesterov": False},
                            train={"on_nonfinite": "skip"}),
     "resnet9": dict(model={"name": "resnet9", "width": 8}),
+    # the records' features (issue 26) that packing keeps exact: the speedrun options, batched Muon, the linear
+    # decay, brightness / contrast jitter, selective TTA with Hiverge's six views
+    "speedrun-record": dict(model={"name": "speedrun_net", "width": 8, **RECORD_OPTIONS},
+                            optim={"name": "muon", "lr": 0.05, "muon_impl": "batched", "muon_ns_steps": 3,
+                                   "muon_renorm": "adaptive", "nesterov": True},
+                            schedule={"name": "linear"}, augment={"shift_jitter": [0.1, 0.1]},
+                            eval={"tta": "flip_translate_mean", "tta_fraction": 0.5}),
 }
 
 
@@ -349,7 +361,12 @@ def test_a_kill_between_the_folds_checkpoints_resumes_bit_for_bit(uninterrupted,
     (["train.oom_retry=true"], "train.oom_retry: not with packing"),
     (["train.cuda_graphs=true"], "train.cuda_graphs: not with packing yet"),
     (["train.pack=0"], 'train.pack: must be >= 1 (1 = folds one after another) or "all", got 0'),
-], ids=["unstackable-model", "dropout", "not-kfold", "one-fold", "loader", "oom-retry", "cuda-graphs", "zero"])
+    (["model.name=\"speedrun_net\"", "model.width=4", "optim.name=\"muon\"", "optim.muon_impl=\"batched\"",
+      "train.compile_step=true"], "train.compile_step: not with packing"),
+    (["train.epochs=2", "train.steps=7"], "train.steps: not with packing yet"),
+    (["train.amp=\"auto\""], 'train.amp: "auto" on the CPU measures each fold\'s model alone'),
+], ids=["unstackable-model", "dropout", "not-kfold", "one-fold", "loader", "oom-retry", "cuda-graphs", "zero",
+        "compile-step", "steps", "amp-auto"])
 def test_what_cannot_be_packed_is_refused_before_the_run_folder(store, tmp_path, capsys, sets, message):
     from conftest import tiny_table
     from fastcifar.recipe import recipe_from_dict, recipe_to_toml
@@ -393,6 +410,20 @@ def test_a_packed_sweep_trains_its_variants_together_into_the_same_folders(store
     for name, losses in step_losses.items():
         assert len(losses) == len(solo[name]) == 14
         assert max(abs(x - y) / abs(y) for x, y in zip(losses[:3], solo[name][:3])) <= 1e-5, name
+
+
+def test_variants_differing_in_a_shared_speedrun_option_train_in_separate_packs(tiny):
+    """The packed layers take the activation, BatchNorm momentum and shift gain of the pack's first member, so
+    sweep variants that differ in them get separate packs (pack_key); each member fits its own whitening, so
+    model.whiten_init may differ within a pack."""
+    from dataclasses import replace
+
+    base = tiny(model={"name": "speedrun_net", "width": 8})
+    for key, value in (("activation", "silu"), ("bn_momentum", 0.5), ("bias_lr_scale", 32.0)):
+        assert pack_train.pack_key(replace(base, model=replace(base.model, **{key: value}))) != \
+            pack_train.pack_key(base), key
+    assert pack_train.pack_key(replace(base, model=replace(base.model, whiten_init="svd"))) == \
+        pack_train.pack_key(base)
 
 
 def test_sweep_pack_refusals_are_one_line(store, tmp_path, capsys):

@@ -144,7 +144,7 @@ def test_recipe_loads_as_published() -> None:
     r = load_recipe(RECIPE)
     assert (r.model.name, r.train.batch_size, r.train.label_smoothing) == ("speedrun_net", 1024, 0.2)
     assert r.optim.nesterov and r.augment.flip_mode == "alternate" and r.augment.crop_padding == 2
-    assert (r.eval.tta, r.train.compile, r.train.amp, r.split.kind) == ("flip_translate", True, True, "official")
+    assert (r.eval.tta, r.train.compile, r.train.amp, r.split.kind) == ("flip_translate", True, "auto", "official")
 
 
 def test_recipe_trains_one_tiny_epoch(store: Path, tmp_path: Path) -> None:

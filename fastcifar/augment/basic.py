@@ -162,3 +162,18 @@ def cutout_boxes(b: int, h: int, w: int, size: int, gen: torch.Generator | None,
     top, left = (cy - size // 2).clamp(min=0), (cx - size // 2).clamp(min=0)
     bottom, right = (cy - size // 2 + size).clamp(max=h), (cx - size // 2 + size).clamp(max=w)
     return top, left, bottom - top, right - left
+
+
+def shift_jitter(x: torch.Tensor, brightness: float, contrast: float, gen: torch.Generator) -> torch.Tensor:
+    """Brightness and contrast jitter on a normalised float batch (Hiverge's batch_color_jitter): per image,
+    x + s with s ~ U(-brightness, brightness), then times k ~ U(1 - contrast, 1 + contrast); draws in the batch's
+    dtype, all brightness shifts first, then all contrast factors.
+
+    In pixel units (x = (p - mean) / std) the shift adds s * std to every pixel of a channel (additive, unlike
+    ColorJitter's multiplicative brightness), and the factor scales the distance to the dataset mean: torchvision
+    v2's adjust_contrast with that mean in place of the image's own grey mean (the same blend when they agree).
+    No clamping: the batch is already normalised."""
+    b = x.shape[0]
+    shift = (torch.rand(b, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * brightness
+    scale = (torch.rand(b, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * contrast + 1
+    return (x + shift.view(-1, 1, 1, 1)) * scale.view(-1, 1, 1, 1)

@@ -57,6 +57,10 @@ def _photometric(cfg: AugmentCfg, x: torch.Tensor, gen: torch.Generator) -> torc
     return x
 
 
+def _jitter(cfg: AugmentCfg, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return B.shift_jitter(x, *cfg.shift_jitter, gen) if any(cfg.shift_jitter) else x
+
+
 def _erase(cfg: AugmentCfg, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Erasing / cutout write into x: it is always the normalise step's (or resize's) fresh output."""
     if cfg.erasing_p > 0:
@@ -68,9 +72,10 @@ def _erase(cfg: AugmentCfg, x: torch.Tensor, gen: torch.Generator) -> torch.Tens
 
 
 def fusable(cfg: AugmentCfg) -> bool:
-    """Crop + flip + normalise + erasing/cutout is the hot path the fused kernel covers in one memory pass."""
+    """Crop + flip + normalise + erasing/cutout is the hot path the fused kernel covers in one memory pass (and
+    crop + flip + normalise then shift_jitter, which acts on the normalised batch, when nothing is erased)."""
     return not (cfg.translate or cfg.rotation or any(cfg.color_jitter) or cfg.randaugment or cfg.trivialaugment
-                or cfg.resize)
+                or cfg.resize or (any(cfg.shift_jitter) and (cfg.erasing_p > 0 or cfg.cutout)))
 
 
 def _kernel_seed(gen: torch.Generator) -> int:
@@ -109,8 +114,9 @@ def _fused(cfg: AugmentCfg, mean, std, dtype: torch.dtype) -> Transform:
             fills[dev] = torch.tensor(consts, dtype=torch.float32).view(len(kinds), c).to(dev)
         fill = fills[dev]
         seed = _kernel_seed(gen) if source.is_cuda else 0
-        return fused_crop_flip_erase(source, idx, oy, ox, flip, box_t, kinds, fill, mean, std, padding=pad,
-                                     mode=cfg.crop_padding_mode, out_dtype=dtype, gen=gen, seed=seed)
+        x = fused_crop_flip_erase(source, idx, oy, ox, flip, box_t, kinds, fill, mean, std, padding=pad,
+                                  mode=cfg.crop_padding_mode, out_dtype=dtype, gen=gen, seed=seed)
+        return _jitter(cfg, x, gen)  # the normalised batch; fusable() keeps erasing / cutout off with it
 
     return transform
 
@@ -122,7 +128,7 @@ def build_train_transform(cfg: AugmentCfg, mean, std, dtype: torch.dtype = torch
 
     def transform(source: torch.Tensor, idx: torch.Tensor, gen: torch.Generator, epoch: int = 0) -> torch.Tensor:
         x = _photometric(cfg, _geometric(cfg, source, idx, gen, epoch), gen)
-        return _erase(cfg, _normalize_resize(cfg, x, mean, std, dtype), gen)
+        return _erase(cfg, _jitter(cfg, _normalize_resize(cfg, x, mean, std, dtype), gen), gen)
 
     return transform
 

@@ -77,8 +77,14 @@ def check_loader(recipe: Recipe) -> None:
     """Refuse, in one line, a train.loader whose library is missing or that cannot express the recipe's augment
     section; cheap, so preflight.check_inputs calls it before the run directory is touched."""
     backend = BACKENDS.get(recipe.train.loader)  # "device": the device loader takes every augment section
-    if backend is not None:
-        backend.check(recipe)
+    if backend is None:
+        return
+    if any(recipe.augment.shift_jitter):
+        from fastcifar.errors import RecipeError
+
+        raise RecipeError(f'augment.shift_jitter: train.loader = "{recipe.train.loader}" has no such op (it acts on '
+                          'the normalised batch); use train.loader = "device"')
+    backend.check(recipe)
 
 
 def fitted_workers(asked: int, kind: str, log: Callable[[str], Any] = print) -> int:

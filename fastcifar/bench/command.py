@@ -31,8 +31,9 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--recipe", help="take model, batch, augment, amp, compile and optimizer from a recipe")
     b.add_argument("--batch", nargs="+", type=int, metavar="N", help="batch sizes (loader default 512; model "
                                                                       "default 64 on CPU/MPS, 512 on CUDA)")
-    b.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"],
-                   help="(default: fp32 on CPU/MPS, bf16 fp32 on CUDA)")
+    b.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16", "auto"],
+                   help="(default: fp32 on CPU/MPS, bf16 fp32 on CUDA; the recipe's train.amp). auto: what "
+                        'train.amp = "auto" picks (on a CPU the faster of fp32 / bf16, measured once and cached)')
     b.add_argument("--compile", nargs="+", choices=["on", "off"], help="torch.compile the model (default off)")
     b.add_argument("--channels-last", nargs="+", choices=["on", "off"], help="NHWC memory format (default on)")
     b.add_argument("--augment", choices=list(PRESETS), help="augmentation preset for the model bench "
@@ -154,7 +155,8 @@ def _plan(args, device):
         recipe=recipe,
         models=args.model or ([recipe.model.name] if from_recipe else ["resnet18" if cuda else "cnn_bn"]),
         batches=args.batch or ([t.batch_size] if from_recipe else [512 if cuda else 64]),
-        precisions=args.precision or ((["bf16"] if t.amp else ["fp32"]) if from_recipe else
+        precisions=args.precision or (([str(t.amp)] if t.amp == "auto" else ["bf16"] if t.amp else ["fp32"])
+                                      if from_recipe else
                                       (["bf16", "fp32"] if cuda else ["fp32"])),
         compiles=_flags(args.compile, [t.compile] if from_recipe else [False]),
         channels_last=_flags(args.channels_last, [t.channels_last] if from_recipe else [True]),

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fastcifar.device import cpu_model
 from fastcifar.provenance import git_commit
 
 # (dense bf16 tensor-core TFLOP/s, fp32 non-tensor-core TFLOP/s). H200 has the H100 SXM's compute.
@@ -69,16 +70,6 @@ def peak_hbm_gbs(device_name: str) -> float | None:
             return HBM_PEAK_GBS["A100 40GB"]
         return HBM_PEAK_GBS["A100 80GB PCIe" if "PCIE" in n else "A100 80GB SXM"]
     return HBM_PEAK_GBS.get(fam) if fam else None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def git_state(where: Path | None = None) -> tuple[str, bool | None]:

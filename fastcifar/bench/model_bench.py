@@ -27,7 +27,7 @@ from fastcifar.device import autocast
 from fastcifar.engine import build_engine
 from fastcifar.errors import first_line
 from fastcifar.loader import DeviceLoader
-from fastcifar.models import create_model
+from fastcifar.models import create_model, model_options
 from fastcifar.preflight import resolve_stats
 from fastcifar.recipe import Recipe, ScheduleCfg
 from fastcifar.step import EpochTotals, NonFiniteStep, build_step, make_scaler
@@ -95,8 +95,9 @@ def _model(ctx: _Ctx, name: str, channels_last: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     m = ctx.plan.recipe.model
     same = name == m.name  # the recipe's width / dropout belong to its own model, not to others benched beside it
+    options = model_options(m) if same else {}
     model = create_model(name, num_classes=ctx.num_classes, image_size=ctx.image_size,
-                         width=m.width if same else 0, dropout=m.dropout if same else 0.0)
+                         width=m.width if same else 0, dropout=m.dropout if same else 0.0, **options)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return model.to(ctx.device, memory_format=fmt)
 
@@ -247,8 +248,21 @@ def _seed_projects(ctx: _Ctx, cell: Cell) -> dict[str, Any]:
     return out
 
 
+def _auto(ctx: _Ctx, cell: Cell, model: torch.nn.Module) -> tuple[torch.dtype | None, dict[str, Any]]:
+    """--precision auto: what train.amp = "auto" trains this cell in (a CPU measures, or reads its cache)."""
+    from fastcifar.device import amp_dtype
+    from fastcifar.precision import choose_cpu_precision, model_desc, precision_name
+
+    if ctx.device.type != "cpu":
+        dtype = amp_dtype(ctx.device, True)
+        return dtype, {"precision": precision_name(dtype), "chosen_by": f"{ctx.device.type} autocast"}
+    choice = choose_cpu_precision(model, model_desc(ctx.plan.recipe.model, cell.model), cell.batch, ctx.image_size,
+                                  ctx.num_classes, cell.channels_last, log=ctx.log)
+    return choice.dtype, choice.as_dict()
+
+
 def measure_cell(ctx: _Ctx, cell: Cell) -> dict[str, Any]:
-    dev, dtype = ctx.device, PRECISIONS[cell.precision]
+    dev, dtype = ctx.device, PRECISIONS.get(cell.precision)
     row: dict[str, Any] = {**_key(ctx, cell), "note": ""}
     t0 = time.perf_counter()
     theirs = _seed_projects(ctx, cell)
@@ -257,6 +271,8 @@ def measure_cell(ctx: _Ctx, cell: Cell) -> dict[str, Any]:
     if cell.compile:
         torch._dynamo.reset()  # guards accumulate per code object across cells; past the cache limit it runs eager
     eager = _model(ctx, cell.model, cell.channels_last)
+    if cell.precision == "auto":
+        dtype, row["auto"] = _auto(ctx, cell, eager)
     train, sample, engine = _train(ctx, cell, eager, dtype)
     infer = _infer(ctx, cell, engine.eval_net, dtype, sample)
     compile_s = train.pop("_compile_s") + infer.pop("_compile_s")

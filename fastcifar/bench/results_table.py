@@ -82,6 +82,21 @@ def _pooled_figures(d: dict[str, Any]) -> str:
             + (f"; epoch-time ratio ours/airbench {min(ratios):.2f}–{max(ratios):.2f}" if ratios else ""))
 
 
+def _records_figures(d: dict[str, Any]) -> str:
+    """bench/peer_records.py: each record beside our recipe at its steps, the difference ± its standard error."""
+    parts = []
+    for key, c in (d.get("comparisons") or {}).items():
+        name = key.split("/")[0]
+        peer, ours = d["sides"].get(name), d["sides"].get(c.get("ours", ""))
+        if not peer or not ours or not isinstance(c.get("steps"), list):  # a file from before these fields
+            continue
+        parts.append(f"{c['ours']} {ours['acc_mean']:.2%} vs {name} {peer['acc_mean']:.2%} at {c['steps'][0]} / "
+                     f"{c['steps'][1]} steps (TTA {c['acc']['delta'] * 100:+.2f} ± {c['acc']['se'] * 100:.2f} pp, "
+                     f"no TTA {c['acc_no_tta']['delta'] * 100:+.2f} ± {c['acc_no_tta']['se'] * 100:.2f} pp, "
+                     f"n={c['n'][0]}/{c['n'][1]}), epoch-time ratio {c['epoch_time_ratio']:.2f}")
+    return f"{d.get('train_images')} training images, peers {d.get('peer_precision')}; " + "; ".join(parts)
+
+
 def _suite_figures(d: dict[str, Any]) -> str:
     parts = [_loader_figures(d["loader"]) if d.get("loader") else "",
              _pack_figures(d["pack"]) if d.get("pack") else "",
@@ -107,6 +122,8 @@ def row(path: Path) -> list[str] | None:
         what, figures = "model", _model_figures(d)
     elif d.get("what") == "pack":
         what, figures = "packed k-fold", _pack_figures(d)
+    elif d.get("kind") == "peer-records":
+        what, figures = "records side by side" + (" (tiny)" if d.get("tiny") else ""), _records_figures(d)
     elif d.get("kind") == "peer-airbench-pooled":
         what, figures = "speedrun vs airbench, pooled", _pooled_figures(d)
     elif "airbench" in d:

@@ -46,7 +46,7 @@ def pair(row: Row, a: str, b: str, digits: int = 2) -> str:
 
 _KEY: list[Column] = [
     ("model", lambda r: str(r["model"])), ("px", lambda r: str(r.get("image_size", NA))),
-    ("prec", lambda r: str(r["precision"])), ("batch", lambda r: str(r["batch"])),
+    ("prec", lambda r: str(r["precision"]) + (f"->{r['auto']['precision']}" if r.get("auto") else "")), ("batch", lambda r: str(r["batch"])),
     ("compile", lambda r: onoff(r.get("compile"))), ("CL", lambda r: onoff(r.get("channels_last"))),
 ]
 
@@ -184,6 +184,12 @@ def notes(result: dict[str, Any]) -> list[str]:
         out.append("latency: per call (the device drained after each); serve = the serving batch")
         if env["device"] != "cuda":
             out.append(f"NVML fields empty: CUDA only (device is {env['device']}); peak mem is the process peak RSS")
+        for r in result["rows"]:
+            a = r.get("auto") or {}
+            if a.get("img_per_s"):
+                rates = ", ".join(f"{k} {v:,.0f}" for k, v in a["img_per_s"].items())
+                out.append(f'precision auto ({r["model"]} b{r["batch"]}): {a["precision"]}, train.amp = "auto" on '
+                           f"this CPU ({rates} img/s at batch {a['probe_batch']}, {a['chosen_by']})")
     return out
 
 

@@ -43,12 +43,19 @@ def patch_second_moment(x: torch.Tensor, k: int, chunk: int = 512) -> torch.Tens
     return acc / max(rows, 1)
 
 
-def whitening_filters(cov: torch.Tensor, channels: int, k: int, eps: float) -> torch.Tensor:
+def whitening_filters(cov: torch.Tensor, channels: int, k: int, eps: float, method: str = "eigh") -> torch.Tensor:
     """Filters v_i / sqrt(lambda_i + eps) from the eigen-decomposition cov = V diag(lambda) V^T, largest
     eigenvalue first, shaped (C*k*k, C, k, k). Applied to patches they give decorrelated outputs of variance
-    lambda_i / (lambda_i + eps) ~ 1; eps bounds the gain of the near-null directions."""
-    evals, evecs = torch.linalg.eigh(cov)  # ascending
-    evals, evecs = evals.flip(0), evecs.flip(1)
+    lambda_i / (lambda_i + eps) ~ 1; eps bounds the gain of the near-null directions.
+
+    method "svd" takes V and lambda from the SVD of cov (Hiverge's init): for a symmetric positive semi-definite
+    matrix the same decomposition, computed by another LAPACK routine, so each v_i may come out negated; the
+    filter bank holds every filter and its negation, so the whitened channels are the same, in another order."""
+    if method == "svd":
+        evecs, evals, _ = torch.linalg.svd(cov)  # descending
+    else:
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        evals, evecs = evals.flip(0), evecs.flip(1)
     filters = evecs.T / torch.sqrt(evals.clamp(min=0) + eps)[:, None]
     return filters.reshape(-1, channels, k, k)
 
@@ -62,9 +69,9 @@ class PatchWhitening(nn.Module):
     parameters or a trainer's blanket `requires_grad_(True)` can move it. The bias is a learnable Parameter.
     """
 
-    def __init__(self, in_channels: int = 3, kernel_size: int = 2, eps: float = 5e-4) -> None:
+    def __init__(self, in_channels: int = 3, kernel_size: int = 2, eps: float = 5e-4, method: str = "eigh") -> None:
         super().__init__()
-        self.in_channels, self.kernel_size, self.eps = in_channels, kernel_size, eps
+        self.in_channels, self.kernel_size, self.eps, self.method = in_channels, kernel_size, eps, method
         n = in_channels * kernel_size * kernel_size
         placeholder = nn.Conv2d(in_channels, 2 * n, kernel_size).weight.detach()  # default init until fitted
         self.register_buffer("weight", placeholder.clone())
@@ -74,7 +81,7 @@ class PatchWhitening(nn.Module):
     def fit(self, x: torch.Tensor) -> None:
         """Set the filters from the normalised float NCHW images `x` (any device; the result moves to ours)."""
         k, c = self.kernel_size, self.in_channels
-        filters = whitening_filters(patch_second_moment(x, k), c, k, self.eps)
+        filters = whitening_filters(patch_second_moment(x, k), c, k, self.eps, self.method)
         w = torch.cat([filters, -filters]).to(self.weight.dtype)
         # copy_ keeps the buffer's device and memory format (channels-last after model.to(memory_format=...)).
         self.weight.copy_(w.to(self.weight.device))
@@ -83,7 +90,8 @@ class PatchWhitening(nn.Module):
         return F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.weight.shape[0]}, kernel_size={self.kernel_size}, eps={self.eps}"
+        return (f"{self.in_channels}, {self.weight.shape[0]}, kernel_size={self.kernel_size}, eps={self.eps}, "
+                f"method={self.method}")
 
 
 class ShiftBatchNorm(nn.BatchNorm2d):
@@ -124,15 +132,21 @@ def dirac_conv(c_in: int, c_out: int) -> nn.Conv2d:
     return conv
 
 
-class ConvGroup(nn.Sequential):
-    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU (pooling before BN halves the BN work)."""
+ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}  # model.activation: the conv groups' (Hiverge: SiLU)
 
-    def __init__(self, c_in: int, c_out: int, bn_momentum: float, bias_lr_scale: float) -> None:
+
+class ConvGroup(nn.Sequential):
+    """conv -> 2x2 max-pool -> BN -> act -> conv -> BN -> act (pooling before BN halves the BN work); act is
+    GELU (airbench) or SiLU (Hiverge)."""
+
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float, bias_lr_scale: float,
+                 activation: str = "gelu") -> None:
+        act = ACTIVATIONS[activation]
         super().__init__(OrderedDict([
             ("conv1", dirac_conv(c_in, c_out)), ("pool", nn.MaxPool2d(2)),
-            ("norm1", ShiftBatchNorm(c_out, bn_momentum, bias_lr_scale=bias_lr_scale)), ("act1", nn.GELU()),
+            ("norm1", ShiftBatchNorm(c_out, bn_momentum, bias_lr_scale=bias_lr_scale)), ("act1", act()),
             ("conv2", dirac_conv(c_out, c_out)),
-            ("norm2", ShiftBatchNorm(c_out, bn_momentum, bias_lr_scale=bias_lr_scale)), ("act2", nn.GELU()),
+            ("norm2", ShiftBatchNorm(c_out, bn_momentum, bias_lr_scale=bias_lr_scale)), ("act2", act()),
         ]))
 
 
@@ -140,11 +154,12 @@ class ResidualConvGroup(ConvGroup):
     """airbench96's group: ConvGroup plus a third conv -> BN -> GELU, whose output is added back to the output of
     the first GELU (a residual around conv2 and conv3)."""
 
-    def __init__(self, c_in: int, c_out: int, bn_momentum: float, bias_lr_scale: float) -> None:
-        super().__init__(c_in, c_out, bn_momentum, bias_lr_scale)
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float, bias_lr_scale: float,
+                 activation: str = "gelu") -> None:
+        super().__init__(c_in, c_out, bn_momentum, bias_lr_scale, activation)
         self.add_module("conv3", dirac_conv(c_out, c_out))
         self.add_module("norm3", ShiftBatchNorm(c_out, bn_momentum, bias_lr_scale=bias_lr_scale))
-        self.add_module("act3", nn.GELU())
+        self.add_module("act3", ACTIVATIONS[activation]())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.norm1(self.pool(self.conv1(x))))
@@ -160,12 +175,12 @@ class SpeedrunNet(nn.Sequential):
 
     def __init__(self, num_classes: int = 10, widths: Sequence[int] = (64, 256, 256), bn_momentum: float = 0.4,
                  bias_lr_scale: float = 64.0, logit_scale: float = 1 / 9, dropout: float = 0.0,
-                 residual: bool = False) -> None:
-        whiten = PatchWhitening(3, 2)
+                 residual: bool = False, activation: str = "gelu", whiten_init: str = "eigh") -> None:
+        whiten = PatchWhitening(3, 2, method=whiten_init)
         c = whiten.weight.shape[0]
         groups = []
         for i, w in enumerate(widths):
-            group = (ResidualConvGroup if residual else ConvGroup)(c, w, bn_momentum, bias_lr_scale)
+            group = (ResidualConvGroup if residual else ConvGroup)(c, w, bn_momentum, bias_lr_scale, activation)
             groups.append((f"group{i + 1}", group))
             c = w
         super().__init__(OrderedDict([
@@ -211,19 +226,24 @@ def fit_whitening(model: nn.Module, images: torch.Tensor, mean: Sequence[float],
     model.init_whitening(images, mean, std)
 
 
-def speedrun_net(*, num_classes: int, image_size: int, width: int = 0, dropout: float = 0.0) -> nn.Module:
+# Each builder also takes the speedrun options of the recipe's model section (models.SPEEDRUN_OPTIONS):
+# activation ("gelu" | "silu"), whiten_init ("eigh" | "svd"), bn_momentum, bias_lr_scale.
+def speedrun_net(*, num_classes: int, image_size: int, width: int = 0, dropout: float = 0.0,
+                 **options) -> nn.Module:
     """airbench94-style net; width sets the first group (default 64), the other two are 4x it (256)."""
     w = width or 64
-    return SpeedrunNet(num_classes, (w, 4 * w, 4 * w), dropout=dropout)
+    return SpeedrunNet(num_classes, (w, 4 * w, 4 * w), dropout=dropout, **options)
 
 
-def speedrun_net95(*, num_classes: int, image_size: int, width: int = 0, dropout: float = 0.0) -> nn.Module:
+def speedrun_net95(*, num_classes: int, image_size: int, width: int = 0, dropout: float = 0.0,
+                   **options) -> nn.Module:
     """airbench95-style: wider groups, 128 -> 384 -> 384 (width sets the first; the others are 3x it)."""
     w = width or 128
-    return SpeedrunNet(num_classes, (w, 3 * w, 3 * w), dropout=dropout)
+    return SpeedrunNet(num_classes, (w, 3 * w, 3 * w), dropout=dropout, **options)
 
 
-def speedrun_net96(*, num_classes: int, image_size: int, width: int = 0, dropout: float = 0.0) -> nn.Module:
+def speedrun_net96(*, num_classes: int, image_size: int, width: int = 0, dropout: float = 0.0,
+                   **options) -> nn.Module:
     """airbench96-style: 128 -> 512 -> 512, three convs per group with a residual (width sets the first)."""
     w = width or 128
-    return SpeedrunNet(num_classes, (w, 4 * w, 4 * w), dropout=dropout, residual=True)
+    return SpeedrunNet(num_classes, (w, 4 * w, 4 * w), dropout=dropout, residual=True, **options)

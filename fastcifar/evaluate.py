@@ -197,7 +197,7 @@ def print_eval(result: dict[str, Any], console) -> None:
     if result["note"]:
         console.print(f"[yellow]note: {escape(result['note'])}[/yellow]")
     table = Table(title=f"{Path(result['checkpoint']).name}: test accuracy {result['accuracy']:.2%} on "
-                        f"{result['images']} images")
+                        f"{result['images']:,} images")
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     table.add_column("images", justify="right")

@@ -40,11 +40,18 @@ def recipes_command(args, console) -> None:
                 lines.append(f"{r['key'] + ' = ' + r['default']:<{width}}  # {r['type']}: {r['meaning']}")
         console.print("\n".join(lines), **PLAIN)
         return
-    table = Table(title="built-in recipes: fastcifar train NAME (fastcifar recipes show NAME prints one)")
+    title = "built-in recipes: fastcifar train NAME (fastcifar recipes show NAME prints one)"
+    recipes = {name: recipe_description(text) for name, text in builtin_recipes().items()}
+    if not console.is_terminal:  # a table in a file is as wide as its longest description (1,608 characters)
+        width = max(map(len, recipes))
+        console.print("\n".join([f"# {title}", *(f"{name:<{width}}  {what}" for name, what in recipes.items())]),
+                      **PLAIN)
+        return
+    table = Table(title=title)
     table.add_column("name")
     table.add_column("what")
-    for name, text in builtin_recipes().items():
-        table.add_row(name, escape(recipe_description(text)))
+    for name, what in recipes.items():
+        table.add_row(name, escape(what))
     console.print(table)
 
 

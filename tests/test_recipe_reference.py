@@ -2,6 +2,7 @@
 reference generated from the recipe dataclasses (so a test, not a reviewer, keeps it complete)."""
 
 import dataclasses
+import subprocess
 import sys
 import typing
 
@@ -50,6 +51,19 @@ def test_recipes_lists_whole_descriptions(capsys):
     for name, text in builtin_recipes().items():
         assert name in out and recipe_description(text) in out
     assert "RandAugment makes `train` refuse it." in out  # the third line of resnet34_onecycle's comment
+
+
+def test_recipes_into_a_file_is_one_short_line_a_recipe():
+    """Into a pipe or file the list is `name  description` lines, not a table as wide as its longest cell
+    (1,608 characters a line before)."""
+    proc = subprocess.run([sys.executable, "-m", "fastcifar", "recipes"], capture_output=True, text=True,
+                          timeout=120)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and lines[0].startswith("# built-in recipes")
+    names = builtin_recipes()
+    assert [line.split()[0] for line in lines[1:]] == list(names)
+    for line, text in zip(lines[1:], names.values()):
+        assert line.rstrip().endswith(recipe_description(text)) and line == line.rstrip()
 
 
 def test_recipe_show_prints_the_resolved_recipe_with_overrides(capsys, tmp_path):

@@ -19,7 +19,7 @@ from fastcifar.errors import CheckpointError
 
 MAX_CLASSES = 100_000  # a classifier head's rows: ImageNet-21k has 21,841 classes
 MAX_NAME = 200  # characters of one class name
-MAX_EPOCHS = 10**6  # no run here trains a million epochs; recipe.py bounds train.epochs far below
+MAX_EPOCHS = 10**6  # no run here trains a million epochs; recipe_sections.py bounds train.epochs far below
 MAX_FOLDS = 1000
 
 

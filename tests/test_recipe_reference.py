@@ -31,7 +31,7 @@ def test_every_key_and_section_has_a_meaning():
         assert len(f.metadata.get(MEANING, "")) > 10, f.name
     for name, cls in _sections().items():
         for f in dataclasses.fields(cls):
-            assert len(f.metadata.get(MEANING, "")) > 10, f"{name}.{f.name} has no meaning in fastcifar/recipe.py"
+            assert len(f.metadata.get(MEANING, "")) > 10, f"{name}.{f.name} has no meaning in fastcifar/recipe_sections.py"
     assert "PER CLASS" in dict((r["key"], r["meaning"]) for r in key_reference(Recipe))["data.train_subset"]
 
 

@@ -187,6 +187,13 @@ def offset_rng(rank: int) -> None:
         torch.manual_seed(int(torch.randint(0, 2**62, ())) + rank)
 
 
+def torchrun_command(world: int) -> str:
+    """How to start this run's processes again (the resume hint): torchrun with this run's shape."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = f"--nnodes={world // per_node} (+ rendezvous options) " if per_node < world else ""
+    return f"torchrun {nodes}--nproc_per_node={per_node} -m fastcifar train"
+
+
 class DDP(Solo):
     """Every rank trains every fold on its slice of the global batch; rank 0's numbers decide and rank 0 writes."""
 
@@ -194,9 +201,7 @@ class DDP(Solo):
         self.ctx, self.sync_bn = ctx, sync_bn
         self.writes_run = self.writes_fold = ctx.is_main
         self.env = {"distributed": {"mode": "ddp", "world_size": ctx.world, "backend": dist.get_backend()}}
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world))
-        nodes = f"--nnodes={ctx.world // per_node} (+ rendezvous options) " if per_node < ctx.world else ""
-        self.resume_command = f"torchrun {nodes}--nproc_per_node={per_node} -m fastcifar train"
+        self.resume_command = torchrun_command(ctx.world)
 
     def open_run(self, start: Callable[[], bool]) -> bool:
         return share_start(self.ctx.is_main, lambda obj: broadcast_object(obj, self.ctx), start)
@@ -256,6 +261,7 @@ class FoldsParallel(Solo):
         self.board = board
         self.writes_run = board.rank == 0
         self.env = {"distributed": {"mode": "folds_parallel", "world_size": board.world}}
+        self.resume_command = torchrun_command(board.world) + " --folds-parallel"
 
     def open_run(self, start: Callable[[], bool]) -> bool:
         return share_start(self.board.rank == 0, lambda obj: self.board.share("start", obj), start)

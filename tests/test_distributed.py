@@ -343,3 +343,17 @@ def test_folds_parallel_packs_each_ranks_folds(store, tmp_path):
     assert rows == ["fold", "0", "1", "2", "3", "mean", "std"]
     env = json.loads((tmp_path / "packed" / "env.json").read_text())
     assert env["distributed"] == {"mode": "folds_parallel", "world_size": 2}
+
+
+def test_the_resume_hint_names_torchrun_and_folds_parallel(monkeypatch):
+    """An interrupted fold-parallel run said "fastcifar train ... --resume": one process, not the run's ranks."""
+    from types import SimpleNamespace
+
+    from fastcifar.distributed import FoldsParallel
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    strategy = FoldsParallel(SimpleNamespace(rank=1, world=2))
+    assert strategy.resume_command == "torchrun --nproc_per_node=2 -m fastcifar train --folds-parallel"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert FoldsParallel(SimpleNamespace(rank=0, world=2)).resume_command == \
+        "torchrun --nnodes=2 (+ rendezvous options) --nproc_per_node=1 -m fastcifar train --folds-parallel"

@@ -1,6 +1,7 @@
 """Test helper shared by the resume tests: train a recipe whole, train it again cut short by a hook, resume the
 cut run, and compare the two runs' final weights."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,13 @@ def full_and_resumed(recipe, tmp_path: Path, epoch: int, step: int | None) -> tu
     for k in a:
         assert torch.equal(a[k], b[k]), k
     return full, cut, summary
+
+
+def wait_until(proc, condition, timeout: float) -> bool:
+    """Poll (1 ms) until condition() holds; False if the process ended or the time ran out first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if condition():
+            return True
+        time.sleep(0.001)
+    return False

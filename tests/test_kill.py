@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_table
 from fastcifar.checkpoint import load_checkpoint
 from fastcifar.recipe import recipe_from_dict, recipe_to_toml
+from resume import wait_until
 from synth import make_store
 
 MIN_KILLS = 6
@@ -77,16 +78,6 @@ def _assert_same_as_reference(ref, run):
     assert not list(run.rglob(".*.tmp")) and not (run / ".lock").exists()
 
 
-def _wait_until(proc, condition, timeout: float) -> bool:
-    """Poll (1 ms) until condition() holds; False if the process ended or the time ran out first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if condition():
-            return True
-        time.sleep(0.001)
-    return False
-
-
 # Where each kill is aimed. "random": a uniform moment of the training work after the run took its lock (so
 # kills spread over the run instead of piling up in start-up); "write": the moment a checkpoint's temp file
 # appears; "fold-end": the moment fold 0's result is on disk.
@@ -103,11 +94,11 @@ def test_kill_9_at_random_points(reference, tmp_path):
         conditions = {"write": lambda: bool(_orphans(run) - before),
                       "fold-end": lambda: (run / "fold0" / "result.json").exists()}
         proc = subprocess.Popen(_cmd(recipe, run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _wait_until(proc, lambda: (run / ".lock").exists(), 60)
+        wait_until(proc, lambda: (run / ".lock").exists(), 60)
         if aim == "random":
-            _wait_until(proc, lambda: False, rng.uniform(0, work / 3))
+            wait_until(proc, lambda: False, rng.uniform(0, work / 3))
         else:
-            _wait_until(proc, conditions[aim], work)
+            wait_until(proc, conditions[aim], work)
         if proc.poll() is not None:
             break  # it finished before this aim was reached
         proc.kill()  # SIGKILL: no handler runs, no cleanup happens

@@ -14,6 +14,7 @@ import torch
 from conftest import tiny_table
 from fastcifar.checkpoint import load_checkpoint
 from fastcifar.recipe import recipe_from_dict, recipe_to_toml
+from resume import wait_until
 from synth import make_store
 
 FOLDS = ("fold0", "fold1", "fold2")
@@ -36,15 +37,6 @@ def _between(run):
     last0 = run / "fold0" / "checkpoints" / "last.pt"
     before = _mtime(last0)
     return lambda: _mtime(last0) != before and any(run.glob("fold[12]/checkpoints/.*.tmp"))
-
-
-def _wait_until(proc, condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if condition():
-            return True
-        time.sleep(0.001)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +66,11 @@ def test_kill_9_of_a_packed_run_resumes_bit_for_bit(reference, tmp_path):
     for aim in AIMS:
         between = _between(run)
         proc = subprocess.Popen(_cmd(recipe, run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _wait_until(proc, lambda: (run / ".lock").exists(), 60)
+        wait_until(proc, lambda: (run / ".lock").exists(), 60)
         if aim == "random":
-            _wait_until(proc, lambda: False, rng.uniform(0, full / 3))
+            wait_until(proc, lambda: False, rng.uniform(0, full / 3))
         else:
-            _wait_until(proc, between, full)
+            wait_until(proc, between, full)
         if proc.poll() is not None:
             break
         proc.kill()

@@ -31,7 +31,7 @@ from fastcifar.state import EarlyStopping
 from fastcifar.step import NonFiniteError, OutOfMemory
 from fastcifar.context import Hooks
 from fastcifar.tune_space import overrides_for, suggest
-from fastcifar.tune_storage import open_storage, retry_callback
+from fastcifar.tune_storage import open_storage, opening, retry_callback
 from fastcifar.tune_study import METRICS, TuneConfig, make_study_dir, open_study, require_optuna
 
 
@@ -177,9 +177,10 @@ def start_study(cfg: TuneConfig):
     storage of the user's is opened first; the default SQLite file lives in the study folder, made first."""
     if cfg.default_storage:
         make_study_dir(cfg.out, cfg.study, cfg.storage.shown)
-        return open_study(cfg, open_storage(cfg.storage, cfg.heartbeat), build_sampler(cfg), build_pruner(cfg))
-    study = open_study(cfg, open_storage(cfg.storage, cfg.heartbeat), build_sampler(cfg), build_pruner(cfg))
-    make_study_dir(cfg.out, cfg.study, cfg.storage.shown)
+    with opening(cfg.storage):
+        study = open_study(cfg, open_storage(cfg.storage, cfg.heartbeat), build_sampler(cfg), build_pruner(cfg))
+    if not cfg.default_storage:
+        make_study_dir(cfg.out, cfg.study, cfg.storage.shown)
     return study
 
 

@@ -18,7 +18,9 @@ not exist, a file that is not an Optuna storage, a server that refuses) is one l
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 import time
 import warnings
@@ -44,13 +46,14 @@ class StorageSpec:
     kind: str  # "rdb" or "journal"
     url: str  # the RDB URL, or the journal file's path
     shown: str  # for messages and tune.md: the password hidden
+    sqlite_file: str | None = None  # a local SQLite database: its workers take turns creating the schema
 
 
 def parse_storage(url: str | None, study_dir: Path) -> StorageSpec:
     """The storage --storage names (default: SQLite in the study folder), checked without writing anything."""
     if url is None:
         path = (study_dir / "study.db").resolve()
-        return StorageSpec("rdb", f"sqlite:///{path}", f"sqlite:///{path}")
+        return StorageSpec("rdb", f"sqlite:///{path}", f"sqlite:///{path}", str(path))
     if url.startswith("journal:"):
         return _journal_spec(url)
     return _rdb_spec(url)
@@ -100,6 +103,7 @@ def _rdb_spec(url: str) -> StorageSpec:
                            f"pip install {hint}") from None
     if backend == "sqlite":
         _check_sqlite(parsed.database, shown)
+        return StorageSpec("rdb", url, shown, str(Path(parsed.database).resolve()))
     return StorageSpec("rdb", url, shown)
 
 
@@ -110,6 +114,8 @@ def _check_sqlite(database: str | None, shown: str) -> None:
     path = Path(database)
     if not path.parent.is_dir():
         raise StorageError(f"--storage {shown}: folder {path.parent} does not exist")
+    if path.exists() and not path.is_file():
+        raise StorageError(f"--storage {shown}: {path} is not a file")
     if path.exists() and path.stat().st_size:  # an existing database must be an Optuna one: never add to others
         try:
             with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
@@ -145,6 +151,27 @@ def open_storage(spec: StorageSpec, heartbeat: int, max_retry: int = 2):
             time.sleep(0.5 * (attempt + 1))
         except (SQLAlchemyError, OSError, RuntimeError, ValueError) as e:
             raise StorageError(f"--storage {spec.shown}: cannot open it ({first_line(e)[:200]})") from None
+
+
+@contextlib.contextmanager
+def opening(spec: StorageSpec) -> Iterator[None]:
+    """Workers of one local SQLite study open it one at a time. Optuna creates the schema table by table and
+    stamps its version without a transaction around it all; six workers started at once on a new file failed
+    (`table studies already exists`, `UNIQUE constraint failed: alembic_version`) in 15 of 15 tries here, and
+    a loaded CI machine ran out of retries. An flock on the database file itself (made empty, as SQLite would
+    make it) does not touch SQLite's own locks, which are fcntl byte ranges; other databases keep the retries."""
+    if spec.sqlite_file is None:
+        yield
+        return
+    try:
+        fd = os.open(spec.sqlite_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StorageError(f"--storage {spec.shown}: cannot open it ({first_line(e)[:200]})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 @contextlib.contextmanager

@@ -202,6 +202,7 @@ REFUSALS = [  # (arguments after the recipe, a piece of the one-line error)
     (["--storage", "journal:{tmp}/notes.txt"], "is not an Optuna journal file"),
     (["--storage", "journal:{tmp}/missing/j.log"], "does not exist"),
     (["--storage", "sqlite:///{tmp}/other.db"], "is an SQLite database but not an Optuna storage"),
+    (["--storage", "sqlite:///{tmp}"], "is not a file"),  # a folder: it would hang or fail in SQLite
     (["--space", "optim.lr=1:0.1"], "low must be < high"),
     (["--space", "train.label_smoothing=0:0.2:log"], "a log range needs low > 0"),
     (["--space", "optim.bogus=1:2"], "optim.bogus: unknown key"),
@@ -295,3 +296,36 @@ def test_timeout_starts_no_trial_and_still_writes_tune_md(store, tmp_path):
     md = (tmp_path / "s" / "tune.md").read_text()
     assert "0 complete" in md and "- optimisation history: not drawn (no complete trial yet)" in md
     assert not list((tmp_path / "s").glob("trial-*"))
+
+
+def _open_new_storage(url: str, barrier, results) -> None:
+    """One worker's start: every worker waits at the barrier, then opens the new database at once."""
+    from fastcifar import tune_storage
+
+    tune_storage.OPEN_TRIES = 1  # no retries: only the turn-taking can keep the workers apart
+    spec = tune_storage.parse_storage(url, Path("."))
+    barrier.wait()
+    try:
+        with tune_storage.opening(spec):
+            optuna.create_study(storage=tune_storage.open_storage(spec, 1), study_name="s", load_if_exists=True)
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 — the test reports whatever a worker met
+        results.put(f"{type(e).__name__}: {e}"[:300])
+
+
+def test_workers_starting_together_on_a_new_sqlite_file_all_open_it(tmp_path):
+    # Optuna creates its schema table by table: six workers on one new file, without turns, collide in
+    # nearly every round ("table studies already exists"); CI once ran out of retries on two.
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(3):
+        url, barrier, results = f"sqlite:///{tmp_path / f'study{round_}.db'}", ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_open_new_storage, args=(url, barrier, results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        got = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert got == ["ok"] * 6, got
+        assert len(optuna.get_all_study_summaries(url)) == 1

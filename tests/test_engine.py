@@ -111,19 +111,20 @@ def test_slow_first_step_counts_as_compile_time_not_throughput(tiny, tmp_path, m
     def slow_first(self, *args):
         calls["n"] += 1
         if calls["n"] == 1:
-            time.sleep(3.0)  # a compile stand-in: 3 s for the first 32 images
+            time.sleep(5.0)  # a compile stand-in: 5 s for the first 32 images
         return real_step(self, *args)
 
     monkeypatch.setattr(StepRunner, "step", slow_first)
     run_training(tiny(train={"compile": True, "epochs": 2}), tmp_path / "w", QUIET)
     result = json.loads((tmp_path / "w" / "result.json").read_text())
     first, second = _rows(tmp_path / "w")
-    assert 3.0 <= result["compile_time_s"] < float(first["epoch_time_s"])
+    assert 5.0 <= result["compile_time_s"] < float(first["epoch_time_s"])
     # 224 images in epoch 1, 32 of them warm-up: the rate is over the other 192 and their time only. With the
-    # 3 s inside, it could not exceed 224 / 3 = 75 img/s.
+    # 5 s inside, it could not exceed 224 / 5 = 45 img/s (with 3 s and 75 img/s the margin was thin: the test
+    # failed now and then on a loaded 2-core machine).
     steady_s = 192 / float(first["img_per_s"])
-    assert float(first["img_per_s"]) > 75 and steady_s <= float(first["epoch_time_s"]) - 3.0
-    assert float(second["img_per_s"]) > 75  # warm-up happens once per trainer, not per epoch
+    assert float(first["img_per_s"]) > 45 and steady_s <= float(first["epoch_time_s"]) - 5.0
+    assert float(second["img_per_s"]) > 45  # warm-up happens once per trainer, not per epoch
     state = EpochTotals.from_state(EpochTotals(torch.zeros(()), torch.zeros((), dtype=torch.int64), 64, 0, 0.1,
                                                1.5, 32, 3.0).state_dict(), torch.device("cpu"))
     assert (state.warmup_seen, state.warmup_s) == (32, 3.0)  # a mid-epoch checkpoint keeps the split

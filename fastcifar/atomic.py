@@ -82,9 +82,10 @@ def free_bytes(folder: str | os.PathLike) -> int:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", guard: Callable[[], None] | None = None) -> Iterator[IO]:
+def atomic_open(path: str | os.PathLike, mode: str = "wb", guard: Callable[[], None] | None = None,
+                again: str = "resume") -> Iterator[IO]:
     """Open a temp file beside `path`; on clean exit fsync it and rename it onto `path` (atomic_path)."""
-    with atomic_path(path, guard) as tmp, open(tmp, mode) as f:
+    with atomic_path(path, guard, again) as tmp, open(tmp, mode) as f:
         yield f
 
 
@@ -104,13 +105,15 @@ def fsync_dir(directory: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def write_text(path: str | os.PathLike, text: str, guard: Callable[[], None] | None = None) -> None:
-    with atomic_open(path, "w", guard) as f:
+def write_text(path: str | os.PathLike, text: str, guard: Callable[[], None] | None = None,
+               again: str = "resume") -> None:
+    with atomic_open(path, "w", guard, again) as f:
         f.write(text)
 
 
-def write_json(path: str | os.PathLike, obj: Any, guard: Callable[[], None] | None = None) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", guard)
+def write_json(path: str | os.PathLike, obj: Any, guard: Callable[[], None] | None = None,
+               again: str = "resume") -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", guard, again)
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[IO], None]) -> None:

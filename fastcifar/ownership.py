@@ -41,8 +41,14 @@ def has_marker(directory: Path, kind: str) -> bool:
     return marker(directory, kind).is_file()
 
 
+# what a disk-full line tells the user to do once space is freed: the marker is a folder's first file, so
+# there is nothing to resume yet
+AGAIN = {"store": "run prepare again", "lrfind": "run lr-find again"}
+
+
 def write_marker(directory: Path, kind: str) -> None:
-    write_json(marker(directory, kind), {"kind": kind, "written_by": "fastcifar", "version": 1})
+    write_json(marker(directory, kind), {"kind": kind, "written_by": "fastcifar", "version": 1},
+               again=AGAIN.get(kind, "run the same command again"))
 
 
 def legacy_run(path: Path) -> bool:

@@ -407,3 +407,16 @@ def test_a_really_full_disk(tiny, small_disk):
     filler.unlink()
     run_training(tiny(), run, QUIET, resume=True)
     assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["epoch"] == 3
+
+
+def test_prepare_onto_a_full_disk_says_to_run_prepare_again(small_disk, tmp_path, capsys):
+    """A new store's first file is its marker: the line names prepare, not a resume that has nothing to resume."""
+    from synth import make_image_folder
+
+    make_image_folder(tmp_path / "src", 2, 1)
+    _fill(small_disk, leave=4096)  # one tmpfs page: the lock file fits, the store's first file does not
+    rc = main(["prepare", "--source", str(tmp_path / "src"), "--out", str(small_disk / "store")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "disk full" in err, err
+    assert err.rstrip().endswith("free some space and run prepare again"), err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]

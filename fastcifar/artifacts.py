@@ -28,12 +28,12 @@ from fastcifar.fold_run import FoldRun
 from fastcifar.gradcam import get_layer, grad_cam
 from fastcifar.metrics import compute_metrics
 from fastcifar.precision import precision_name
-from fastcifar.runfiles import FIGURE_FILES, FIGURES_DIR
+from fastcifar.runfiles import FIGURE_FILES, FIGURES_DIR, checkpoint_path
 from fastcifar.state import TrainState
 
 def finish_fold(run: FoldRun, state: TrainState) -> dict[str, Any]:
     """Evaluate the best checkpoint on validation and test: full metrics, costs, figures -> result.json."""
-    best = load_checkpoint(run.dir / "checkpoints" / "best.pt")
+    best = load_checkpoint(checkpoint_path(run.dir, "best"))
     # Into the module validation ran on (the EMA copy when on): its compiled eval graph is reused, so no
     # compile time lands in inference_ms_per_image.
     plain = run.engine.ema.module if run.engine.ema is not None else run.model

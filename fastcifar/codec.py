@@ -21,6 +21,7 @@ from fastcifar.engine import Engine
 from fastcifar.errors import CheckpointError, first_line
 from fastcifar.fold_data import FoldData
 from fastcifar.fold_run import FoldRun
+from fastcifar.runfiles import checkpoint_path
 from fastcifar.state import TrainState
 from fastcifar.step import EpochTotals, StepRunner
 
@@ -130,7 +131,7 @@ def save_best(run: FoldRun, row: dict[str, Any]) -> None:
     """best.pt holds the weights that were validated: the EMA's when train.ema_decay is on."""
     if run.strategy.writes_fold:
         ema = run.engine.ema
-        save_checkpoint(run.dir / "checkpoints" / "best.pt",
+        save_checkpoint(checkpoint_path(run.dir, "best"),
                         {**fold_meta(run), "model": (ema.module if ema is not None else run.model).state_dict(),
                          "weights": "ema" if ema is not None else "model", "epoch": row["epoch"], "metrics": row})
 

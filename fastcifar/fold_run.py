@@ -21,6 +21,7 @@ from fastcifar.fold_data import FoldData, make_loaders
 from fastcifar.models import build_model, init_from_data
 from fastcifar.precision import choose_cpu_precision, model_desc
 from fastcifar.recipe import Recipe
+from fastcifar.runfiles import checkpoint_path
 from fastcifar.splits import Fold
 from fastcifar.state import TrainState
 from fastcifar.step import EpochTotals, StepRunner, build_step, make_scaler, set_trainable
@@ -75,7 +76,7 @@ class FoldRun:
 
     @property
     def last_path(self) -> Path:
-        return self.dir / "checkpoints" / "last.pt"
+        return checkpoint_path(self.dir, "last")
 
     @property
     def eval_kwargs(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from fastcifar.lifecycle import Interrupted
 from fastcifar.pack import PackedNet, split_logits, stack_inputs
 from fastcifar.progress import RunProgress
 from fastcifar.recipe import Recipe
+from fastcifar.runfiles import checkpoint_path
 from fastcifar.splits import Fold
 from fastcifar.state import EarlyStopping, TrainState
 from fastcifar.step import EpochTotals, NonFiniteStep, StepRunner
@@ -85,7 +86,7 @@ class Member:
 
 def build_member(ctx: RunContext, fold: Fold) -> Member:
     """A fold as its solo run builds it (fastcifar.train.train_one_fold), at its last.pt when it resumes."""
-    saved = read_last(ctx.fold_dir(fold) / "checkpoints" / "last.pt") if ctx.resuming else None
+    saved = read_last(checkpoint_path(ctx.fold_dir(fold), "last")) if ctx.resuming else None
     run = build_fold(ctx, fold, saved)
     if saved is not None:
         restore_fold(run, saved)

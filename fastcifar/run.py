@@ -26,7 +26,7 @@ from fastcifar.progress import RunProgress
 from fastcifar.provenance import run_environment
 from fastcifar.recipe import Recipe, recipe_to_toml
 from fastcifar.report import write_report
-from fastcifar.runfiles import FIGURES_DIR, read_result
+from fastcifar.runfiles import CHECKPOINTS_DIR, FIGURES_DIR, read_result
 from fastcifar.splits import Fold
 from fastcifar.strategy import Solo, Strategy
 from fastcifar.train import train_one_fold
@@ -79,7 +79,7 @@ def _remove_orphans(run_dir: Path) -> None:
     """Temp files of writes that a SIGKILL cut short (the targets themselves are intact), only in the folders a
     run writes: the run directory, its fold directories, and their checkpoints/ and figures/."""
     roots = [run_dir, *(d for d in run_dir.iterdir() if re.fullmatch(r"fold\d+", d.name) and not d.is_symlink())]
-    remove_atomic_temps([d / sub for d in roots for sub in ("", "checkpoints", FIGURES_DIR)])
+    remove_atomic_temps([d / sub for d in roots for sub in ("", CHECKPOINTS_DIR, FIGURES_DIR)])
 
 
 def train_folds(ctx: RunContext) -> list[dict]:

@@ -12,17 +12,23 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastcifar.errors import DataError, FastCifarError, first_line
 from fastcifar.textfiles import RUN_FILE_BYTES, read_text
 from fastcifar.typed_toml import short
 
 FIGURES_DIR = "figures"  # a fold's figures, beside its result.json
+CHECKPOINTS_DIR = "checkpoints"  # a fold's last.pt (resume) and best.pt (eval, export, predict, figures)
 # The figures a finished fold writes into FIGURES_DIR (fastcifar.artifacts), in the order report.md shows them;
 # gradcam.png only for a model with a conv layer.
 FIGURE_FILES = {"curves": "curves.png", "confusion": "confusion.png", "samples": "samples.png",
                 "predictions": "predictions.png", "mistakes": "mistakes.png", "gradcam": "gradcam.png"}
+
+
+def checkpoint_path(fold_dir: Path, which: Literal["last", "best"]) -> Path:
+    """FOLD_DIR/checkpoints/{last,best}.pt: where train writes them and resume and the figures read them."""
+    return Path(fold_dir) / CHECKPOINTS_DIR / f"{which}.pt"
 
 
 class ReportError(FastCifarError):

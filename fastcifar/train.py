@@ -29,6 +29,7 @@ from fastcifar.lifecycle import Interrupted
 from fastcifar.models import set_whiten_bias
 from fastcifar.progress import RunProgress
 from fastcifar.recipe import Recipe
+from fastcifar.runfiles import checkpoint_path
 from fastcifar.splits import Fold
 from fastcifar.state import EarlyStopping, TrainState
 from fastcifar.step import EpochTotals, NonFiniteError, NonFiniteStep
@@ -39,7 +40,7 @@ CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "
 
 def train_one_fold(ctx: RunContext, fold: Fold, progress: RunProgress) -> dict[str, Any]:
     """One fold from its parts to its result (the run driver calls this for each of its folds)."""
-    saved = read_last(ctx.fold_dir(fold) / "checkpoints" / "last.pt") if ctx.resuming else None
+    saved = read_last(checkpoint_path(ctx.fold_dir(fold), "last")) if ctx.resuming else None
     run = build_fold(ctx, fold, saved)
     if saved is not None:
         restore_fold(run, saved)

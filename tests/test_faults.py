@@ -418,5 +418,6 @@ def test_prepare_onto_a_full_disk_says_to_run_prepare_again(small_disk, tmp_path
     rc = main(["prepare", "--source", str(tmp_path / "src"), "--out", str(small_disk / "store")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "disk full" in err, err
-    assert err.rstrip().endswith("free some space and run prepare again"), err
+    assert err == (f"fastcifar: error: {small_disk / 'store'}: disk full while writing the new store; its temp folder "
+                   "is removed and any store already at --out is unchanged; free some space and run prepare again\n")
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]

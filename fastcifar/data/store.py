@@ -95,7 +95,8 @@ def _prepare_locked(source: Path, real_out: Path, out: Path, force: bool, log: C
         log(note)
     tmp = Path(tempfile.mkdtemp(prefix=f".{real_out.name}.tmp-{os.getpid()}-", dir=real_out.parent))
     try:
-        write_marker(tmp, "store")  # first: a killed prepare's temp folder is then recognisably ours
+        with _disk_full_names(out):  # the first file: name what the user asked for, not the temp folder
+            write_marker(tmp, "store")  # first: a killed prepare's temp folder is then recognisably ours
         meta = _write_store(tmp, data, {**src_meta, "kind": data.kind})
         with signals_deferred():
             old = _swap_in(tmp, real_out, out, expected)

@@ -54,3 +54,23 @@ def test_a_pack_result_lists_its_packed_rows_with_their_ratios(tmp_path):
     assert "| packed k-fold |" in line and "`fastcifar bench pack`" in line
     assert "cnn_bn fp32 b16 k=5: 250 img/s packed vs 100 sequential (2.50x, memory 3.10x)" in line
     assert "k=1" not in line and "resnet18" not in line  # the solo control and rows without figures add nothing
+
+
+def _pooled(path, epochs):
+    env = {"date": "2026-12-06T16:00:00+00:00", "device_name": "CPU: AMD EPYC", "command": "python bench/peer_pool.py"}
+    side = {"n": 5, "acc_mean": 0.68, "acc_std": 0.006, "acc_no_tta_mean": 0.67, "acc_no_tta_std": 0.005}
+    path.write_text(json.dumps({"kind": "peer-airbench-pooled", "environment": env, "epochs": epochs, "ours": side,
+                                "airbench": {**side, "acc_mean": 0.677}, "acc": {"delta": 0.003, "se": 0.0038},
+                                "acc_no_tta": {"delta": 0.0, "se": 0.0036},
+                                "epoch_time_ratio": {"per_source": [0.9, 1.1]}}))
+
+
+def test_a_pooled_result_gives_both_sides_and_the_difference_with_its_standard_error(tmp_path):
+    _pooled(tmp_path / "e1.json", 1)
+    line = RT.table(tmp_path).splitlines()[2]
+    assert "| speedrun vs airbench, pooled |" in line
+    assert ("1 epoch, n=5 seeds; TTA: ours 68.00% ± 0.60%, airbench 67.70% ± 0.60%, ours - airbench +0.30 ± 0.38 pp"
+            in line)
+    assert "no TTA: ours 67.00% ± 0.50%" in line and "epoch-time ratio ours/airbench 0.90–1.10" in line
+    _pooled(tmp_path / "e1.json", 2)
+    assert "2 epochs, n=5 seeds" in RT.table(tmp_path)

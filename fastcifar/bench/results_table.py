@@ -78,7 +78,8 @@ def _pooled_figures(d: dict[str, Any]) -> str:
              f"{a[f'{k}_std']:.2%}, ours - airbench {d[k]['delta'] * 100:+.2f} ± {d[k]['se'] * 100:.2f} pp"
              for k, label in (("acc", "TTA"), ("acc_no_tta", "no TTA"))]
     ratios = d["epoch_time_ratio"]["per_source"]
-    return (f"{d['epochs']} epochs, n={o['n']} seeds; " + "; ".join(parts)
+    epochs = f"{d['epochs']} epoch" + ("" if d["epochs"] == 1 else "s")
+    return (f"{epochs}, n={o['n']} seeds; " + "; ".join(parts)
             + (f"; epoch-time ratio ours/airbench {min(ratios):.2f}–{max(ratios):.2f}" if ratios else ""))
 
 

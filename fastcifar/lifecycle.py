@@ -191,6 +191,12 @@ class RunLock(PidLock):
             "that run or stop it"))
 
 
+# The stop of each active stop_raises block, innermost last (None until its signal). A signal that lands while a
+# finaliser or weakref callback runs (gc.collect() calling numba's, in CI) raises inside it, where Python reports
+# the exception as unraisable and goes on: the stop is lost unless a later check raises it again.
+_PENDING: list[_StopNow | None] = []
+
+
 @contextlib.contextmanager
 def stop_raises(what: str) -> Iterator[None]:
     """For work with nothing to checkpoint (`prepare`, `export`, ...): SIGINT / SIGTERM raise at once (_StopNow,
@@ -198,19 +204,30 @@ def stop_raises(what: str) -> Iterator[None]:
     (`except BaseException: remove the temp folder`) runs, and the CLI prints one line and exits 128 + n, as
     `train` does, instead of dying silently with its temp files left behind."""
     def handle(signum: int, frame: FrameType | None) -> None:
-        raise _StopNow(f"{what} stopped by {signal.Signals(signum).name}; nothing was written (temp files "
-                       "removed)", signum)
+        _PENDING[-1] = _StopNow(f"{what} stopped by {signal.Signals(signum).name}; nothing was written (temp "
+                                "files removed)", signum)
+        raise _PENDING[-1]
 
     previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, handle) for s in GracefulStop.SIGNALS}
+    _PENDING.append(None)  # before the handler is set and popped after it is gone: it always has its slot
     try:
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, handle) for s in GracefulStop.SIGNALS}
         yield
     except _StopNow as e:  # past every catch-all inside: now the CLI's one line and exit 128 + n
         raise Interrupted(str(e), e.signum) from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        _PENDING.pop()
+
+
+def raise_if_stopped() -> None:
+    """Raise again a stop that stop_raises' handler raised where it could not propagate; blocking waits under
+    stop_raises poll this (the forked writer's wait hung in CI without it)."""
+    stop = _PENDING[-1] if _PENDING else None
+    if stop is not None:
+        raise _StopNow(str(stop), stop.signum)
 
 
 @contextlib.contextmanager

@@ -117,6 +117,34 @@ def test_a_stop_signal_ends_the_write_at_once_with_every_process(tmp_path):
     assert not multiprocessing.active_children()
 
 
+class SignalsWhenCollected:
+    """Cyclic garbage whose finaliser receives SIGTERM, as when a signal lands while gc.collect() runs numba's
+    weakref callbacks (CI, stop 34): the handler's exception is raised inside the finaliser, where Python reports it
+    as unraisable and goes on."""
+
+    def __init__(self):
+        self.me = self
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)
+
+
+@pytest.mark.timeout(60)  # before the fix: the parent's wait never ended
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_stop_swallowed_by_a_finaliser_still_ends_the_write(tmp_path):
+    """The CI hang of stop 34: SIGTERM landed in a weakref callback during run_with_watched_workers' gc.collect();
+    the exception went nowhere, and the parent waited on a write made to hang. The wait must see the stop."""
+    def hang():
+        time.sleep(600)
+
+    t0 = time.monotonic()
+    with pytest.raises(Interrupted, match="^writing x stopped by SIGTERM"), stop_raises("writing x"):
+        SignalsWhenCollected()  # unreachable at once: the gc.collect() before the fork finalises it
+        run_with_watched_workers(hang, types.SimpleNamespace(Process=FORK.Process), "writing x")
+    assert time.monotonic() - t0 < 30
+    assert not multiprocessing.active_children()
+
+
 PARENT = textwrap.dedent("""
     import multiprocessing, os, sys, time, types
     from fastcifar.backends.forked import run_with_watched_workers

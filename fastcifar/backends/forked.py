@@ -30,6 +30,7 @@ import threading
 from typing import Callable
 
 from fastcifar.errors import FastCifarError
+from fastcifar.lifecycle import raise_if_stopped
 
 WORKER_DIED = 3
 
@@ -125,6 +126,8 @@ def run_with_watched_workers(call: Callable[[], object], module, what: str, poll
         gc.unfreeze()
     try:
         send.close()
+        while not receive.poll(poll_s):  # True at a message or at EOF (then recv raises EOFError)
+            raise_if_stopped()  # a stop that a finaliser swallowed (lifecycle._PENDING) ends the wait here
         message = receive.recv()
     except EOFError:  # the child died before it could say why
         message = None
